@@ -1,0 +1,18 @@
+#!/bin/sh
+# Entry point of kepler-log service images: renders /etc/keplerlog/agent.yml from the environment,
+# prepares the state and log directories, then runs CMD (supervisord as PID 1 by default).
+# `docker run IMAGE bash` gets a shell with the same preparation.
+set -eu
+: "${APP_STOP_TIMEOUT:=20}"
+: "${KEPLERLOG_DRAIN_TIMEOUT:=30}"
+export APP_STOP_TIMEOUT KEPLERLOG_DRAIN_TIMEOUT
+
+state_dir=$(dirname "${KEPLERLOG_STATE_FILE:-/var/lib/keplerlog/agent-state.json}")
+mkdir -p "$state_dir" /etc/keplerlog
+# a bind mount may arrive owned by root: the agent runs as keplerlog
+chown keplerlog:keplerlog "$state_dir"
+mkdir -p "$APP_HOME/logs" "$APP_HOME/run"
+chown app:app "$APP_HOME/logs" "$APP_HOME/run"
+
+/opt/keplerlog/bin/python /usr/local/lib/keplerlog/render-agent-config.py /etc/keplerlog/agent.yml
+exec "$@"

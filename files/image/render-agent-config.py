@@ -1,0 +1,84 @@
+#!/opt/keplerlog/bin/python
+"""Render the agent's config (docs/interfaces.md) from the container's environment.
+
+Runs at every container start, before supervisord. A config file that this script did not write
+(for example one mounted with `-v my-agent.yml:/etc/keplerlog/agent.yml:ro`) is left alone.
+
+Environment (the agent applies the KEPLERLOG_* overrides of docs/interfaces.md itself as well):
+  KEPLERLOG_SERVICE            service name (image default: the build arg SERVICE_NAME); required
+  KEPLERLOG_MODULE             module name (image default: MODULE_NAME)
+  KEPLERLOG_HOST               host name in the records (default: the agent uses the container's)
+  KEPLERLOG_BOOTSTRAP_SERVERS  Kafka bootstrap list (default kafka:9092)
+  KEPLERLOG_TOPIC              topic (default keplerlog)
+  KEPLERLOG_COMPRESSION        lz4 | zstd | gzip | none (default lz4)
+  KEPLERLOG_INPUTS             comma-separated globs (default /app/{module}/logs/*.log)
+  KEPLERLOG_MULTILINE_START    regex of an event's first line (default: a leading date); "" = off
+  KEPLERLOG_STATE_FILE         default /var/lib/keplerlog/agent-state.json (never under the logs)
+  KEPLERLOG_METRICS_PORT       Prometheus text on 127.0.0.1:port when > 0 (default 0)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+MARKER = "# Rendered from the environment by render-agent-config.py at container start."
+
+
+def env(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None or value.strip() == "" else value.strip()
+
+
+def render() -> dict:
+    module = env("KEPLERLOG_MODULE", env("MODULE_NAME", ""))
+    service = env("KEPLERLOG_SERVICE", "")
+    if not service or not module:
+        sys.exit("render-agent-config: KEPLERLOG_SERVICE and KEPLERLOG_MODULE must be set")
+    app_home = env("APP_HOME", f"/app/{module}")
+    paths = [p.strip() for p in env("KEPLERLOG_INPUTS", f"{app_home}/logs/*.log").split(",") if p.strip()]
+    state_file = env("KEPLERLOG_STATE_FILE", "/var/lib/keplerlog/agent-state.json")
+    for pattern in paths:
+        if Path(state_file).parent == Path(pattern).parent or state_file.startswith(f"{app_home}/logs/"):
+            sys.exit(f"render-agent-config: state file {state_file} must not live in the log dir")
+    inp: dict = {"paths": paths, "module": module}
+    start = os.environ.get("KEPLERLOG_MULTILINE_START", r"^\d{4}-\d{2}-\d{2}")
+    if start:
+        inp["multiline"] = {"start": start, "max_lines": 500, "timeout_ms": 1000}
+    return {
+        "service": service,
+        "module": module,
+        "host": env("KEPLERLOG_HOST", ""),
+        "kafka": {
+            "bootstrap_servers": env("KEPLERLOG_BOOTSTRAP_SERVERS", "kafka:9092"),
+            "topic": env("KEPLERLOG_TOPIC", "keplerlog"),
+            "compression": env("KEPLERLOG_COMPRESSION", "lz4"),
+            "linger_ms": int(env("KEPLERLOG_LINGER_MS", "20")),
+            "max_record_bytes": 900000,
+        },
+        "state_file": state_file,
+        "inputs": [inp],
+        "limits": {"max_buffer_bytes": 16777216, "max_line_bytes": 65536},
+        "metrics": {"port": int(env("KEPLERLOG_METRICS_PORT", "0")), "log_interval_s": 60},
+    }
+
+
+def main() -> int:
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "/etc/keplerlog/agent.yml")
+    if target.exists() and not target.read_text(errors="replace").startswith(MARKER):
+        print(f"render-agent-config: keeping {target} (not rendered by this script)")
+        return 0
+    body = yaml.safe_dump(render(), sort_keys=False, default_flow_style=False)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(f"{MARKER}\n# Change the container's KEPLERLOG_* environment, not this file.\n{body}")
+    tmp.chmod(0o644)
+    os.replace(tmp, target)
+    print(f"render-agent-config: wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
