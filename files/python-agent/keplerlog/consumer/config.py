@@ -1,0 +1,177 @@
+"""Consumer configuration: YAML file + environment overrides, validated up front.
+
+Every problem becomes one ConfigError with a message naming the key, so that main() can print a
+single clear line and exit 2 instead of failing later in the middle of a batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from .layout import DEFAULT_LAYOUT, Layout, LayoutError
+from .names import name_problem
+
+ENV_OVERRIDES = {
+    "KEPLERLOG_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
+    "KEPLERLOG_TOPIC": ("kafka", "topic"),
+    "KEPLERLOG_GROUP_ID": ("kafka", "group_id"),
+    "KEPLERLOG_ROOT": ("root",),
+    "KEPLERLOG_METRICS_PORT": ("metrics", "port"),
+}
+
+_KAFKA_KEYS = {"bootstrap_servers", "topic", "group_id", "client_id", "session_timeout_ms",
+               "max_poll_records", "fetch_max_bytes", "max_partition_fetch_bytes", "auto_offset_reset"}
+_TOP_KEYS = {"kafka", "root", "layout", "timezone", "max_open_files", "idle_close_s", "legacy_service",
+             "state_ttl_days", "metrics"}
+_METRICS_KEYS = {"port", "host", "log_interval_s"}
+
+
+_DEFAULT = Layout(DEFAULT_LAYOUT)
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """Validated consumer settings (defaults match docs/interfaces.md)."""
+
+    bootstrap_servers: str
+    root: str
+    topic: str = "keplerlog"
+    group_id: str = "keplerlog-consumer"
+    client_id: str = "keplerlog-consumer"
+    session_timeout_ms: int = 10000
+    max_poll_records: int = 100000
+    fetch_max_bytes: int = 64 * 1024 * 1024
+    max_partition_fetch_bytes: int = 16 * 1024 * 1024
+    auto_offset_reset: str = "earliest"
+    layout: Layout = _DEFAULT
+    timezone: str = "UTC"
+    max_open_files: int = 256
+    idle_close_s: float = 60.0
+    legacy_service: str = "legacy"
+    state_ttl_days: float = 30.0
+    metrics_port: int = 9310
+    metrics_host: str = "127.0.0.1"
+    log_interval_s: float = 60.0
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The time zone that decides which day file a line belongs to."""
+        return ZoneInfo(self.timezone)
+
+
+def _section(data: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a mapping")
+    unknown = set(value) - allowed
+    if unknown:
+        raise ConfigError(f"{key}: unknown keys {sorted(unknown)}")
+    return value
+
+
+def _int(value: Any, key: str, minimum: int = 0) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: must be an integer")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}")
+    return number
+
+
+def _float(value: Any, key: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: must be a number, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{key}: must be >= 0")
+    return number
+
+
+def load_config(path: str | None, env: dict[str, str] | None = None) -> ConsumerConfig:
+    """Read the YAML file (optional), apply KEPLERLOG_* overrides, validate everything."""
+    env = dict(os.environ if env is None else env)
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = loaded or {}
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown keys {sorted(unknown)}")
+    kafka = dict(_section(data, "kafka", _KAFKA_KEYS))
+    metrics = dict(_section(data, "metrics", _METRICS_KEYS))
+    top = dict(data)
+    for var, keys in ENV_OVERRIDES.items():
+        if env.get(var):
+            target = {"kafka": kafka, "metrics": metrics}.get(keys[0], top) if len(keys) > 1 else top
+            target[keys[-1]] = env[var]
+
+    bootstrap = kafka.get("bootstrap_servers")
+    if isinstance(bootstrap, list):
+        bootstrap = ",".join(str(b) for b in bootstrap)
+    if not bootstrap or not isinstance(bootstrap, str):
+        raise ConfigError("kafka.bootstrap_servers: required (or KEPLERLOG_BOOTSTRAP_SERVERS)")
+    root = top.get("root")
+    if not root or not isinstance(root, str) or not os.path.isabs(root):
+        raise ConfigError("root: required, an absolute path (or KEPLERLOG_ROOT)")
+    try:
+        layout = Layout(str(top.get("layout", DEFAULT_LAYOUT)))
+    except LayoutError as exc:
+        raise ConfigError(f"layout: {exc}") from None
+    timezone = str(top.get("timezone", "UTC"))
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"timezone: unknown time zone {timezone!r}") from None
+    legacy_service = str(top.get("legacy_service", "legacy"))
+    problem = name_problem(legacy_service)
+    if problem:
+        raise ConfigError(f"legacy_service: {problem}")
+    reset = str(kafka.get("auto_offset_reset", "earliest"))
+    if reset not in ("earliest", "latest"):
+        raise ConfigError("kafka.auto_offset_reset: earliest or latest")
+    for key in ("topic", "group_id", "client_id"):
+        if key in kafka and (not isinstance(kafka[key], str) or not kafka[key]):
+            raise ConfigError(f"kafka.{key}: must be a non-empty string")
+    return ConsumerConfig(
+        bootstrap_servers=bootstrap,
+        root=os.path.normpath(root),
+        topic=kafka.get("topic", "keplerlog"),
+        group_id=kafka.get("group_id", "keplerlog-consumer"),
+        client_id=kafka.get("client_id", "keplerlog-consumer"),
+        session_timeout_ms=_int(kafka.get("session_timeout_ms", 10000), "kafka.session_timeout_ms", 1000),
+        max_poll_records=_int(kafka.get("max_poll_records", 100000), "kafka.max_poll_records", 1),
+        fetch_max_bytes=_int(kafka.get("fetch_max_bytes", 64 << 20), "kafka.fetch_max_bytes", 1024),
+        max_partition_fetch_bytes=_int(kafka.get("max_partition_fetch_bytes", 16 << 20),
+                                       "kafka.max_partition_fetch_bytes", 1024),
+        auto_offset_reset=reset,
+        layout=layout,
+        timezone=timezone,
+        max_open_files=_int(top.get("max_open_files", 256), "max_open_files", 1),
+        idle_close_s=_float(top.get("idle_close_s", 60), "idle_close_s"),
+        legacy_service=legacy_service,
+        state_ttl_days=_float(top.get("state_ttl_days", 30), "state_ttl_days"),
+        metrics_port=_int(metrics.get("port", 9310), "metrics.port"),
+        metrics_host=str(metrics.get("host", "127.0.0.1")),
+        log_interval_s=_float(metrics.get("log_interval_s", 60), "metrics.log_interval_s"),
+    )

@@ -1,0 +1,212 @@
+"""Append-only day files: bounded cache of O_APPEND handles, fsync, rollback, path guard.
+
+All disk writes of the data files go through `FileOps` so that tests can inject failures (a
+disk that is full for a while) without root privileges or a tiny file system.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+class DiskFullError(OSError):
+    """A write or fsync failed with ENOSPC/EDQUOT; the caller rolled back and must retry later."""
+
+
+class UnsafePathError(ValueError):
+    """A relative path would resolve outside the root (`..`, absolute, symlink out of root)."""
+
+
+@dataclass
+class FileOps:
+    """The system calls used on data files; replaced in tests to simulate a full disk."""
+
+    write: Callable[[int, memoryview], int] = field(default=os.write)
+    fsync: Callable[[int], None] = field(default=os.fsync)
+    ftruncate: Callable[[int, int], None] = field(default=os.ftruncate)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory entry change (create, rename, unlink) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(root: str, rel_dir: str) -> None:
+    """Create the directories of `rel_dir` below root one by one, fsyncing each new entry."""
+    current = root
+    for part in [p for p in rel_dir.split("/") if p]:
+        child = os.path.join(current, part)
+        try:
+            os.mkdir(child, 0o755)
+        except FileExistsError:
+            pass
+        else:
+            fsync_dir(current)
+        current = child
+
+
+class PathGuard:
+    """Checks that a relative path stays inside root after normalisation and symlink resolution.
+
+    Names are already validated (names.py); this is the second, independent line of defence
+    required because a layout, a future field or a planted symlink could still point outside.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+        self._ok: set[str] = set()
+
+    def check(self, rel: str) -> None:
+        """Raise UnsafePathError unless root/rel is strictly inside root."""
+        if rel in self._ok:
+            return
+        if rel.startswith("/") or "\x00" in rel:
+            raise UnsafePathError(f"path {rel!r} is not relative")
+        full = os.path.normpath(os.path.join(self.root, rel))
+        if not full.startswith(self.root + os.sep):
+            raise UnsafePathError(f"path {rel!r} leaves the root")
+        # Resolve the deepest existing ancestor: a symlinked directory must not lead out.
+        probe = os.path.dirname(full)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        real = os.path.realpath(probe)
+        if real != self.root and not real.startswith(self.root + os.sep):
+            raise UnsafePathError(f"path {rel!r} resolves outside the root")
+        if os.path.islink(full):
+            raise UnsafePathError(f"path {rel!r} is a symlink")
+        if len(self._ok) > 100_000:
+            self._ok.clear()
+        self._ok.add(rel)
+
+
+@dataclass
+class _Handle:
+    fd: int
+    used: float
+    dirty: bool = False
+
+
+class FileCache:
+    """LRU cache of append handles, at most `max_open` open, idle ones closed after `idle_s`.
+
+    Eviction fsyncs a dirty handle first, so bounding the handles never weakens durability.
+    """
+
+    def __init__(self, root: str, max_open: int = 256, idle_s: float = 60.0,
+                 ops: FileOps | None = None) -> None:
+        self.root = root
+        self.max_open = max(1, max_open)
+        self.idle_s = idle_s
+        self.ops = ops or FileOps()
+        self._handles: OrderedDict[str, _Handle] = OrderedDict()
+        self._new_dirs: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def _get(self, rel: str) -> _Handle:
+        handle = self._handles.get(rel)
+        if handle is not None:
+            self._handles.move_to_end(rel)
+            handle.used = time.monotonic()
+            return handle
+        while len(self._handles) >= self.max_open:
+            _, old = self._handles.popitem(last=False)
+            self._close(old)
+        full = os.path.join(self.root, rel)
+        parent = os.path.dirname(full)
+        if not os.path.isdir(parent):
+            make_dirs(self.root, os.path.dirname(rel))
+        existed = os.path.exists(full)
+        fd = os.open(full, _OPEN_FLAGS, 0o644)
+        if not existed:
+            self._new_dirs.add(parent)
+        handle = _Handle(fd, time.monotonic())
+        self._handles[rel] = handle
+        return handle
+
+    def _close(self, handle: _Handle) -> None:
+        try:
+            if handle.dirty:
+                self.ops.fsync(handle.fd)
+        finally:
+            os.close(handle.fd)
+
+    def size(self, rel: str) -> int:
+        """Return the size of a file (opening/creating it): the rollback point before a write."""
+        return os.fstat(self._get(rel).fd).st_size
+
+    def append(self, rel: str, data: bytes) -> None:
+        """Append `data` with O_APPEND; loops on short writes. Raises DiskFullError on ENOSPC."""
+        handle = self._get(rel)
+        handle.dirty = True
+        view = memoryview(data)
+        try:
+            while view:
+                written = self.ops.write(handle.fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise _classify(exc) from exc
+
+    def sync(self) -> None:
+        """Fsync every handle written since the last sync, and the dirs of newly created files."""
+        try:
+            for handle in self._handles.values():
+                if handle.dirty:
+                    self.ops.fsync(handle.fd)
+                    handle.dirty = False
+            for parent in sorted(self._new_dirs):
+                fsync_dir(parent)
+            self._new_dirs.clear()
+        except OSError as exc:
+            raise _classify(exc) from exc
+
+    def truncate(self, rel: str, size: int) -> None:
+        """Roll a file back to `size` (undo a partial or unsynced append) and make it durable."""
+        handle = self._get(rel)
+        if os.fstat(handle.fd).st_size > size:
+            self.ops.ftruncate(handle.fd, size)
+            try:
+                self.ops.fsync(handle.fd)
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise
+                # A shrink needs no new blocks; the page cache already has it. Only a power
+                # loss right now could bring the undone bytes back (as duplicates, not loss).
+                log.warning("fsync after rollback of %s failed: %s", rel, exc)
+        handle.dirty = False
+
+    def close_idle(self) -> int:
+        """Close handles unused for `idle_s`; returns how many were closed."""
+        limit = time.monotonic() - self.idle_s
+        stale = [rel for rel, h in self._handles.items() if h.used < limit]
+        for rel in stale:
+            self._close(self._handles.pop(rel))
+        return len(stale)
+
+    def close_all(self) -> None:
+        """Close (and fsync if dirty) every handle."""
+        while self._handles:
+            _, handle = self._handles.popitem(last=False)
+            self._close(handle)
+
+
+def _classify(exc: OSError) -> OSError:
+    if exc.errno in DISK_FULL_ERRNOS:
+        return DiskFullError(exc.errno, os.strerror(exc.errno or 0))
+    return exc

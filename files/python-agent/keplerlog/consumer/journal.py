@@ -1,0 +1,210 @@
+"""Durable per-partition state and the write-ahead intent that keeps it consistent with data.
+
+Protocol of one batch (see README.md):
+1. intent `write`: for every target file its size before the append (atomic replace + fsync);
+2. append + fsync the data files;
+3. intent `commit`: the new state of every partition in the batch;
+4. replace each partition state file, then remove the intent;
+5. commit the offsets to Kafka (informational: the state file is authoritative).
+A crash in 1-2 is undone by truncating the files back (rollback); a crash in 3-4 is completed
+from the intent (roll forward). Each consumer process holds an flock on its own lock file for its
+lifetime so that a peer recovers only the intents of dead processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .files import fsync_dir, make_dirs
+
+log = logging.getLogger(__name__)
+
+STATE_SUBDIR = ".keplerlog/state"
+
+
+@dataclass
+class PartitionState:
+    """What one partition has durably written.
+
+    `next_offset` is the next Kafka offset to read (authoritative over the group commit);
+    `files` maps a source file key to `[end byte offset, last seen ms]` for replay dedup.
+    """
+
+    next_offset: int | None = None
+    files: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        """Return the serialisable form."""
+        return {"next_offset": self.next_offset, "files": self.files}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> PartitionState:
+        """Parse the serialised form (raises ValueError/TypeError/KeyError if malformed)."""
+        next_offset = data.get("next_offset")
+        files = data.get("files") or {}
+        if next_offset is not None and not isinstance(next_offset, int):
+            raise ValueError("next_offset is not an integer")
+        if not isinstance(files, dict):
+            raise ValueError("files is not a mapping")
+        return cls(next_offset, {str(k): [int(v[0]), int(v[1])] for k, v in files.items()})
+
+
+def state_name(topic: str, partition: int) -> str:
+    """File name of one partition's state (Kafka topic names are path-safe)."""
+    return f"{topic}-partition-{partition}.json"
+
+
+def atomic_write(path: Path, payload: bytes, sync_dir: bool = True) -> None:
+    """Replace `path` with `payload` atomically: temp file, fsync, rename, fsync the dir."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if sync_dir:
+        fsync_dir(str(path.parent))
+
+
+class Journal:
+    """State files and intents of one consumer process below `{root}/.keplerlog/state`."""
+
+    def __init__(self, root: str, consumer_id: str) -> None:
+        self.root = root
+        self.consumer_id = consumer_id
+        make_dirs(root, STATE_SUBDIR)
+        self.dir = Path(root) / STATE_SUBDIR
+        self.intent_path = self.dir / f"{consumer_id}.intent.json"
+        lock = self.dir / f"{consumer_id}.lock"
+        self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def close(self) -> None:
+        """Release the liveness lock (the intent, if any, stays for recovery)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.dir / f"{self.consumer_id}.lock")
+        os.close(self._lock_fd)
+
+    # -- partition state -------------------------------------------------------------------
+    def load(self, topic: str, partition: int) -> PartitionState:
+        """Read a partition's state; a missing or unreadable file means 'nothing known'."""
+        path = self.dir / state_name(topic, partition)
+        try:
+            return PartitionState.from_json(json.loads(path.read_bytes()))
+        except FileNotFoundError:
+            return PartitionState()
+        except (ValueError, TypeError, KeyError, IndexError, OSError) as exc:
+            log.error("state %s unreadable (%s): starting that partition from the group offset", path, exc)
+            return PartitionState()
+
+    def save_states(self, states: dict[str, PartitionState]) -> None:
+        """Replace several partition state files, one directory fsync at the end."""
+        for name, state in states.items():
+            atomic_write(self.dir / name, json.dumps(state.to_json()).encode(), sync_dir=False)
+        fsync_dir(str(self.dir))
+
+    # -- intent ------------------------------------------------------------------------------
+    def begin(self, files: dict[str, tuple[int, int]]) -> None:
+        """Record, durably, each target file's size and the length about to be appended."""
+        body = {"consumer": self.consumer_id, "phase": "write", "files": files}
+        atomic_write(self.intent_path, json.dumps(body).encode())
+
+    def commit(self, files: dict[str, tuple[int, int]], states: dict[str, PartitionState]) -> None:
+        """Mark the appended data as complete: from here on recovery rolls forward."""
+        body = {"consumer": self.consumer_id, "phase": "commit", "files": files,
+                "states": {name: s.to_json() for name, s in states.items()}}
+        atomic_write(self.intent_path, json.dumps(body).encode())
+
+    def finish(self, states: dict[str, PartitionState]) -> None:
+        """Apply the committed states and drop the intent."""
+        self.save_states(states)
+        self.clear()
+
+    def clear(self) -> None:
+        """Remove our intent (after apply or after an in-process rollback)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.intent_path)
+        fsync_dir(str(self.dir))
+
+    # -- recovery ----------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Finish or undo the intents of dead consumer processes (and of our predecessors).
+
+        Returns a description per intent handled. Intents whose owner still holds its lock
+        are left alone: that process is alive and will complete its own batch.
+        """
+        done: list[str] = []
+        for intent in sorted(self.dir.glob("*.intent.json")):
+            owner = intent.name[: -len(".intent.json")]
+            if owner == self.consumer_id:
+                continue
+            lock_path = self.dir / f"{owner}.lock"
+            try:
+                lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("intent %s belongs to a live consumer, left alone", intent.name)
+                    continue
+                if not intent.exists():
+                    continue
+                done.append(self._recover_one(intent))
+                os.unlink(intent)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock_path)
+                fsync_dir(str(self.dir))
+            finally:
+                os.close(lock_fd)
+        return done
+
+    def _recover_one(self, intent: Path) -> str:
+        try:
+            body = json.loads(intent.read_bytes())
+            files = {str(k): (int(v[0]), int(v[1])) for k, v in body["files"].items()}
+            phase = body["phase"]
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            log.error("intent %s unreadable (%s): removed; its batch may repeat", intent, exc)
+            return f"{intent.name}: unreadable"
+        if phase == "commit":
+            states = {str(k): PartitionState.from_json(v) for k, v in body["states"].items()}
+            self.save_states(states)
+            log.warning("recovered intent %s: rolled forward %d partition states", intent.name, len(states))
+            return f"{intent.name}: rolled forward"
+        for rel, (before, length) in files.items():
+            self._rollback_file(rel, before, length)
+        log.warning("recovered intent %s: rolled back %d files", intent.name, len(files))
+        return f"{intent.name}: rolled back"
+
+    def _rollback_file(self, rel: str, before: int, length: int) -> None:
+        full = os.path.join(self.root, rel)
+        try:
+            fd = os.open(full, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size <= before:
+                return
+            if size > before + length:
+                # Someone else appended after us (a file shared by partitions of two consumers):
+                # cutting would destroy their lines, so we keep ours and accept a duplicate.
+                log.error("rollback of %s skipped: it grew beyond our append (%d > %d)",
+                          rel, size, before + length)
+                return
+            os.ftruncate(fd, before)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,156 @@
+"""One durable batch: plan, write-ahead intent, append + fsync, state, in that order.
+
+Kept free of Kafka calls so the whole at-least-once/no-duplicate protocol can be tested without
+a broker; app.py feeds it polled batches and commits what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+from .files import DiskFullError, FileCache
+from .journal import Journal, PartitionState, state_name
+from .metrics import Metrics
+from .route import Plan, RecordLike, Router
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]  # kafka.TopicPartition is a namedtuple of (topic, partition)
+STATE_TTL_MS = 30 * 24 * 3600 * 1000
+_PRUNE_EVERY_S = 600.0
+
+
+class Sink:
+    """Owns the in-memory state of the assigned partitions and writes batches durably."""
+
+    def __init__(self, router: Router, files: FileCache, journal: Journal, metrics: Metrics,
+                 state_ttl_ms: int = STATE_TTL_MS) -> None:
+        self.router = router
+        self.files = files
+        self.journal = journal
+        self.metrics = metrics
+        self.state_ttl_ms = state_ttl_ms
+        self.states: dict[TopicPartition, PartitionState] = {}
+        self._pruned_at: dict[TopicPartition, float] = {}
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Recover dead peers' intents, load states; returns where to resume each partition."""
+        recovered = self.journal.recover()
+        if recovered:
+            self.metrics.inc("recovered_intents", len(recovered))
+        resume: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            topic, partition = tp[0], tp[1]
+            state = self.journal.load(topic, partition)
+            self.states[tp] = state
+            if state.next_offset is not None:
+                resume[tp] = state.next_offset
+        return resume
+
+    def revoke(self, partitions: Iterable[TopicPartition]) -> None:
+        """Forget partitions given up (everything written is already durable)."""
+        for tp in partitions:
+            self.states.pop(tp, None)
+
+    def write(self, batch: Mapping[TopicPartition, Sequence[RecordLike]]) -> dict[TopicPartition, int]:
+        """Make a polled batch durable; returns the next offset per partition to commit.
+
+        Raises DiskFullError after rolling back (files truncated, state untouched): the same
+        batch can be passed again later. Any other OSError also rolls back and propagates.
+        """
+        now_ms = int(time.time() * 1000)
+        plan = Plan()
+        new_states: dict[str, PartitionState] = {}
+        offsets: dict[TopicPartition, int] = {}
+        for tp, records in batch.items():
+            if not records:
+                continue
+            state = self.states.setdefault(tp, PartitionState())
+            files = dict(state.files)
+            for rec in records:
+                self.router.route(rec, files, plan, now_ms)
+            self._maybe_prune(tp, files, now_ms)
+            offsets[tp] = records[-1].offset + 1
+            new_states[state_name(tp[0], tp[1])] = PartitionState(offsets[tp], files)
+        if not offsets:
+            return {}
+        if plan.chunks:
+            self._append(plan, new_states)
+        else:
+            self.journal.save_states(new_states)
+        for tp in offsets:
+            self.states[tp] = new_states[state_name(tp[0], tp[1])]
+        done_ms = int(time.time() * 1000)
+        self.metrics.observe_latency(done_ms, plan.read_ts_ms)
+        plan.counts["batches"] += 1
+        self.metrics.add(plan.counts, plan.quarantine_reasons)
+        self.metrics.gauges["open_files"] = len(self.files)
+        return offsets
+
+    def _append(self, plan: Plan, new_states: dict[str, PartitionState]) -> None:
+        data = {rel: b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                for rel, chunks in plan.chunks.items()}
+        sizes: dict[str, tuple[int, int]] = {}
+        try:
+            for rel, payload in data.items():
+                sizes[rel] = (self.files.size(rel), len(payload))
+            self.journal.begin(sizes)
+        except OSError as exc:
+            self._clear_quietly()
+            raise _as_disk_full(exc) from exc
+        try:
+            for rel, payload in data.items():
+                self.files.append(rel, payload)
+            self.files.sync()
+            self.journal.commit(sizes, new_states)
+        except OSError as exc:
+            self._rollback(sizes)
+            raise _as_disk_full(exc) from exc
+        # Past this point the batch is committed: finishing must succeed, retry until it does.
+        delay = 0.1
+        while True:
+            try:
+                self.journal.finish(new_states)
+                return
+            except OSError as exc:
+                log.error("cannot apply committed state (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _rollback(self, sizes: dict[str, tuple[int, int]]) -> None:
+        """Undo an append that did not complete; keep the intent if even that fails."""
+        try:
+            for rel, (before, _) in sizes.items():
+                self.files.truncate(rel, before)
+        except OSError as exc:
+            log.error("rollback failed (%s): the intent stays and is applied on restart", exc)
+            raise
+        self._clear_quietly()
+
+    def _clear_quietly(self) -> None:
+        try:
+            self.journal.clear()
+        except OSError as exc:
+            log.error("cannot remove intent: %s", exc)
+
+    def _maybe_prune(self, tp: TopicPartition, files: dict[str, list[int]], now_ms: int) -> None:
+        """Forget source files not seen for the TTL so the state stays small (checked rarely)."""
+        now = time.monotonic()
+        if now - self._pruned_at.get(tp, 0.0) < _PRUNE_EVERY_S:
+            return
+        self._pruned_at[tp] = now
+        limit = now_ms - self.state_ttl_ms
+        for key in [k for k, (_, seen) in files.items() if seen < limit]:
+            del files[key]
+
+
+def _as_disk_full(exc: OSError) -> OSError:
+    if isinstance(exc, DiskFullError):
+        return exc
+    from .files import DISK_FULL_ERRNOS
+
+    if exc.errno in DISK_FULL_ERRNOS:
+        return DiskFullError(exc.errno, exc.strerror)
+    return exc

@@ -1,0 +1,235 @@
+"""Consumer pieces without a broker: routing, names, layout, journal recovery, disk full."""
+
+import errno
+import json
+import os
+from collections import namedtuple
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from keplerlog.consumer.config import ConfigError, load_config
+from keplerlog.consumer.files import DiskFullError, FileCache, FileOps, PathGuard, UnsafePathError
+from keplerlog.consumer.journal import Journal
+from keplerlog.consumer.layout import Layout, LayoutError
+from keplerlog.consumer.main import main
+from keplerlog.consumer.metrics import Metrics
+from keplerlog.consumer.names import name_problem
+from keplerlog.consumer.route import Plan, Router
+from keplerlog.consumer.sink import Sink
+from keplerlog.record import Batch
+
+Rec = namedtuple("Rec", "topic partition offset timestamp headers value")
+DAY1 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
+TP = ("t", 0)
+
+
+def batch(offset, value, ts=DAY1, service="shop", module="portal", file_id="f1"):
+    return Batch(service, module, "h1", "/app/x.log", file_id, offset, value.count(b"\n"), ts)
+
+
+def rec(kafka_offset, b, value):
+    return Rec("t", 0, kafka_offset, DAY1, b.headers(), value)
+
+
+def make_sink(root, ops=None, layout="{service}/{module}.{day}", tz="UTC", max_open=256, cid="unit"):
+    router = Router(Layout(layout), ZoneInfo(tz), PathGuard(str(root)))
+    files = FileCache(str(root), max_open, 60, ops)
+    return Sink(router, files, Journal(str(root), cid), Metrics())
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "/abs", "a\\b", "a\x00b", "x\x1b[31m", "a\nb",
+                                  ".hidden", "x" * 101, "\udcff", " lead", "_quarantine", "a\x85b"])
+def test_unsafe_names_rejected(name):
+    assert name_problem(name)
+
+
+@pytest.mark.parametrize("name", ["portal", "shop-api_2", "é" * 50, "a.b", "x" * 100])
+def test_safe_names_accepted(name):
+    assert name_problem(name) is None
+
+
+@pytest.mark.parametrize("template", ["/{module}.{day}", "{module}", "../{module}.{day}", "{host}/{day}",
+                                      ".x/{module}.{day}", "_quarantine/{day}", "a//{day}", "{module.x}{day}"])
+def test_bad_layouts(template):
+    with pytest.raises(LayoutError):
+        Layout(template)
+
+
+def test_layout_regex_round_trip():
+    layout = Layout("{service}/{module}.{day}")
+    rx = layout.regex()
+    match = rx.fullmatch(layout.render("shop", "por.tal", "20240102") + ".gz")
+    assert match and match["day"] == "20240102" and match["ext"] == ".gz"
+    assert not rx.fullmatch("shop/portal.2024010")
+    assert not rx.fullmatch("shop/.x.20240102")
+    assert not rx.fullmatch("a/b/portal.20240102")
+
+
+def test_path_guard(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "evil").symlink_to(tmp_path)
+    guard = PathGuard(str(root))
+    guard.check("shop/portal.20240101")
+    for bad in ["../x", "/etc/passwd", "evil/x", "a/../../x"]:
+        with pytest.raises(UnsafePathError):
+            guard.check(bad)
+
+
+def test_route_day_split_dedup_overlap_gap(tmp_path):
+    router = Router(Layout("{module}.{day}"), ZoneInfo("UTC"), PathGuard(str(tmp_path)))
+    files, plan = {}, Plan()
+    a = b"l1\nl2\n"
+    router.route(rec(0, batch(0, a), a), files, plan, DAY1)
+    router.route(rec(1, batch(0, a), a), files, plan, DAY1)                          # replay
+    b = b"l2\nl3\n"
+    router.route(rec(2, batch(3, b), b), files, plan, DAY1)                          # overlap
+    c = b"l9\n"
+    router.route(rec(3, batch(20, c, ts=DAY1 + 86_400_000), c), files, plan, DAY1)   # gap, next day
+    assert plan.chunks == {"portal.20231114": [a, b"l3\n"], "portal.20231115": [c]}
+    assert plan.counts["duplicate_records"] == 1 and plan.counts["partial_overlaps"] == 1
+    assert plan.counts["gaps"] == 1 and plan.counts["gap_bytes"] == 11
+    assert files["shop\x1fh1\x1ff1"][0] == 23
+
+
+def test_route_timezone(tmp_path):
+    router = Router(Layout("{module}.{day}"), ZoneInfo("Asia/Tokyo"), PathGuard(str(tmp_path)))
+    plan = Plan()
+    router.route(rec(0, batch(0, b"x\n"), b"x\n"), {}, plan, DAY1)  # 07:13 next day in Tokyo
+    assert list(plan.chunks) == ["portal.20231115"]
+
+
+def test_route_legacy_and_garbage(tmp_path):
+    router = Router(Layout("{service}/{module}.{day}"), ZoneInfo("UTC"), PathGuard(str(tmp_path)))
+    plan = Plan()
+    router.route(Rec("t", 0, 0, DAY1, [], b"web##$$##hello\napi##$$##x##$$##y\nplain\n"), {}, plan, DAY1)
+    router.route(Rec("t", 0, 1, None, None, b"web##$$##one"), {}, plan, DAY1)
+    router.route(Rec("t", 0, 2, DAY1, [], b"\xff\xfegarbage"), {}, plan, DAY1)
+    router.route(Rec("t", 0, 3, DAY1, [("kl.v", b"2")], b"v2\n"), {}, plan, DAY1)
+    bad = batch(0, b"x\n").headers()
+    bad = [(k, b"NaN" if k == "kl.offset" else v) for k, v in bad]
+    router.route(Rec("t", 0, 4, DAY1, bad, b"x\n"), {}, plan, DAY1)
+    router.route(Rec("t", 0, 5, DAY1, batch(0, b"x\n", module="../../etc").headers(), b"x\n"), {}, plan, DAY1)
+    router.route(Rec("t", 0, 6, DAY1, [("kl.v", b"1")] + batch(0, b"")
+                     .headers()[1:-1] + [("kl.ts", b"99999999999999999999")], b"x\n"), {}, plan, DAY1)
+    assert plan.chunks["legacy/web.20231114"] == [b"hello\n", b"one\n"]
+    assert plan.chunks["legacy/api.20231114"] == [b"x##$$##y\n"]
+    assert plan.chunks["legacy/default.20231114"] == [b"plain\n"]
+    quarantine = b"".join(plan.chunks["_quarantine/20231114"])
+    assert quarantine.count(b"#kl-quarantine") == 5
+    assert b"unknown format version 2" in quarantine and b"kl.offset is not an integer" in quarantine
+    assert b'offset=2 bytes=9\n\xff\xfegarbage\n' in quarantine
+    assert plan.counts["quarantined"] == 5 and plan.counts["unsafe_names"] == 1
+
+
+def test_sink_disk_full_rolls_back_and_retries(tmp_path):
+    failing = {"left": 0}
+
+    def write(fd, data):
+        if failing["left"]:
+            failing["left"] -= 1
+            os.write(fd, bytes(data[: len(data) // 2]))  # a partial append, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+    sink = make_sink(tmp_path, FileOps(write=write))
+    first = b"a\n" * 10
+    assert sink.write({TP: [rec(0, batch(0, first), first)]}) == {TP: 1}
+    path = tmp_path / "shop" / "portal.20231114"
+    second = b"b\n" * 10
+    failing["left"] = 2
+    for _ in range(2):
+        with pytest.raises(DiskFullError):
+            sink.write({TP: [rec(1, batch(20, second), second)]})
+        assert path.read_bytes() == first  # rolled back
+        assert sink.states[TP].next_offset == 1
+        assert not list((tmp_path / ".keplerlog/state").glob("*.intent.json"))
+    assert sink.write({TP: [rec(1, batch(20, second), second)]}) == {TP: 2}
+    assert path.read_bytes() == first + second
+
+
+def test_sink_fsync_enospc_rolls_back(tmp_path):
+    state = {"fail": True}
+
+    def fsync(fd):
+        if state["fail"]:
+            raise OSError(errno.EDQUOT, "quota")
+        os.fsync(fd)
+
+    sink = make_sink(tmp_path, FileOps(fsync=fsync))
+    data = b"x\n"
+    with pytest.raises(DiskFullError):
+        sink.write({TP: [rec(0, batch(0, data), data)]})
+    assert (tmp_path / "shop" / "portal.20231114").read_bytes() == b""
+    state["fail"] = False
+    sink.write({TP: [rec(0, batch(0, data), data)]})
+    assert (tmp_path / "shop" / "portal.20231114").read_bytes() == data
+
+
+def test_journal_recovery_rollback_and_roll_forward(tmp_path):
+    sink = make_sink(tmp_path)
+    data = b"x\n" * 5
+    sink.write({TP: [rec(0, batch(0, data), data)]})
+    target = tmp_path / "shop" / "portal.20231114"
+    # A dead consumer appended 4 bytes after recording its intent, then died (no lock held).
+    dead = Journal(str(tmp_path), "dead")
+    dead.begin({"shop/portal.20231114": (len(data), 4)})
+    with target.open("ab") as f:
+        f.write(b"y\ny\n")
+    dead.close()
+    other = make_sink(tmp_path, cid="other")
+    assert other.assign([TP]) == {TP: 1}
+    assert target.read_bytes() == data
+    # Roll forward: committed intent whose states were not applied yet.
+    dead2 = Journal(str(tmp_path), "dead2")
+    state = sink.states[TP]
+    state.next_offset = 7
+    dead2.commit({}, {"t-partition-0.json": state})
+    dead2.close()
+    assert other.assign([TP]) == {TP: 7}
+    # A live consumer's intent is left alone.
+    live = Journal(str(tmp_path), "live")
+    live.begin({"shop/portal.20231114": (0, 10)})
+    other.assign([TP])
+    assert target.read_bytes() == data and live.intent_path.exists()
+
+
+def test_bounded_open_files(tmp_path):
+    sink = make_sink(tmp_path, max_open=2)
+    recs = [rec(i, batch(0, b"x\n", module=f"m{i}", file_id=f"f{i}"), b"x\n") for i in range(5)]
+    sink.write({TP: recs})
+    assert len(sink.files) <= 2
+    assert sorted(p.name for p in (tmp_path / "shop").iterdir()) == [f"m{i}.20231114" for i in range(5)]
+
+
+def test_metrics_render():
+    m = Metrics()
+    m.inc("records", 3)
+    m.observe_latency(10_000, [9_000, 9_500, 8_000])
+    text = m.render()
+    assert "keplerlog_consumer_records_total 3" in text
+    assert 'keplerlog_consumer_latency_seconds{quantile="0.99"} 2.000' in text
+
+
+def test_config_env_and_errors(tmp_path, capsys):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("kafka: {bootstrap_servers: 'k:9092'}\nroot: /srv/x\nlayout: '{module}.{day}'\n")
+    conf = load_config(str(cfg), {"KEPLERLOG_TOPIC": "t2", "KEPLERLOG_ROOT": "/srv/y"})
+    assert (conf.topic, conf.root, conf.layout.template) == ("t2", "/srv/y", "{module}.{day}")
+    for text in ["root: rel\nkafka: {bootstrap_servers: k}\n", "kafka: {bootstrap_servers: k}\nroot: /x\ntimezone: Mars/X\n",
+                 "kafka: {bootstrap_servers: k}\nroot: /x\nbogus: 1\n", "kafka: [\n",
+                 "kafka: {bootstrap_servers: k}\nroot: /x\nlayout: '../{day}'\n"]:
+        cfg.write_text(text)
+        with pytest.raises(ConfigError):
+            load_config(str(cfg), {})
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("keplerlog-consumer: config error: layout")
+
+
+def test_state_file_is_json(tmp_path):
+    sink = make_sink(tmp_path)
+    sink.write({TP: [rec(4, batch(0, b"x\n"), b"x\n")]})
+    state = json.loads((tmp_path / ".keplerlog/state/t-partition-0.json").read_text())
+    assert state["next_offset"] == 5 and state["files"]["shop\x1fh1\x1ff1"][0] == 2
