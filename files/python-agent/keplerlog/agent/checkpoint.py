@@ -1,0 +1,92 @@
+"""The state file: per file identity, the offset up to which Kafka acknowledged every byte.
+
+Written only from acknowledged offsets (never from read offsets), so after a crash or
+`kill -9` the agent re-sends at most what was in flight: at-least-once. The write is atomic
+and durable: a temporary file in the same directory is written and fsynced, renamed over the
+old one, and the directory is fsynced so the rename itself survives a power cut.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from keplerlog.agent.identity import FileIdentity, Fingerprint
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class FileState:
+    """What the state file remembers about one file."""
+
+    file_id: str
+    path: str
+    dev: int
+    ino: int
+    fp_len: int
+    fp_hash: str
+    offset: int
+
+    def identity(self) -> FileIdentity:
+        """Return the identity to resume this file under."""
+        return FileIdentity(self.file_id, self.dev, self.ino, Fingerprint(self.fp_len, self.fp_hash))
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return {"path": self.path, "dev": self.dev, "ino": self.ino, "fp_len": self.fp_len,
+                "fp": self.fp_hash, "offset": self.offset}
+
+
+def load(path: Path) -> dict[str, FileState]:
+    """Read the state file; a missing file is an empty state, a corrupt one is logged and ignored.
+
+    Ignoring a corrupt state re-ships files from the start (duplicates, not loss), which beats
+    refusing to start and shipping nothing.
+    """
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.error("state file %s unreadable (%s); starting without it", path, exc)
+        return {}
+    out: dict[str, FileState] = {}
+    try:
+        if raw.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown state version {raw.get('version')!r}")
+        for file_id, item in raw["files"].items():
+            out[file_id] = FileState(
+                file_id=str(file_id), path=str(item["path"]), dev=int(item["dev"]), ino=int(item["ino"]),
+                fp_len=int(item["fp_len"]), fp_hash=str(item["fp"]), offset=int(item["offset"]),
+            )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        log.error("state file %s malformed (%s); starting without it", path, exc)
+        return {}
+    return out
+
+
+def save(path: Path, files: list[FileState]) -> None:
+    """Atomically and durably replace the state file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"version": STATE_VERSION, "files": {f.file_id: f.to_json() for f in files}}
+    data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,346 @@
+"""Agent configuration: one YAML file plus the environment overrides of docs/interfaces.md.
+
+Validation is strict (unknown keys are errors) because a typo in a log shipper's config
+otherwise shows up weeks later as missing logs. Every problem is reported as one
+`ConfigError` whose message fits on one line; `main` prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+COMPRESSIONS = ("lz4", "zstd", "gzip", "none")
+IONICE_CLASSES = ("none", "best-effort", "idle")
+START_AT = ("beginning", "end")
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message says what and where, on one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Multiline:
+    """Group continuation lines (stack traces) with the line that starts the event."""
+
+    start: re.Pattern[bytes]
+    max_lines: int = 500
+    timeout_ms: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class InputConfig:
+    """One input: globs whose files share a module and line-grouping rules."""
+
+    paths: tuple[str, ...]
+    module: str
+    multiline: Multiline | None = None
+    one_line_per_record: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    """Where and how records are produced."""
+
+    bootstrap_servers: str = "localhost:9092"
+    topic: str = "keplerlog"
+    compression: str = "lz4"
+    linger_ms: int = 20
+    max_record_bytes: int = 900_000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits that keep the agent non-intrusive on the application host."""
+
+    max_buffer_bytes: int = 16 * 1024 * 1024
+    max_line_bytes: int = 65536
+    partial_line_timeout_ms: int = 5000
+    shutdown_timeout_s: float = 10.0
+    checkpoint_interval_ms: int = 1000
+    poll_interval_ms: int = 250
+    close_inactive_s: float = 5.0
+    nice: int = 0
+    ionice: str = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus endpoint (0 = off) and the periodic summary log line (0 = off)."""
+
+    port: int = 0
+    log_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """The whole agent configuration, validated."""
+
+    service: str
+    module: str
+    host: str
+    state_file: Path
+    inputs: tuple[InputConfig, ...]
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    limits: Limits = field(default_factory=Limits)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    start_at: str = "beginning"
+
+
+_TOP_KEYS = {"service", "module", "host", "kafka", "state_file", "inputs", "limits", "metrics",
+             "start_at", "one_line_per_record"}
+_KAFKA_KEYS = {"bootstrap_servers", "topic", "compression", "linger_ms", "max_record_bytes"}
+_INPUT_KEYS = {"paths", "module", "multiline", "one_line_per_record"}
+_MULTILINE_KEYS = {"start", "max_lines", "timeout_ms"}
+_LIMIT_KEYS = {"max_buffer_bytes", "max_line_bytes", "partial_line_timeout_ms", "shutdown_timeout_s",
+               "checkpoint_interval_ms", "poll_interval_ms", "close_inactive_s", "nice", "ionice"}
+_METRIC_KEYS = {"port", "log_interval_s"}
+
+
+def _section(raw: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping")
+    unknown = sorted(str(k) for k in raw if k not in allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    return dict(raw)
+
+
+def _str(value: Any, where: str, *, empty: bool = False) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(f"{where}: expected a string")
+    text = str(value)
+    if not empty and not text.strip():
+        raise ConfigError(f"{where}: must not be empty")
+    return text
+
+
+def _int(value: Any, where: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if isinstance(value, float) and number != value:
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if number < low or (high is not None and number > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ConfigError(f"{where}: must be {bound}, got {number}")
+    return number
+
+
+def _float(value: Any, where: str, low: float) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if number < low:
+        raise ConfigError(f"{where}: must be >= {low}, got {number}")
+    return number
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false")
+    return value
+
+
+def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
+    text = _str(value, where).lower()
+    if text not in choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {text!r}")
+    return text
+
+
+def _multiline(raw: Any, where: str) -> Multiline | None:
+    if raw is None:
+        return None
+    sec = _section(raw, where, _MULTILINE_KEYS)
+    if "start" not in sec:
+        raise ConfigError(f"{where}.start: required")
+    pattern = _str(sec["start"], f"{where}.start")
+    try:
+        start = re.compile(pattern.encode("utf-8", "surrogateescape"))
+    except re.error as exc:
+        raise ConfigError(f"{where}.start: invalid regular expression: {exc}") from None
+    return Multiline(
+        start=start,
+        max_lines=_int(sec.get("max_lines", 500), f"{where}.max_lines", 1),
+        timeout_ms=_int(sec.get("timeout_ms", 1000), f"{where}.timeout_ms", 1),
+    )
+
+
+def _paths(raw: Any, where: str) -> tuple[str, ...]:
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where}: expected a non-empty list of paths or globs")
+    out = []
+    for i, item in enumerate(items):
+        path = _str(item, f"{where}[{i}]")
+        if not os.path.isabs(path):
+            raise ConfigError(f"{where}[{i}]: must be an absolute path, got {path!r}")
+        out.append(path)
+    return tuple(out)
+
+
+def _glob_base(pattern: str) -> Path:
+    """Return the deepest wildcard-free directory of a glob: the log directory to protect."""
+    parts = Path(pattern).parts
+    base: list[str] = []
+    for part in parts[:-1]:
+        if any(ch in part for ch in "*?["):
+            break
+        base.append(part)
+    return Path(*base) if base else Path("/")
+
+
+def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay the KEPLERLOG_* environment variables (docs/interfaces.md) on the raw YAML."""
+    raw = dict(raw)
+    kafka = dict(raw.get("kafka") or {}) if isinstance(raw.get("kafka"), Mapping | None) else raw["kafka"]
+    metrics = dict(raw.get("metrics") or {}) if isinstance(raw.get("metrics"), Mapping | None) else raw[
+        "metrics"]
+    if "KEPLERLOG_BOOTSTRAP_SERVERS" in env:
+        kafka["bootstrap_servers"] = env["KEPLERLOG_BOOTSTRAP_SERVERS"]
+    if "KEPLERLOG_TOPIC" in env:
+        kafka["topic"] = env["KEPLERLOG_TOPIC"]
+    for var, key in (("KEPLERLOG_SERVICE", "service"), ("KEPLERLOG_MODULE", "module"),
+                     ("KEPLERLOG_HOST", "host"), ("KEPLERLOG_STATE_FILE", "state_file")):
+        if var in env:
+            raw[key] = env[var]
+    if "KEPLERLOG_INPUTS" in env:
+        globs = [g.strip() for g in env["KEPLERLOG_INPUTS"].split(",") if g.strip()]
+        raw["inputs"] = [{"paths": globs}]
+    if "KEPLERLOG_METRICS_PORT" in env:
+        metrics["port"] = env["KEPLERLOG_METRICS_PORT"]
+    if kafka or "kafka" in raw:
+        raw["kafka"] = kafka
+    if metrics or "metrics" in raw:
+        raw["metrics"] = metrics
+    return raw
+
+
+def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Validate a parsed YAML document (after environment overrides) into an AgentConfig."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config: expected a mapping at the top level")
+    raw = apply_env(dict(raw), os.environ if env is None else env)
+    top = _section(raw, "config", _TOP_KEYS)
+    if "service" not in top:
+        raise ConfigError("service: required")
+    service = _str(top["service"], "service")
+    module = _str(top.get("module", service), "module")
+    host = _str(top.get("host") or "", "host", empty=True) or socket.gethostname()
+    if "state_file" not in top:
+        raise ConfigError("state_file: required")
+    state_file = Path(_str(top["state_file"], "state_file"))
+    if not state_file.is_absolute():
+        raise ConfigError(f"state_file: must be an absolute path, got {str(state_file)!r}")
+
+    ksec = _section(top.get("kafka"), "kafka", _KAFKA_KEYS)
+    kafka = KafkaConfig(
+        bootstrap_servers=_str(ksec.get("bootstrap_servers", "localhost:9092"), "kafka.bootstrap_servers"),
+        topic=_str(ksec.get("topic", "keplerlog"), "kafka.topic"),
+        compression=_choice(ksec.get("compression", "lz4"), "kafka.compression", COMPRESSIONS),
+        linger_ms=_int(ksec.get("linger_ms", 20), "kafka.linger_ms", 0, 10_000),
+        max_record_bytes=_int(ksec.get("max_record_bytes", 900_000), "kafka.max_record_bytes", 1024,
+                              64 * 1024 * 1024),
+    )
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", kafka.topic):
+        raise ConfigError(f"kafka.topic: invalid topic name {kafka.topic!r}")
+
+    lsec = _section(top.get("limits"), "limits", _LIMIT_KEYS)
+    d = Limits()
+    limits = Limits(
+        max_buffer_bytes=_int(lsec.get("max_buffer_bytes", d.max_buffer_bytes), "limits.max_buffer_bytes",
+                              64 * 1024),
+        max_line_bytes=_int(lsec.get("max_line_bytes", d.max_line_bytes), "limits.max_line_bytes", 16),
+        partial_line_timeout_ms=_int(lsec.get("partial_line_timeout_ms", d.partial_line_timeout_ms),
+                                     "limits.partial_line_timeout_ms", 0),
+        shutdown_timeout_s=_float(lsec.get("shutdown_timeout_s", d.shutdown_timeout_s),
+                                  "limits.shutdown_timeout_s", 0),
+        checkpoint_interval_ms=_int(lsec.get("checkpoint_interval_ms", d.checkpoint_interval_ms),
+                                    "limits.checkpoint_interval_ms", 10),
+        poll_interval_ms=_int(lsec.get("poll_interval_ms", d.poll_interval_ms), "limits.poll_interval_ms",
+                              10, 60_000),
+        close_inactive_s=_float(lsec.get("close_inactive_s", d.close_inactive_s),
+                                "limits.close_inactive_s", 0),
+        nice=_int(lsec.get("nice", 0), "limits.nice", 0, 19),
+        ionice=_choice(lsec.get("ionice", "none"), "limits.ionice", IONICE_CLASSES),
+    )
+    if limits.max_line_bytes > kafka.max_record_bytes:
+        raise ConfigError(
+            f"limits.max_line_bytes ({limits.max_line_bytes}) must not exceed "
+            f"kafka.max_record_bytes ({kafka.max_record_bytes})")
+    if limits.max_buffer_bytes < kafka.max_record_bytes:
+        raise ConfigError(
+            f"limits.max_buffer_bytes ({limits.max_buffer_bytes}) must be at least "
+            f"kafka.max_record_bytes ({kafka.max_record_bytes})")
+
+    msec = _section(top.get("metrics"), "metrics", _METRIC_KEYS)
+    metrics = MetricsConfig(
+        port=_int(msec.get("port", 0), "metrics.port", 0, 65535),
+        log_interval_s=_float(msec.get("log_interval_s", 60), "metrics.log_interval_s", 0),
+    )
+
+    default_one = _bool(top.get("one_line_per_record", False), "one_line_per_record")
+    raw_inputs = top.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ConfigError("inputs: required, a non-empty list")
+    inputs = []
+    for i, item in enumerate(raw_inputs):
+        where = f"inputs[{i}]"
+        sec = _section(item, where, _INPUT_KEYS)
+        if "paths" not in sec:
+            raise ConfigError(f"{where}.paths: required")
+        inputs.append(InputConfig(
+            paths=_paths(sec["paths"], f"{where}.paths"),
+            module=_str(sec.get("module", module), f"{where}.module"),
+            multiline=_multiline(sec.get("multiline"), f"{where}.multiline"),
+            one_line_per_record=_bool(sec.get("one_line_per_record", default_one),
+                                      f"{where}.one_line_per_record"),
+        ))
+
+    state_dir = Path(os.path.abspath(state_file.parent))
+    for inp in inputs:
+        for pattern in inp.paths:
+            base = Path(os.path.abspath(_glob_base(pattern)))
+            if base != Path("/") and (state_dir == base or base in state_dir.parents):
+                raise ConfigError(
+                    f"state_file: {state_file} is inside the log directory {base}; keep it elsewhere")
+
+    return AgentConfig(
+        service=service, module=module, host=host, state_file=state_file, inputs=tuple(inputs),
+        kafka=kafka, limits=limits, metrics=metrics,
+        start_at=_choice(top.get("start_at", "beginning"), "start_at", START_AT),
+    )
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read and validate the YAML file at `path`; every failure is a one-line ConfigError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
+    return parse(raw, env)

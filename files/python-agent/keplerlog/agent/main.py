@@ -1,0 +1,446 @@
+"""`keplerlog-agent --config agent.yml`: the loop that ties the agent's parts together.
+
+Single process, single reading thread (kafka-python adds its I/O thread; metrics add one when
+enabled). The loop: apply Kafka results -> rescan globs when directories changed -> read what
+files grew by, within the memory budget -> flush timed-out partial lines and events -> close
+finished rotated files -> checkpoint -> block in the watcher until something happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import glob
+import logging
+import os
+import queue
+import signal
+import stat
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from keplerlog.agent import checkpoint, priority
+from keplerlog.agent.assembler import Chunk
+from keplerlog.agent.config import AgentConfig, ConfigError, InputConfig, load
+from keplerlog.agent.metrics import Counters, FileGauge, MetricsServer, render, summary
+from keplerlog.agent.sender import Sender
+from keplerlog.agent.tailer import AssemblerSettings, Stream, TailedFile
+from keplerlog.agent.watch import Waker, Watcher
+from keplerlog.record import Batch
+
+log = logging.getLogger("keplerlog.agent")
+
+FileKey = tuple[int, int]
+RESCAN_S = 1.0
+FINGERPRINT_CHECK_S = 1.0
+SEND_BACKOFF_S = 1.0
+
+
+def _watch_dir(pattern: str) -> str:
+    """Return the directory to watch for a glob: its deepest wildcard-free directory."""
+    parts = Path(pattern).parts
+    base: list[str] = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        base.append(part)
+    return str(Path(*base)) if base else "/"
+
+
+class Agent:
+    """Follows the configured files and ships them to Kafka, at least once."""
+
+    def __init__(self, cfg: AgentConfig, *, use_inotify: bool = True) -> None:
+        self.cfg = cfg
+        self.counters = Counters()
+        self.waker = Waker()
+        self.watcher = Watcher(self.waker, use_inotify=use_inotify)
+        self.sender = Sender(cfg, self.waker.wake)
+        self.files: dict[FileKey, TailedFile] = {}
+        self.settings = AssemblerSettings(
+            max_record_bytes=cfg.kafka.max_record_bytes,
+            max_line_bytes=cfg.limits.max_line_bytes,
+            partial_timeout_s=cfg.limits.partial_line_timeout_ms / 1000,
+        )
+        self.saved = checkpoint.load(cfg.state_file)
+        self.fresh_start = not self.saved and not cfg.state_file.exists()
+        self.stopping = False
+        self.inflight = 0
+        self._last_state: list[checkpoint.FileState] | None = None
+        self._next_checkpoint = 0.0
+        self._next_log = time.monotonic() + cfg.metrics.log_interval_s
+        self._next_scan = 0.0
+        self._next_fp_check = 0.0
+        self._last_read = 0.0
+        self._send_backoff_until = 0.0
+        self._warned: set[str] = set()
+        self._metrics: MetricsServer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
+        """Signal handler: stop reading, drain, checkpoint, exit 0."""
+        self.stopping = True
+        self.waker.wake()
+
+    def run(self) -> int:
+        """Run until `request_stop`; return the exit status."""
+        if self.cfg.metrics.port:
+            self._metrics = MetricsServer(self.cfg.metrics.port, self.prometheus)
+            self._metrics.start()
+            log.info("metrics on http://127.0.0.1:%d/metrics", self._metrics.port)
+        try:
+            while not self.stopping and not self.sender.connect():
+                self.watcher.wait(2.0)
+            if not self.stopping:
+                self._scan(time.monotonic())
+            while not self.stopping:
+                self._step()
+            self._shutdown()
+        finally:
+            for f in self.files.values():
+                f.close()
+            self.watcher.close()
+            self.waker.close()
+            if self._metrics is not None:
+                self._metrics.stop()
+        return 0
+
+    def _step(self) -> None:
+        mono, wall = time.monotonic(), time.time()
+        self._results()
+        if mono >= self._next_scan:
+            self._scan(mono)
+        self._read_all(wall, mono)
+        for f in list(self.files.values()):
+            self._send(f, f.stream, f.assembler.poll(wall, mono))
+        self._finish_detached(mono)
+        if mono >= self._next_checkpoint:
+            self._checkpoint()
+            self._next_checkpoint = mono + self.cfg.limits.checkpoint_interval_ms / 1000
+        if self.cfg.metrics.log_interval_s and mono >= self._next_log:
+            log.info("stats %s", summary(self.counters, self._gauges(), self._global_gauges()))
+            self._next_log = mono + self.cfg.metrics.log_interval_s
+        woke = self.watcher.wait(self._timeout(time.monotonic()))
+        if woke.changed:
+            self._next_scan = 0.0
+        linger = self.cfg.kafka.linger_ms / 1000
+        if woke.modified and linger and not self.stopping:
+            # Coalesce bursts of small writes into one read (fewer, larger records).
+            delay = self._last_read + linger - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+    def _timeout(self, mono: float) -> float:
+        limit = self.cfg.limits.poll_interval_ms / 1000 if not self.watcher.inotify else RESCAN_S
+        deadlines = [mono + limit, self._next_scan]
+        if self.inflight or self._last_state is None:
+            deadlines.append(self._next_checkpoint)
+        for f in self.files.values():
+            d = f.assembler.next_deadline()
+            if d is not None:
+                deadlines.append(d)
+            if f.detached:
+                deadlines.append(f.last_growth + self.cfg.limits.close_inactive_s)
+        return max(0.0, min(deadlines) - mono)
+
+    def _shutdown(self) -> None:
+        log.info("stopping: draining what was read")
+        for f in list(self.files.values()):
+            self._send(f, f.stream, f.assembler.flush())
+        deadline = time.monotonic() + self.cfg.limits.shutdown_timeout_s
+        if self.sender.connected and self.inflight:
+            self.sender.flush(timeout=max(0.0, deadline - time.monotonic()))
+        while self.inflight and time.monotonic() < deadline:
+            self._results()
+            if self.inflight:
+                self.watcher.wait(min(0.1, deadline - time.monotonic()))
+        self._results()
+        if self.inflight:
+            log.warning("stopping with %d bytes unacknowledged; they will be re-sent", self.inflight)
+        self._checkpoint()
+        self.sender.close(timeout=1)
+        log.info("stopped")
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _scan(self, mono: float) -> None:
+        """Match the globs; open new files; mark files whose path moved on as detached."""
+        self._next_scan = mono + RESCAN_S
+        found: dict[FileKey, tuple[str, InputConfig]] = {}
+        dirs: set[str] = set()
+        for inp in self.cfg.inputs:
+            for pattern in inp.paths:
+                dirs.add(_watch_dir(pattern))
+                for path in sorted(glob.glob(pattern)):
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        found.setdefault((st.st_dev, st.st_ino), (path, inp))
+        self.watcher.watch_dirs(dirs)
+        for key, f in self.files.items():
+            if key not in found and not f.detached:
+                f.detached = True
+                self.counters.rotations += 1
+                log.info("%s rotated or deleted; finishing it", f.path)
+        for key, (path, inp) in found.items():
+            if key not in self.files:
+                self._open(path, inp, mono)
+        if self.saved:
+            self._recover_rotated(mono)
+            self.saved.clear()
+        self.fresh_start = False
+
+    def _open(self, path: str, inp: InputConfig, mono: float, *, detached: bool = False) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            if path not in self._warned:
+                self._warned.add(path)
+                self.counters.errors += 1
+                log.error("cannot open %s: %s", path, exc.strerror)
+            return
+        self._warned.discard(path)
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in self.files:
+            os.close(fd)
+            return
+        identity, offset = None, 0
+        for state in list(self.saved.values()):
+            if (state.dev, state.ino) != key:
+                continue
+            del self.saved[state.file_id]
+            ident = state.identity()
+            if ident.fingerprint.matches_fd(fd) and state.offset <= st.st_size:
+                identity, offset = ident, state.offset
+            else:
+                log.info("%s: inode reused or truncated since the last run; reading from 0", path)
+            break
+        if identity is None and self.fresh_start and self.cfg.start_at == "end":
+            offset = st.st_size
+        f = TailedFile.open(path, fd, st, inp, self.settings, identity=identity, offset=offset, mono=mono)
+        f.detached = detached
+        self.files[key] = f
+        self.counters.files_opened += 1
+        log.info("following %s (%s) from offset %d", path, f.stream.file_id, offset)
+
+    def _recover_rotated(self, mono: float) -> None:
+        """Finish files that were rotated away while the agent was down (found by inode)."""
+        for state in list(self.saved.values()):
+            directory = os.path.dirname(state.path)
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.inode() != state.ino or not entry.is_file() or entry.stat().st_dev != state.dev:
+                        continue
+                except OSError:
+                    continue
+                inp = next((i for i in self.cfg.inputs
+                            if any(fnmatch.fnmatchcase(state.path, p) for p in i.paths)), None)
+                if inp is not None and entry.stat().st_size > state.offset:
+                    log.info("%s was rotated to %s while stopped; finishing it", state.path, entry.path)
+                    self._open(entry.path, inp, mono, detached=True)
+                break
+
+    def _finish_detached(self, mono: float) -> None:
+        """Close rotated/deleted files once read to the end, quiet, and fully acknowledged."""
+        for key, f in list(self.files.items()):
+            if not f.detached or not f.at_eof or f.idle_for(mono) < self.cfg.limits.close_inactive_s:
+                continue
+            if not f.finishing:
+                f.finishing = True
+                self._send(f, f.stream, f.assembler.flush())
+            if f.fully_acked():
+                f.close()
+                del self.files[key]
+                self.counters.files_closed += 1
+                log.info("finished %s (%s) at offset %d", f.path, f.stream.file_id, f.stream.acks.acked)
+
+    def _budget(self) -> int:
+        held = sum(f.assembler.held for f in self.files.values())
+        return self.cfg.limits.max_buffer_bytes - self.inflight - held
+
+    def _read_all(self, wall: float, mono: float) -> None:
+        """Read every file that grew, round-robin, until nothing is left or the budget is spent."""
+        if mono < self._send_backoff_until or not self.sender.connected:
+            return
+        check_fp = mono >= self._next_fp_check
+        if check_fp:
+            self._next_fp_check = mono + FINGERPRINT_CHECK_S
+        for f in list(self.files.values()):
+            try:
+                f.refresh(mono)
+                if f.truncated(check_fp):
+                    self._truncated(f)
+            except OSError as exc:
+                self.counters.errors += 1
+                log.error("%s: %s", f.path, exc)
+        progress = True
+        while progress and not self.stopping:
+            progress = False
+            self._results()
+            for f in list(self.files.values()):
+                budget = self._budget()
+                if budget <= 0:
+                    return
+                if f.at_eof:
+                    continue
+                try:
+                    chunks, nbytes, nlines = f.read(budget, wall, mono)
+                except OSError as exc:
+                    self.counters.errors += 1
+                    log.error("%s: read failed: %s", f.path, exc)
+                    continue
+                if nbytes:
+                    progress = True
+                    self._last_read = mono
+                    self.counters.bytes_read += nbytes
+                    self.counters.lines_read += nlines
+                    self._send(f, f.stream, chunks)
+                if time.monotonic() >= self._send_backoff_until > mono:
+                    return
+            if progress:
+                wall, mono = time.time(), time.monotonic()
+                for f in self.files.values():
+                    f.refresh(mono)
+
+    def _truncated(self, f: TailedFile) -> None:
+        self.counters.truncations += 1
+        old = f.stream
+        held = f.restart(self.settings)
+        self._send(f, old, [c for _, c in held])
+        log.info("%s truncated; now %s from offset 0", f.path, f.stream.file_id)
+
+    # -- Kafka -------------------------------------------------------------------------------
+
+    def _send(self, f: TailedFile, stream: Stream, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            batch = Batch(service=self.cfg.service, module=f.inp.module, host=self.cfg.host, path=f.path,
+                          file_id=stream.file_id, offset=chunk.offset, lines=chunk.lines, ts_ms=chunk.ts_ms)
+            size = len(chunk.data)
+            try:
+                self.sender.send(chunk.data, batch.key(), batch.headers(), (f, stream, chunk.offset, size,
+                                                                             chunk.lines))
+            except Exception as exc:
+                self.counters.send_errors += 1
+                log.warning("%s: send failed at offset %d: %s", f.path, chunk.offset, exc)
+                self._send_backoff_until = time.monotonic() + SEND_BACKOFF_S
+                self._failed(f, stream, chunk.offset, size)
+                return
+            self.inflight += size
+            stream.inflight += size
+            stream.records_inflight += 1
+            self.counters.records_sent += 1
+            self.counters.lines_sent += chunk.lines
+            self.counters.bytes_sent += size
+
+    def _results(self) -> None:
+        """Apply acknowledgements and failures reported by the producer thread."""
+        results = self.sender.results
+        while True:
+            try:
+                outcome = results.get_nowait()
+            except queue.Empty:
+                return
+            f, stream, offset, size, lines = outcome.token
+            self.inflight -= size
+            stream.inflight -= size
+            stream.records_inflight -= 1
+            if outcome.error is None:
+                self.counters.records_acked += 1
+                self.counters.lines_acked += lines
+                self.counters.bytes_acked += size
+                stream.acks.ack(offset, offset + size)
+            else:
+                self.counters.send_errors += 1
+                log.warning("%s: record at offset %d failed: %s", f.path, offset, outcome.error)
+                self._failed(f, stream, offset, size)
+
+    def _failed(self, f: TailedFile, stream: Stream, offset: int, size: int) -> None:
+        """Re-read from a failed record's offset; impossible once the file was truncated."""
+        if stream is not f.stream or f.fd < 0:
+            self.counters.lost_bytes += size
+            return
+        target = max(offset, stream.acks.acked)
+        if target < f.read_offset:
+            f.rewind(target)
+            self.counters.rewinds += 1
+
+    # -- checkpoint and metrics --------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        states = []
+        for f in self.files.values():
+            ident = f.stream.identity
+            states.append(checkpoint.FileState(
+                file_id=ident.file_id, path=f.path, dev=ident.dev, ino=ident.ino,
+                fp_len=ident.fingerprint.length, fp_hash=ident.fingerprint.digest,
+                offset=f.stream.acks.acked))
+        if states == self._last_state:
+            return
+        try:
+            checkpoint.save(self.cfg.state_file, states)
+        except OSError as exc:
+            self.counters.errors += 1
+            log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
+            return
+        self._last_state = states
+        self.counters.checkpoints += 1
+
+    def _gauges(self) -> list[FileGauge]:
+        return [FileGauge(f.path, f.stream.file_id, f.size, f.stream.acks.acked)
+                for f in list(self.files.values())]
+
+    def _global_gauges(self) -> dict[str, float]:
+        return {"inflight_bytes": self.inflight, "files_open": len(self.files),
+                "kafka_connected": 1 if self.sender.connected else 0}
+
+    def prometheus(self) -> str:
+        """Render the metrics page (called from the metrics thread)."""
+        return render(self.counters, self._gauges(), self._global_gauges())
+
+
+def _check_state_dir(cfg: AgentConfig) -> None:
+    directory = cfg.state_file.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"state_file: cannot create {directory}: {exc.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_file: directory {directory} is not writable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    parser = argparse.ArgumentParser(prog="keplerlog-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="agent YAML file")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--no-inotify", action="store_true", help="poll instead of using inotify")
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    try:
+        cfg = load(args.config)
+        _check_state_dir(cfg)
+    except ConfigError as exc:
+        print(f"keplerlog-agent: config error: {exc}", file=sys.stderr)
+        return 2
+    priority.apply(cfg.limits.nice, cfg.limits.ionice)
+    agent = Agent(cfg, use_inotify=not args.no_inotify)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    return agent.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The Kafka side: one idempotent producer, acks=all, results funnelled to the main thread.
+
+kafka-python resolves futures on its I/O thread; the callbacks here only put the outcome on a
+queue and poke the main loop's waker, so all bookkeeping (acks, checkpoint, counters) stays
+single-threaded. kafka-python has no memory cap of its own, so the agent's
+`max_buffer_bytes` (bytes sent but not yet acknowledged, plus held bytes) is what bounds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from keplerlog.agent.config import AgentConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A send result: `error` None means acknowledged by all in-sync replicas."""
+
+    token: Any
+    error: BaseException | None
+
+
+class Sender:
+    """Owns the KafkaProducer; (re)connects lazily so a down cluster never stops startup."""
+
+    def __init__(self, cfg: AgentConfig, wake: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self._wake = wake
+        self._producer: Any = None
+
+    @property
+    def connected(self) -> bool:
+        """True once a producer exists."""
+        return self._producer is not None
+
+    def connect(self, bootstrap_timeout_ms: int = 5000) -> bool:
+        """Create the producer; False (logged) while no broker answers."""
+        from kafka import KafkaProducer  # late import: config errors must not pay for it
+
+        k = self.cfg.kafka
+        try:
+            self._producer = KafkaProducer(
+                bootstrap_servers=[s.strip() for s in k.bootstrap_servers.split(",") if s.strip()],
+                client_id=f"keplerlog-agent-{self.cfg.host}",
+                acks="all",
+                enable_idempotence=True,
+                compression_type=None if k.compression == "none" else k.compression,
+                linger_ms=k.linger_ms,
+                batch_size=256 * 1024,
+                max_request_size=max(1024 * 1024, k.max_record_bytes + 64 * 1024),
+                max_block_ms=5000,
+                bootstrap_timeout_ms=bootstrap_timeout_ms,
+                request_timeout_ms=30000,
+                delivery_timeout_ms=120000,
+                retry_backoff_ms=200,
+                reconnect_backoff_max_ms=5000,
+                metrics_enabled=False,
+            )
+        except Exception as exc:  # kafka-python raises several unrelated types here
+            log.warning("Kafka not reachable at %s: %s", k.bootstrap_servers, exc)
+            self._producer = None
+            return False
+        log.info("connected to Kafka at %s", k.bootstrap_servers)
+        return True
+
+    def send(self, value: bytes, key: bytes, headers: list[tuple[str, bytes]], token: object) -> None:
+        """Hand one record to the producer; the outcome arrives later on `results`.
+
+        Raises whatever the producer raises synchronously (caller treats it as a failure).
+        """
+        future = self._producer.send(self.cfg.kafka.topic, value=value, key=key, headers=headers)
+        future.add_callback(self._ok, token)
+        future.add_errback(self._fail, token)
+
+    def _ok(self, token: object, _metadata: object) -> None:
+        self.results.put(Outcome(token, None))
+        self._wake()
+
+    def _fail(self, token: object, error: BaseException) -> None:
+        self.results.put(Outcome(token, error))
+        self._wake()
+
+    def poke(self) -> None:
+        """Ask the producer to send what it has now (no linger), without waiting."""
+        if self._producer is not None:
+            self._producer._sender.wakeup()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for every sent record to complete; False on timeout."""
+        if self._producer is None:
+            return True
+        try:
+            self._producer.flush(timeout=timeout)
+        except Exception as exc:
+            log.warning("flush did not complete: %s", exc)
+            return False
+        return True
+
+    def close(self, timeout: float = 0) -> None:
+        """Close the producer (records still unacknowledged are abandoned; they are re-read)."""
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=timeout, null_logger=True)
+            except Exception as exc:
+                log.debug("producer close: %s", exc)
+            self._producer = None

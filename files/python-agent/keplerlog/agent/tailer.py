@@ -1,0 +1,187 @@
+"""One followed file: an open descriptor, its identity, an assembler and its ack state.
+
+Reading uses `pread` at the assembler's offset, so the descriptor has no hidden position to
+get out of step. The descriptor stays open after the path is renamed or deleted: the old file
+is read to its end and closed only when everything read from it was acknowledged (a failed
+send can then still be re-read) and it has been quiet for `close_inactive_s` (a writer that
+has not reopened its log yet may still append to the renamed file).
+
+Truncation (copytruncate, `> file`) is detected when the size drops below the read offset or,
+when the file has meanwhile grown back past it, when the fingerprint of its first bytes no
+longer matches. The file then gets a new identity (new `kl.file`) and is read from 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from keplerlog.agent.acks import AckTracker
+from keplerlog.agent.assembler import Assembler, Chunk
+from keplerlog.agent.config import InputConfig
+from keplerlog.agent.identity import (
+    FINGERPRINT_BYTES,
+    FileIdentity,
+    Fingerprint,
+    fingerprint_of,
+    new_file_id,
+    read_prefix,
+)
+
+READ_CHUNK = 1024 * 1024
+
+
+@dataclass(slots=True)
+class Stream:
+    """One identity of a file: from its creation (or last truncation) on. Acks are per stream."""
+
+    identity: FileIdentity
+    acks: AckTracker
+    inflight: int = 0
+    records_inflight: int = 0
+
+    @property
+    def file_id(self) -> str:
+        """The `kl.file` id of this stream."""
+        return self.identity.file_id
+
+
+@dataclass(slots=True)
+class AssemblerSettings:
+    """What every file's Assembler needs besides its input's multiline rules."""
+
+    max_record_bytes: int
+    max_line_bytes: int
+    partial_timeout_s: float
+
+
+@dataclass(slots=True)
+class TailedFile:
+    """An open log file being followed."""
+
+    path: str
+    fd: int
+    inp: InputConfig
+    stream: Stream
+    assembler: Assembler
+    size: int = 0
+    last_growth: float = 0.0
+    detached: bool = False
+    finishing: bool = False
+    truncations: int = 0
+    prefix: bytes = field(default=b"", repr=False)
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        fd: int,
+        st: os.stat_result,
+        inp: InputConfig,
+        settings: AssemblerSettings,
+        *,
+        identity: FileIdentity | None,
+        offset: int,
+        mono: float,
+    ) -> TailedFile:
+        """Wrap an already opened descriptor; `identity` None mints a new one."""
+        if identity is None:
+            prefix = read_prefix(fd, min(offset, FINGERPRINT_BYTES))
+            identity = FileIdentity(new_file_id(st.st_dev, st.st_ino), st.st_dev, st.st_ino,
+                                    Fingerprint(len(prefix), fingerprint_of(prefix)))
+        else:
+            prefix = read_prefix(fd, min(offset, FINGERPRINT_BYTES, identity.fingerprint.length))
+        return cls(
+            path=path, fd=fd, inp=inp, stream=Stream(identity, AckTracker(offset)),
+            assembler=_assembler(offset, inp, settings), size=st.st_size, last_growth=mono,
+            prefix=prefix,
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def read_offset(self) -> int:
+        """Next byte to read."""
+        return self.assembler.read_offset
+
+    @property
+    def at_eof(self) -> bool:
+        """True when everything the file held at the last stat has been read."""
+        return self.read_offset >= self.size
+
+    def refresh(self, mono: float) -> None:
+        """Re-stat the open descriptor (size, link count) and note growth."""
+        st = os.fstat(self.fd)
+        if st.st_size != self.size:
+            self.last_growth = mono
+        self.size = st.st_size
+        if st.st_nlink == 0:
+            self.detached = True
+
+    def truncated(self, check_fingerprint: bool) -> bool:
+        """Tell whether the file was truncated under us (size or fingerprint check)."""
+        if self.size < self.read_offset:
+            return True
+        fp = self.stream.identity.fingerprint
+        return check_fingerprint and fp.length > 0 and not fp.matches_fd(self.fd)
+
+    def restart(self, settings: AssemblerSettings) -> list[tuple[Stream, Chunk]]:
+        """Start a new stream at offset 0 after truncation; return the old stream's held bytes."""
+        old = self.stream
+        held = [(old, c) for c in self.assembler.flush()]
+        st = os.fstat(self.fd)
+        self.stream = Stream(FileIdentity(new_file_id(st.st_dev, st.st_ino), st.st_dev, st.st_ino,
+                                          Fingerprint()), AckTracker(0))
+        self.assembler = _assembler(0, self.inp, settings)
+        self.prefix = b""
+        self.truncations += 1
+        self.finishing = False
+        self.size = st.st_size
+        return held
+
+    def read(self, budget: int, wall: float, mono: float) -> tuple[list[Chunk], int, int]:
+        """Read up to `budget` bytes at the read offset; return chunks, bytes and lines read."""
+        want = min(budget, READ_CHUNK, max(0, self.size - self.read_offset))
+        if want <= 0:
+            return [], 0, 0
+        offset = self.read_offset
+        data = os.pread(self.fd, want, offset)
+        if not data:
+            return [], 0, 0
+        if offset < FINGERPRINT_BYTES and len(self.prefix) == offset:
+            self.prefix += data[:FINGERPRINT_BYTES - offset]
+            self.stream.identity.fingerprint = Fingerprint(len(self.prefix), fingerprint_of(self.prefix))
+        return self.assembler.feed(data, wall, mono), len(data), data.count(b"\n")
+
+    def rewind(self, offset: int) -> None:
+        """Re-read from `offset` (a record starting there failed); held bytes are dropped."""
+        self.assembler.rewind(offset)
+        self.finishing = False
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def idle_for(self, mono: float) -> float:
+        """Seconds since the file last grew."""
+        return mono - self.last_growth
+
+    def fully_acked(self) -> bool:
+        """Everything read from the current stream is acknowledged and nothing is held."""
+        return (self.assembler.held == 0 and self.stream.inflight == 0
+                and self.stream.acks.acked >= self.read_offset)
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _assembler(offset: int, inp: InputConfig, settings: AssemblerSettings) -> Assembler:
+    return Assembler(
+        offset,
+        max_record_bytes=settings.max_record_bytes,
+        max_line_bytes=settings.max_line_bytes,
+        partial_timeout_s=settings.partial_timeout_s,
+        multiline=inp.multiline,
+        one_line_per_record=inp.one_line_per_record,
+    )

@@ -1,0 +1,155 @@
+"""Helpers for the agent tests: config files, the agent as a subprocess, reading the topic back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from kafka import KafkaConsumer
+
+from keplerlog.record import decode_headers
+
+
+def write_config(tmp: Path, bootstrap: str, topic: str, paths: list[str], **over) -> Path:
+    inputs = over.pop("inputs", None) or [{"paths": paths}]
+    doc = {
+        "service": "shop", "module": "portal", "host": "test-host",
+        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "linger_ms": 5},
+        "state_file": str(tmp / "state" / "agent-state.json"),
+        "inputs": inputs,
+        "limits": {"close_inactive_s": 1, "partial_line_timeout_ms": 1000, "checkpoint_interval_ms": 100},
+        "metrics": {"log_interval_s": 0},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+            doc[key].update(value)
+        else:
+            doc[key] = value
+    cfg = tmp / "agent.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    return cfg
+
+
+class AgentProcess:
+    """The agent run as `python -m keplerlog.agent.main` (as in production, one process)."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str) -> AgentProcess:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "keplerlog.agent.main", "--config", str(self.config), *extra],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class TopicReader:
+    """Reads the topic back and rebuilds each file's bytes from (kl.file, kl.offset)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                      enable_auto_commit=False, group_id=None)
+        self.records: dict[str, list[tuple[int, bytes]]] = defaultdict(list)
+        self.paths: dict[str, str] = {}
+        self.batches: list = []
+
+    def poll(self, timeout_ms: int = 200) -> None:
+        for msgs in self.consumer.poll(timeout_ms=timeout_ms).values():
+            for m in msgs:
+                batch = decode_headers(m.headers)
+                assert m.key == batch.key()
+                assert batch.offset >= 0
+                self.batches.append((batch, m.value))
+                self.records[batch.file_id].append((batch.offset, m.value))
+                self.paths[batch.file_id] = batch.path
+
+    def content(self, file_id: str) -> bytes:
+        """The file's bytes: records sorted by offset; replays must equal what they replay."""
+        out = bytearray()
+        for offset, value in sorted(self.records[file_id]):
+            end = offset + len(value)
+            if end <= len(out):
+                assert out[offset:end] == value, f"replay differs at {offset}"
+                continue
+            assert offset <= len(out), f"gap in {file_id}: have {len(out)}, next record at {offset}"
+            assert out[offset:] == value[:len(out) - offset], f"overlap differs at {offset}"
+            out += value[len(out) - offset:]
+        return bytes(out)
+
+    def by_path(self) -> dict[str, list[bytes]]:
+        """Rebuilt contents grouped by kl.path (a path can have several ids after truncation)."""
+        grouped: dict[str, list[bytes]] = defaultdict(list)
+        for fid, path in self.paths.items():
+            grouped[path].append(self.content(fid))
+        return grouped
+
+    def wait_for(self, check: Callable[[], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll()
+            try:
+                if check():
+                    return
+            except AssertionError:
+                raise
+            except Exception:
+                pass
+        self.poll()
+        assert check(), "timed out waiting for the topic to contain the expected data"
+
+    def wait_contents(self, expected: dict[str, list[bytes]], timeout: float = 30) -> None:
+        def check() -> bool:
+            got = self.by_path()
+            return all(sorted(got.get(p, [])) == sorted(v) for p, v in expected.items())
+
+        try:
+            self.wait_for(check, timeout)
+        except AssertionError:
+            got = {p: [len(x) for x in v] for p, v in self.by_path().items()}
+            want = {p: [len(x) for x in v] for p, v in expected.items()}
+            raise AssertionError(f"topic content mismatch: got lengths {got}, want {want}") from None
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def append(path: Path, data: bytes) -> None:
+    with path.open("ab") as fh:
+        fh.write(data)
+        fh.flush()
+
+
+def lines(prefix: str, n: int, start: int = 0, width: int = 60) -> bytes:
+    return b"".join(f"{prefix} {i:08d} ".ljust(width, "x").encode() + b"\n" for i in range(start, start + n))
