@@ -1,0 +1,388 @@
+"""End-to-end latency of kepler-log: a line written to a log file until it is in a day file.
+
+For each fixed rate (default 1k, 10k, 50k lines/s, ~15 s each) a writer process appends
+200-byte lines that carry their write time (time.time_ns(), the wall clock every process
+shares) to a log file; the agent ships them to a 3-node local Kafka (RF 2, acks=all) and the
+consumer writes day files; a reader tails the day files and records read time - write time
+per line. Reported: p50/p90/p99/p99.9/max, lines lost, and the agent's and consumer's CPU
+and peak RSS. Usage:
+
+    .venv/bin/python bench/bench_latency.py --out bench/results/latency.json
+
+`--pipeline passthrough` replaces agent + consumer with a trivial file-to-file copier: the
+harness's own floor (writer, reader, polling), and a way to test this script on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+from peers.harness import (
+    RESULTS_DIR,
+    WORK_DIR,
+    Tool,
+    create_topic,
+    kafka_cluster,
+    machine_info,
+)
+from peers.tools import agent_command, consumer_command
+
+SERVICE = "bench"
+MODULE = "latency"
+LINE_BYTES = 200
+PROBE, MEASURED = b"P", b"L"
+
+
+def format_lines(
+    ts_ns: int, first_seq: int, count: int, size: int, kind: bytes
+) -> bytes:
+    """`count` lines of `size` bytes: `<write time ns> <seq> <kind> xxxx...\\n`."""
+    out = []
+    for seq in range(first_seq, first_seq + count):
+        head = b"%019d %09d %s " % (ts_ns, seq, kind)
+        out.append(head + b"x" * (size - len(head) - 1) + b"\n")
+    return b"".join(out)
+
+
+def parse_line(line: bytes) -> tuple[int, int, bytes] | None:
+    """(write time ns, seq, kind) of a benchmark line, None for anything else."""
+    parts = line.split(b" ", 3)
+    if len(parts) < 3 or len(parts[0]) != 19:
+        return None
+    try:
+        return int(parts[0]), int(parts[1]), parts[2]
+    except ValueError:
+        return None
+
+
+def writer(path: str, rate: int, duration: float, size: int) -> None:
+    """Append lines at `rate` lines/s for `duration` s, each stamped when it is written.
+
+    Runs in its own process so the reader's work cannot delay writes (and so skew the
+    figures). Due lines are written in one write() per ~1 ms tick, as an app's logger would.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    total = int(rate * duration)
+    written = 0
+    start = time.monotonic()
+    try:
+        while written < total:
+            due = min(total, int((time.monotonic() - start) * rate)) - written
+            if due > 0:
+                os.write(fd, format_lines(time.time_ns(), written, due, size, MEASURED))
+                written += due
+            else:
+                time.sleep(0.0005)
+    finally:
+        os.close(fd)
+
+
+def passthrough(src_dir: str, dst: str) -> None:
+    """The `--pipeline passthrough` stand-in for agent + consumer: copy new lines across."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    out = os.open(dst, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    offsets: dict[Path, int] = {}
+    while True:
+        moved = False
+        for path in Path(src_dir).glob("*.log"):
+            with path.open("rb") as f:
+                f.seek(offsets.get(path, 0))
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end:
+                os.write(out, data[:end])
+                offsets[path] = offsets.get(path, 0) + end
+                moved = True
+        if not moved:
+            time.sleep(0.001)
+
+
+class DayFileReader:
+    """Tail every day file of the benchmark module (a new day starts a new file)."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / SERVICE
+        self.files: dict[Path, tuple[int, bytes]] = {}
+        self.next_scan = 0.0
+
+    def _scan(self) -> None:
+        if time.monotonic() < self.next_scan:
+            return
+        self.next_scan = time.monotonic() + 0.2
+        for path in self.dir.glob(f"{MODULE}.*"):
+            if path not in self.files and path.is_file():
+                self.files[path] = (os.open(path, os.O_RDONLY), b"")
+
+    def read(self) -> tuple[int, list[bytes]]:
+        """Complete new lines from all files and the time (ns) they were read."""
+        self._scan()
+        lines: list[bytes] = []
+        for path, (fd, partial) in list(self.files.items()):
+            data = os.read(fd, 8 << 20)
+            if not data:
+                continue
+            data = partial + data
+            end = data.rfind(b"\n") + 1
+            lines.extend(data[:end].splitlines())
+            self.files[path] = (fd, data[end:])
+        return time.time_ns(), lines
+
+    def close(self) -> None:
+        """Close the files."""
+        for fd, _ in self.files.values():
+            os.close(fd)
+        self.files.clear()
+
+
+def percentile(values: list[int], q: float) -> float:
+    """The q-quantile (0..1) of sorted `values`, nearest rank."""
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))]
+
+
+def _yaml_configs(run: Path, bootstrap: str, topic: str) -> tuple[Path, Path]:
+    agent = run / "agent.yml"
+    agent.write_text(
+        f"service: {SERVICE}\nmodule: {MODULE}\nhost: bench\n"
+        f'kafka:\n  bootstrap_servers: "{bootstrap}"\n  topic: {topic}\n'
+        "  compression: lz4\n  linger_ms: 20\n"
+        f"state_file: {run / 'agent-state.json'}\n"
+        f'inputs:\n  - paths: ["{run / "logs"}/*.log"]\n'
+        "metrics:\n  port: 0\n  log_interval_s: 3600\n"
+    )
+    consumer = run / "consumer.yml"
+    consumer.write_text(
+        f'kafka:\n  bootstrap_servers: "{bootstrap}"\n  topic: {topic}\n'
+        f"  group_id: bench-latency-{topic}\n"
+        f"root: {run / 'root'}\n"
+        'layout: "{service}/{module}.{day}"\ntimezone: UTC\n'
+        "metrics:\n  port: 0\n  log_interval_s: 3600\n"
+    )
+    return agent, consumer
+
+
+def _start_pipeline(
+    args: argparse.Namespace, run: Path, bootstrap: str, rate: int
+) -> list[tuple[str, Tool]]:
+    if args.pipeline == "passthrough":
+        cmd = [sys.executable, __file__, "--passthrough-worker", str(run / "logs")]
+        cmd.append(str(run / "root" / SERVICE / f"{MODULE}.passthrough"))
+        tool = Tool(cmd, run / "passthrough.log", cpu=args.cpu)
+        tool.start()
+        return [("passthrough", tool)]
+    topic = f"bench-latency-{rate}-{int(time.time())}"
+    create_topic(bootstrap, topic, partitions=4, replication=2)
+    agent_yml, consumer_yml = _yaml_configs(run, bootstrap, topic)
+    consumer_cmd = [*(consumer_command() or []), "--config", str(consumer_yml)]
+    agent_cmd = [*(agent_command() or []), "--config", str(agent_yml)]
+    # Only the agent is pinned, as in the peer benchmark; the consumer runs elsewhere.
+    consumer = Tool(consumer_cmd, run / "consumer.log", cpu=None)
+    agent = Tool(agent_cmd, run / "agent.log", cpu=args.cpu)
+    consumer.start()
+    agent.start()
+    return [("consumer", consumer), ("agent", agent)]
+
+
+def _wait_ready(
+    reader: DayFileReader, logfile: Path, tools: list[tuple[str, Tool]], timeout: float
+) -> float:
+    """Append a probe line each second until one shows in a day file; return the wait."""
+    start = time.monotonic()
+    seq = 0
+    next_probe = 0.0
+    while time.monotonic() - start < timeout:
+        for name, tool in tools:
+            if err := tool.dead():
+                raise RuntimeError(f"{name} {err}")
+        if time.monotonic() >= next_probe:
+            with logfile.open("ab") as f:
+                f.write(format_lines(time.time_ns(), seq, 1, LINE_BYTES, PROBE))
+            seq += 1
+            next_probe = time.monotonic() + 1
+        _, lines = reader.read()
+        if any(p and p[2] == PROBE for p in map(parse_line, lines)):
+            return time.monotonic() - start
+        time.sleep(0.01)
+    raise TimeoutError(f"no probe line reached a day file within {timeout:.0f} s")
+
+
+def run_rate(args: argparse.Namespace, bootstrap: str, rate: int) -> dict[str, Any]:
+    """Measure one rate; failures become a result with an error, never an exception."""
+    res: dict[str, Any] = {
+        "rate": rate,
+        "duration_s": args.duration,
+        "ok": False,
+        "error": "",
+    }
+    run = WORK_DIR / "latency" / f"{args.pipeline}-{rate}"
+    shutil.rmtree(run, ignore_errors=True)
+    (run / "logs").mkdir(parents=True)
+    (run / "root" / SERVICE).mkdir(parents=True)
+    logfile = run / "logs" / "app.log"
+    logfile.touch()  # present before the agent starts: it must find something to follow
+    total = int(rate * args.duration)
+    tools: list[tuple[str, Tool]] = []
+    reader = DayFileReader(run / "root")
+    proc: Any = None
+    try:
+        tools = _start_pipeline(args, run, bootstrap, rate)
+        res["ready_s"] = round(
+            _wait_ready(reader, logfile, tools, args.startup_timeout), 2
+        )
+        time.sleep(0.5)
+        reader.read()  # drop the probes still in flight
+        cpu0 = {name: tool.sample().cpu_s for name, tool in tools}
+        latencies = array("q")
+        seen = bytearray(total)
+        proc = mp.get_context("spawn").Process(
+            target=writer, args=(str(logfile), rate, args.duration, LINE_BYTES)
+        )
+        t0 = time.monotonic()
+        proc.start()
+        drain_until = 0.0
+        received = dupes = 0
+        while received < total:
+            now_ns, lines = reader.read()
+            for line in lines:
+                got = parse_line(line)
+                if got is None or got[2] != MEASURED or got[1] >= total:
+                    continue
+                if seen[got[1]]:
+                    dupes += 1
+                    continue
+                seen[got[1]] = 1
+                received += 1
+                latencies.append(now_ns - got[0])
+            if not lines:
+                time.sleep(0.001)
+            if not drain_until and not proc.is_alive():
+                res["write_s"] = round(time.monotonic() - t0, 2)
+                drain_until = time.monotonic() + args.drain_timeout
+            if drain_until and time.monotonic() > drain_until:
+                break
+            for name, tool in tools:
+                if err := tool.dead():
+                    raise RuntimeError(f"{name} {err} ({received}/{total} lines)")
+        ordered = sorted(latencies)
+        ms = 1e6
+        res.update(
+            ok=received == total,
+            written=total,
+            received=received,
+            missing=total - received,
+            duplicates=dupes,
+            p50_ms=round(percentile(ordered, 0.50) / ms, 2),
+            p90_ms=round(percentile(ordered, 0.90) / ms, 2),
+            p99_ms=round(percentile(ordered, 0.99) / ms, 2),
+            p999_ms=round(percentile(ordered, 0.999) / ms, 2),
+            max_ms=round(ordered[-1] / ms, 2) if ordered else None,
+        )
+        if received < total:
+            res["error"] = (
+                f"{total - received} of {total} lines not in a day file after drain"
+            )
+        for name, tool in tools:
+            res[f"{name}_cpu_s"] = round(tool.sample().cpu_s - cpu0[name], 2)
+    except Exception as exc:  # noqa: BLE001 - one failed rate is a row, not a crash
+        res["error"] = f"{type(exc).__name__}: {exc}"[:600]
+    finally:
+        if proc is not None and proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+        for name, tool in tools:
+            tool.stop()
+            res[f"{name}_rss_mb"] = round(tool.peak_rss_mb(), 1)
+        reader.close()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the rates and write the JSON; exit 2 when the pipeline is not installed."""
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "latency.json")
+    ap.add_argument(
+        "--rates", default="1000,10000,50000", help="lines/s, comma-separated"
+    )
+    ap.add_argument("--duration", type=float, default=15, help="seconds per rate")
+    ap.add_argument(
+        "--cpu", type=int, default=1, help="core the agent is pinned to (-1: none)"
+    )
+    ap.add_argument("--startup-timeout", type=float, default=120)
+    ap.add_argument("--drain-timeout", type=float, default=30)
+    ap.add_argument(
+        "--pipeline", choices=("keplerlog", "passthrough"), default="keplerlog"
+    )
+    ap.add_argument("--passthrough-worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.passthrough_worker:
+        passthrough(*args.passthrough_worker)
+        return 0
+    if args.cpu < 0 or (os.cpu_count() or 1) <= args.cpu:
+        args.cpu = None
+    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    out: dict[str, Any] = {
+        "machine": machine_info(),
+        "setup": {
+            "pipeline": args.pipeline,
+            "kafka_nodes": 3,
+            "partitions": 4,
+            "replication": 2,
+            "line_bytes": LINE_BYTES,
+            "duration_s": args.duration,
+            "pinned_cpu": args.cpu,
+        },
+        "results": [],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.pipeline == "keplerlog":
+        commands = {"agent": agent_command(), "consumer": consumer_command()}
+        missing = [name for name, cmd in commands.items() if cmd is None]
+        if missing:
+            msg = (
+                f"bench_latency: the kepler-log {' and '.join(missing)} is not installed "
+                "(no keplerlog.agent.main / keplerlog.consumer.main); run `make venv` once "
+                "they have landed"
+            )
+            print(msg, file=sys.stderr)
+            out["error"] = msg
+            args.out.write_text(json.dumps(out, indent=2) + "\n")
+            return 2
+
+    def measure(bootstrap: str) -> None:
+        for rate in rates:
+            res = run_rate(args, bootstrap, rate)
+            out["results"].append(res)
+            if res.get("p50_ms") is not None:
+                print(
+                    f"{rate:>7,} lines/s  p50 {res['p50_ms']:8.2f} ms  p99 {res['p99_ms']:8.2f} ms"
+                    f"  max {res['max_ms']:8.2f} ms  {res['received']}/{res['written']} lines"
+                    + (f"  ERROR {res['error']}" if res["error"] else ""),
+                    flush=True,
+                )
+            else:
+                print(f"{rate:>7,} lines/s  FAILED: {res['error']}", flush=True)
+
+    if args.pipeline == "passthrough":
+        measure("")
+    else:
+        with kafka_cluster(WORK_DIR / "kafka-latency", size=3) as cluster:
+            measure(cluster.bootstrap)  # type: ignore[attr-defined]
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0 if all(r["ok"] for r in out["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
