@@ -1,0 +1,163 @@
+"""Testinfra checks of the portal service image (container kl-image-portal) next to kl-image-kafka.
+
+The tests run in file order: the last one stops the container (`docker stop`) and checks that no
+line the application wrote before the stop is missing in Kafka.
+"""
+
+import io
+import re
+import tarfile
+import time
+
+import docker
+import pytest
+import testinfra
+from kafka import KafkaConsumer, TopicPartition
+
+CONTAINER = "kl-image-portal"
+KAFKA = "kl-image-kafka"
+NETWORK = "kl-image-net"
+TOPIC = "keplerlog"
+LOG_DIR = "/app/portal/logs"
+SEQ = re.compile(rb" seq=(\d+)$")
+STOP_TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def dockerc():
+    return docker.from_env()
+
+
+@pytest.fixture(scope="module")
+def app():
+    return testinfra.get_host(f"docker://{CONTAINER}")
+
+
+@pytest.fixture(scope="module")
+def bootstrap(dockerc):
+    """The broker's HOST listener (advertised at its address on kl-image-net): reachable from here."""
+    net = dockerc.containers.get(KAFKA).attrs["NetworkSettings"]["Networks"][NETWORK]
+    return f"{net['IPAddress']}:9094"
+
+
+def headers_of(rec):
+    return {k: v.decode() for k, v in (rec.headers or [])}
+
+
+def consume(bootstrap, until_end=True, want=1, timeout=60):
+    """Read the topic from the beginning: up to its current end, or until `want` records arrived."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+        auto_offset_reset="earliest", consumer_timeout_ms=1000,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        parts = None
+        while not parts and time.monotonic() < deadline:
+            parts = consumer.partitions_for_topic(TOPIC)
+            time.sleep(0.2)
+        tps = [TopicPartition(TOPIC, p) for p in sorted(parts or [])]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        records = []
+        while time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+            if until_end and all(consumer.position(tp) >= end[tp] for tp in tps):
+                break
+            if not until_end and len(records) >= want:
+                break
+        return records
+    finally:
+        consumer.close()
+
+
+def seqs_in(data: bytes):
+    return [int(m.group(1)) for line in data.splitlines() if (m := SEQ.search(line))]
+
+
+def test_supervisord_runs_app_and_agent(app):
+    deadline = time.monotonic() + 40
+    while True:
+        out = app.run("supervisorctl status")
+        status = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines() if line.strip()}
+        if status.get("app") == "RUNNING" and status.get("agent") == "RUNNING":
+            break
+        assert time.monotonic() < deadline, f"supervisorctl status:\n{out.stdout}"
+        time.sleep(2)
+    assert app.process.get(pid=1).args.startswith("/usr/bin/python3 /usr/bin/supervisord")
+
+
+def test_agent_config_rendered_from_env(app):
+    cfg = app.file("/etc/keplerlog/agent.yml")
+    assert cfg.exists
+    text = cfg.content_string
+    assert "service: shop" in text
+    assert "module: portal" in text
+    assert "kl-image-kafka:9092" in text
+    assert "host: kl-image-dockerhost" in text
+    assert "state_file: /var/lib/keplerlog/agent-state.json" in text
+    assert f"{LOG_DIR}/*.log" in text
+    # the agent runs unprivileged; its state lives in the volume, never in the app's log dir
+    assert app.file("/var/lib/keplerlog").user == "keplerlog"
+    assert not app.file(f"{LOG_DIR}/agent-state.json").exists
+
+
+def test_app_writes_and_rotates_its_logs(app):
+    assert app.file(f"{LOG_DIR}/portal.log").user == "app"
+    assert app.file("/app/portal/start.sh").mode & 0o111
+    assert app.file("/app/portal/stop.sh").mode & 0o111
+    deadline = time.monotonic() + 60
+    while not app.file(f"{LOG_DIR}/portal.log.1").exists:
+        assert time.monotonic() < deadline, "no rotation within 60 s"
+        time.sleep(2)
+    line = app.run(f"head -n 1 {LOG_DIR}/portal.log").stdout
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[[^\]]+\] c\.k\.portal\.\w+ - .* seq=\d+$", line)
+
+
+def test_records_arrive_with_headers(bootstrap):
+    records = consume(bootstrap, until_end=False, want=5, timeout=60)
+    assert records, "no record in Kafka within 60 s"
+    rec = records[0]
+    h = headers_of(rec)
+    assert rec.key == b"shop/portal"
+    assert h["kl.v"] == "1"
+    assert h["kl.service"] == "shop"
+    assert h["kl.module"] == "portal"
+    assert h["kl.host"] == "kl-image-dockerhost"
+    assert h["kl.path"].startswith(f"{LOG_DIR}/portal.log")
+    assert h["kl.file"]
+    assert int(h["kl.offset"]) >= 0
+    assert int(h["kl.lines"]) == rec.value.count(b"\n")
+    assert int(h["kl.ts"]) > 1_700_000_000_000
+    assert seqs_in(rec.value)
+
+
+def test_docker_stop_loses_no_line(dockerc, bootstrap):
+    container = dockerc.containers.get(CONTAINER)
+    assert container.attrs["Config"].get("StopTimeout") == STOP_TIMEOUT
+    t0 = time.monotonic()
+    container.stop(timeout=STOP_TIMEOUT)
+    took = time.monotonic() - t0
+    assert container.wait(timeout=10)["StatusCode"] == 0
+    assert took < STOP_TIMEOUT - 5, f"docker stop took {took:.1f} s (SIGKILL?)"
+    logs = container.logs().decode(errors="replace")
+    assert logs.index("stopped: app (exit status 0)") < logs.index("stopped: agent (exit status 0)"), logs[-3000:]
+
+    # every line in the container's log files (current and rotated) ...
+    stream, _ = container.get_archive(LOG_DIR)
+    in_files = set()
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        for member in tar.getmembers():
+            if member.isfile():
+                in_files.update(seqs_in(tar.extractfile(member).read()))
+    assert len(in_files) > 1000
+    # ... is in Kafka
+    in_kafka = []
+    for rec in consume(bootstrap, until_end=True, timeout=90):
+        in_kafka.extend(seqs_in(rec.value))
+    missing = sorted(in_files - set(in_kafka))
+    assert not missing, f"{len(missing)} of {len(in_files)} lines missing in Kafka, first: {missing[:20]}"
+    dups = len(in_kafka) - len(set(in_kafka))
+    print(f"docker stop: {took:.1f} s; lines: {len(in_files)} in files, {len(in_kafka)} in Kafka ({dups} duplicates)")
