@@ -141,6 +141,7 @@ class Assembler:
             # No newline within max_line bytes: an over-long line; ship a piece of it.
             self._lines(buf[run_start:pos], mono, out, ts_ms)
             self._flush_event(out, ts_ms)
+            self._close(out, ts_ms)
             if not self._in_long:
                 self.lines_split += 1
                 self._in_long = True

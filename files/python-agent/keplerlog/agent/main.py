@@ -275,19 +275,20 @@ class Agent:
         check_fp = mono >= self._next_fp_check
         if check_fp:
             self._next_fp_check = mono + FINGERPRINT_CHECK_S
-        for f in list(self.files.values()):
-            try:
-                f.refresh(mono)
-                if f.truncated(check_fp):
-                    self._truncated(f)
-            except OSError as exc:
-                self.counters.errors += 1
-                log.error("%s: %s", f.path, exc)
         progress = True
         while progress and not self.stopping:
             progress = False
             self._results()
             for f in list(self.files.values()):
+                try:
+                    grew = f.refresh(mono)
+                    # Check the fingerprint before reading bytes that may belong to a new file.
+                    if f.truncated(check_fp or grew):
+                        self._truncated(f)
+                except OSError as exc:
+                    self.counters.errors += 1
+                    log.error("%s: %s", f.path, exc)
+                    continue
                 budget = self._budget()
                 if budget <= 0:
                     return
@@ -307,10 +308,8 @@ class Agent:
                     self._send(f, f.stream, chunks)
                 if time.monotonic() >= self._send_backoff_until > mono:
                     return
-            if progress:
-                wall, mono = time.time(), time.monotonic()
-                for f in self.files.values():
-                    f.refresh(mono)
+            check_fp = False
+            wall, mono = time.time(), time.monotonic()
 
     def _truncated(self, f: TailedFile) -> None:
         self.counters.truncations += 1

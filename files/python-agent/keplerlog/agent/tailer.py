@@ -109,14 +109,16 @@ class TailedFile:
         """True when everything the file held at the last stat has been read."""
         return self.read_offset >= self.size
 
-    def refresh(self, mono: float) -> None:
-        """Re-stat the open descriptor (size, link count) and note growth."""
+    def refresh(self, mono: float) -> bool:
+        """Re-stat the open descriptor (size, link count); return True if the size changed."""
         st = os.fstat(self.fd)
-        if st.st_size != self.size:
+        changed = st.st_size != self.size
+        if changed:
             self.last_growth = mono
         self.size = st.st_size
         if st.st_nlink == 0:
             self.detached = True
+        return changed
 
     def truncated(self, check_fingerprint: bool) -> bool:
         """Tell whether the file was truncated under us (size or fingerprint check)."""

@@ -54,3 +54,117 @@ def test_ships_existing_and_later_files_and_sigterm_drains(tmp_path, kafka, topi
     reader.wait_contents({str(b): [b.read_bytes()]})
     state = _state(tmp_path)
     assert sorted(v["offset"] for v in state.values()) == sorted([a.stat().st_size, b.stat().st_size])
+
+
+def test_rename_and_create_rotation(tmp_path, kafka, topic, logdir, reader):
+    log = logdir / "app.log"
+    append(log, lines("r1", 500))
+    agent = _agent(tmp_path, kafka, topic, logdir).start()
+    try:
+        reader.wait_contents({str(log): [log.read_bytes()]})
+        # The writer keeps its descriptor: lines written after the rename land in the old file.
+        with log.open("ab") as writer:
+            writer.write(lines("r1", 200, 500))
+            writer.flush()
+            os.rename(log, logdir / "app.log.1")
+            writer.write(lines("r1", 300, 700))
+        old = (logdir / "app.log.1").read_bytes()
+        append(log, lines("r2", 100))
+        reader.wait_contents({str(log): [old, log.read_bytes()]})
+    finally:
+        assert agent.stop() == 0, agent.output()
+    assert "rotated" in agent.output()
+
+
+def test_copytruncate_and_truncation_regrown_beyond_offset(tmp_path, kafka, topic, logdir, reader):
+    log = logdir / "app.log"
+    first = lines("before", 300)
+    append(log, first)
+    agent = _agent(tmp_path, kafka, topic, logdir).start()
+    try:
+        reader.wait_contents({str(log): [first]})
+        # copytruncate: copy aside (not followed: *.log only), truncate in place, keep writing.
+        (logdir / "app.log.1").write_bytes(log.read_bytes())
+        os.truncate(log, 0)
+        second = lines("after", 10)
+        append(log, second)
+        reader.wait_contents({str(log): [first, second]})
+        # Truncate and grow back *beyond* the old offset faster than the agent looks:
+        # only the fingerprint of the first bytes can tell.
+        agent.signal(signal.SIGSTOP)
+        with log.open("r+b") as fh:
+            fh.truncate(0)
+            third = lines("rewritten", 400)
+            fh.write(third)
+        agent.signal(signal.SIGCONT)
+        reader.wait_contents({str(log): [first, second, third]})
+    finally:
+        assert agent.stop() == 0, agent.output()
+
+
+def test_kill_9_and_restart_loses_nothing(tmp_path, kafka, topic, logdir, reader):
+    log = logdir / "app.log"
+    agent = _agent(tmp_path, kafka, topic, logdir).start()
+    written = bytearray(lines("k", 500))
+    append(log, bytes(written))
+    reader.wait_for(lambda: bool(reader.records))
+    state_file = tmp_path / "state" / "agent-state.json"
+    deadline = time.monotonic() + 10
+    while not state_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for i in range(20):  # kill -9 while lines are still being written and shipped
+        chunk = lines(f"k{i}", 500)
+        append(log, chunk)
+        written += chunk
+        time.sleep(0.01)
+    agent.signal(signal.SIGKILL)
+    agent.wait()
+    more = lines("while-down", 2000)
+    append(log, more)
+    written += more
+    agent = AgentProcess(agent.config, tmp_path / "agent2.out").start()
+    try:
+        reader.wait_contents({str(log): [bytes(written)]})
+        # At least once: the restart resumed from a checkpoint (not from 0), same file id.
+        assert len(reader.records) == 1
+    finally:
+        assert agent.stop() == 0, agent.output()
+    assert "from offset 0" not in agent.output()
+
+
+def test_long_lines_binary_and_partial_lines(tmp_path, kafka, topic, logdir, reader):
+    log = logdir / "bin.log"
+    long_line = b"L" * 200_000 + b"\n"
+    binary = b"nul\x00byte \xff\xfe invalid utf-8 \xc3\x28\n" + bytes(range(256)).replace(b"\n", b"") + b"\n"
+    append(log, b"short\n" + long_line + binary + b"no newline yet")
+    agent = _agent(tmp_path, kafka, topic, logdir, limits={"max_line_bytes": 65536}).start()
+    try:
+        reader.wait_contents({str(log): [log.read_bytes()]}, timeout=30)
+        append(log, b" ... done\n")
+        reader.wait_contents({str(log): [log.read_bytes()]})
+    finally:
+        assert agent.stop() == 0, agent.output()
+    pieces = [v for b, v in reader.batches if not v.endswith(b"\n")]
+    # 200 KB line: three 64 KiB pieces (the rest ends with its newline), plus the timed-out partial.
+    assert [len(v) for v in pieces] == [65536, 65536, 65536, len(b"no newline yet")]
+    assert [b.lines for b, v in reader.batches if not v.endswith(b"\n")] == [1, 1, 1, 1]
+
+
+def test_multiline_events_stay_in_one_record(tmp_path, kafka, topic, logdir, reader):
+    log = logdir / "java.log"
+    events = []
+    for i in range(50):
+        ev = f"2024-05-01 10:00:{i:02d} ERROR boom {i}\n".encode()
+        ev += b"".join(f"\tat com.example.Foo.bar(Foo.java:{j})\n".encode() for j in range(i % 7))
+        events.append(ev)
+    agent = _agent(tmp_path, kafka, topic, logdir, one_line_per_record=True, inputs=[{
+        "paths": [str(logdir / "*.log")],
+        "multiline": {"start": r"^\d{4}-\d{2}-\d{2}", "max_lines": 100, "timeout_ms": 300}}]).start()
+    try:
+        for ev in events:
+            append(log, ev)
+        reader.wait_contents({str(log): [b"".join(events)]})
+    finally:
+        assert agent.stop() == 0, agent.output()
+    assert sorted(v for _, v in reader.batches) == sorted(events)
+    assert [b.lines for b, v in reader.batches] == [v.count(b"\n") for _, v in reader.batches]
