@@ -1,0 +1,367 @@
+"""`make bench`: run every benchmark, merge the figures, write tables, charts and the README.
+
+Order: agent bench, consumer bench, peers, latency. Each runs as its own subprocess with a
+time limit, so one broken or hung part is reported and the rest still runs. Outputs:
+bench/results/{results.json,results.md,throughput.png,latency.png} and the block between
+`<!-- bench:start -->` and `<!-- bench:end -->` in README.md (nothing else there is touched).
+
+    .venv/bin/python bench/run.py [--only peers,latency] [--quick] [--readme README.md]
+
+`--only` reruns some parts and merges them with the other parts' last JSON. `--quick` runs
+small workloads (a smoke test, not figures to publish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peers.harness import RESULTS_DIR, WORK_DIR, machine_info  # bench/ is sys.path[0]
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+@dataclass
+class Part:
+    """One benchmark script and how to call it."""
+
+    name: str
+    script: str
+    timeout: float
+    args: list[str] = field(default_factory=list)
+    quick: list[str] = field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        """The JSON the part writes."""
+        return RESULTS_DIR / f"{self.name}.json"
+
+
+PARTS = [
+    Part("agent", "bench_agent.py", 1200),
+    Part("consumer", "bench_consumer.py", 1200),
+    Part(
+        "peers",
+        "bench_peers.py",
+        2400,
+        quick=["--lines", "20000", "--lines-2k", "2000"],
+    ),
+    Part("latency", "bench_latency.py", 900, quick=["--duration", "5"]),
+]
+
+
+def run_part(part: Part, quick: bool) -> dict[str, Any]:
+    """Run one part; its output is shown live and kept in bench/work/logs/<part>.log."""
+    script = BENCH / part.script
+    entry: dict[str, Any] = {"script": f"bench/{part.script}", "ok": False, "error": ""}
+    if not script.exists():
+        entry["error"] = f"bench/{part.script} does not exist yet"
+        print(f"== {part.name}: skipped, {entry['error']}", flush=True)
+        return entry
+    part.out.unlink(missing_ok=True)  # a stale JSON must not pass for this run's
+    cmd = [sys.executable, str(script), "--out", str(part.out), *part.args]
+    if quick:
+        cmd += part.quick
+    log_path = WORK_DIR / "logs" / f"{part.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(
+        f"== {part.name}: {' '.join(cmd[1:])} (limit {part.timeout:.0f} s)", flush=True
+    )
+    start = time.monotonic()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its brokers and tools die with it on timeout
+        )
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        timed_out = False
+        while True:
+            chunk = proc.stdout.read()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+                log.write(chunk)
+            if proc.poll() is not None:
+                rest = proc.stdout.read() or ""
+                sys.stdout.write(rest)
+                log.write(rest)
+                break
+            if time.monotonic() - start > part.timeout:
+                timed_out = True
+                _kill_group(proc)
+                break
+            time.sleep(0.2)
+    entry["seconds"] = round(time.monotonic() - start, 1)
+    entry["returncode"] = proc.returncode
+    if part.out.exists():
+        try:
+            entry["data"] = json.loads(part.out.read_text())
+        except json.JSONDecodeError as exc:
+            entry["error"] = f"{part.out.name} is not JSON: {exc}"
+    if timed_out:
+        entry["error"] = f"timed out after {part.timeout:.0f} s"
+    elif proc.returncode != 0 and not entry["error"]:
+        tail = " ".join(log_path.read_text(errors="replace")[-300:].split())
+        entry["error"] = f"exit code {proc.returncode}: {tail}"
+    elif "data" not in entry and not entry["error"]:
+        entry["error"] = f"wrote no {part.out.name}"
+    entry["ok"] = not entry["error"]
+    state = "ok" if entry["ok"] else f"FAILED ({entry['error'][:200]})"
+    print(f"== {part.name}: {state} in {entry['seconds']} s", flush=True)
+    return entry
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM the part's process group (its own cleanup stops Kafka), then SIGKILL."""
+    for sig, grace in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def previous(part: Part) -> dict[str, Any]:
+    """The part's last JSON, for parts not rerun with --only."""
+    entry: dict[str, Any] = {
+        "script": f"bench/{part.script}",
+        "ok": False,
+        "rerun": False,
+    }
+    if part.out.exists():
+        entry["data"] = json.loads(part.out.read_text())
+        entry["ok"] = True
+    else:
+        entry["error"] = "not run"
+    return entry
+
+
+# --- Markdown ---------------------------------------------------------------------------------
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, int | float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows
+    ]
+    return lines
+
+
+def _rows_of(data: Any) -> list[dict[str, Any]]:
+    """The result rows of a part's JSON, whatever its exact shape."""
+    if isinstance(data, list):
+        return [r for r in data if isinstance(r, dict)]
+    if isinstance(data, dict):
+        for key in ("results", "runs", "rows"):
+            if isinstance(data.get(key), list):
+                return _rows_of(data[key])
+        return [data]
+    return []
+
+
+def _pick(row: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if row.get(key) is not None:
+            return row[key]
+    return None
+
+
+def throughput_table(merged: dict[str, Any]) -> list[str]:
+    """Tool | lines/s | MB/s | CPU s | peak RSS MB | notes, for the peers and the agent."""
+    rows: list[list[str]] = []
+    peers = merged["parts"].get("peers", {})
+    for r in _rows_of(peers.get("data")):
+        tool = f"{r.get('tool', '?')} ({r.get('variant', '')})"
+        if r.get("ok"):
+            note = r.get("notes", "")
+            rows.append([tool, _num(r.get("lines_per_s")), _num(r.get("mb_per_s"), 1),
+                         _num(r.get("cpu_s"), 2), _num(r.get("peak_rss_mb"), 0), note])  # fmt: skip
+        else:
+            rows.append([tool, "failed", "–", "–", "–", str(r.get("error", ""))[:160]])
+    if not peers.get("ok") and not rows:
+        rows.append(
+            ["peers", "failed", "–", "–", "–", str(peers.get("error", ""))[:160]]
+        )
+    agent = merged["parts"].get("agent", {})
+    for r in _rows_of(agent.get("data")):
+        label = _pick(r, "name", "scenario", "variant", "case") or ""
+        rows.append([
+            f"keplerlog-agent, bench_agent {label}".strip(),
+            _num(_pick(r, "lines_per_s", "lines_s", "lps")),
+            _num(_pick(r, "mb_per_s", "mb_s", "mbps"), 1),
+            _num(_pick(r, "cpu_s", "cpu_seconds"), 2),
+            _num(_pick(r, "peak_rss_mb", "rss_mb", "max_rss_mb"), 0),
+            "bench/bench_agent.py" + (f"; {r['notes']}" if r.get("notes") else ""),
+        ])  # fmt: skip
+    if not agent.get("ok"):
+        rows.append(["keplerlog-agent (bench_agent)", "failed", "–", "–", "–",
+                     str(agent.get("error", ""))[:160]])  # fmt: skip
+    header = ["tool (line size)", "lines/s", "MB/s", "CPU s", "peak RSS MB", "notes"]
+    return _table(header, rows)
+
+
+def generic_table(part: dict[str, Any], name: str) -> list[str]:
+    """A part whose schema this harness does not own: its scalar fields as columns."""
+    if not part.get("ok") and not part.get("data"):
+        return [f"_{name}: failed — {part.get('error', '')}_"]
+    rows = _rows_of(part.get("data"))
+    cols: list[str] = []
+    for r in rows:
+        for key, value in r.items():
+            if (
+                isinstance(value, str | int | float | bool)
+                and key not in cols
+                and key != "machine"
+            ):
+                cols.append(key)
+    cols = cols[:9]
+    body = [[_num(r.get(c), 2) if isinstance(r.get(c), float) else _num(r.get(c)) for c in cols]
+            for r in rows]  # fmt: skip
+    out = _table(cols, body) if cols else [f"_{name}: no rows_"]
+    if not part.get("ok"):
+        out.append(f"\n_{name}: {part.get('error', '')}_")
+    return out
+
+
+def latency_table(part: dict[str, Any]) -> list[str]:
+    """Rate | p50 | p90 | p99 | max | lines | agent and consumer CPU."""
+    data = part.get("data") or {}
+    if not part.get("ok") and not data.get("results"):
+        return [f"_latency: failed — {data.get('error') or part.get('error', '')}_"]
+    header = ["lines/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "received/written",
+              "agent CPU s", "consumer CPU s", "notes"]  # fmt: skip
+    rows = []
+    for r in data.get("results", []):
+        rows.append([
+            _num(r.get("rate")), _num(r.get("p50_ms"), 1), _num(r.get("p90_ms"), 1),
+            _num(r.get("p99_ms"), 1), _num(r.get("max_ms"), 1),
+            f"{_num(r.get('received'))}/{_num(r.get('written'))}",
+            _num(r.get("agent_cpu_s"), 2), _num(r.get("consumer_cpu_s"), 2),
+            str(r.get("error", ""))[:160],
+        ])  # fmt: skip
+    return _table(header, rows)
+
+
+def markdown(merged: dict[str, Any]) -> str:
+    """The results as Markdown: machine, throughput, consumer and latency tables."""
+    m = merged["machine"]
+    lines = [
+        f"Measured {m.get('date')} on {m.get('nproc')} × {m.get('cpu_model')}, "
+        f"{m.get('mem_gb')} GB RAM, Linux {m.get('kernel')}"
+        + (" — **quick smoke run, not representative**" if merged.get("quick") else "")
+        + ". Kafka: 3 local KRaft nodes, 4 partitions, RF 2, acks=all, lz4; each tool pinned "
+        "to one core. Reproduce with `make bench` (see bench/README.md).",
+        "",
+        "**Shipping a pre-written file into Kafka**",
+        "",
+        *throughput_table(merged),
+        "",
+        "**Consumer: Kafka to day files**",
+        "",
+        *generic_table(merged["parts"].get("consumer", {}), "consumer"),
+        "",
+        "**End-to-end latency (file → agent → Kafka → consumer → day file)**",
+        "",
+        *latency_table(merged["parts"].get("latency", {})),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """Replace only the text between the bench markers; warn (and change nothing) otherwise."""
+    if not readme.exists():
+        print(f"warning: {readme} not found; results table not inserted")
+        return False
+    text = readme.read_text()
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        print(
+            f"warning: {readme} has no '{START}' ... '{END}' block; results table not inserted"
+        )
+        return False
+    new = text[: start + len(START)] + "\n" + block + text[end:]
+    if new != text:
+        readme.write_text(new)
+    print(f"updated the bench block of {readme}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the parts, merge, write results.{json,md}, charts, README block."""
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--only", default="", help="comma-separated parts to rerun")
+    ap.add_argument("--quick", action="store_true", help="small workloads (smoke test)")
+    ap.add_argument("--readme", type=Path, default=REPO / "README.md")
+    ap.add_argument("--no-readme", action="store_true")
+    args = ap.parse_args(argv)
+    only = {p.strip() for p in args.only.split(",") if p.strip()}
+    unknown = only - {p.name for p in PARTS}
+    if unknown:
+        ap.error(f"unknown parts {sorted(unknown)}; known: {[p.name for p in PARTS]}")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+
+    merged: dict[str, Any] = {
+        "machine": machine_info(),
+        "quick": args.quick,
+        "parts": {},
+    }
+    for part in PARTS:
+        if only and part.name not in only:
+            merged["parts"][part.name] = previous(part)
+        else:
+            merged["parts"][part.name] = run_part(part, args.quick)
+
+    (RESULTS_DIR / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
+    table = markdown(merged)
+    (RESULTS_DIR / "results.md").write_text(
+        "# kepler-log benchmark results\n\n" + table
+    )
+    print(f"wrote {RESULTS_DIR / 'results.json'} and results.md")
+    try:
+        from plot import plot_all
+
+        for path in plot_all(merged, RESULTS_DIR):
+            print(f"wrote {path}")
+    except Exception as exc:  # noqa: BLE001 - a chart is never worth failing the run
+        print(f"warning: charts failed: {exc}")
+    if not args.no_readme:
+        update_readme(args.readme, table)
+    failed = [name for name, p in merged["parts"].items() if not p.get("ok")]
+    print("failed parts: " + (", ".join(failed) if failed else "none"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
