@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from agent_support import AgentProcess, TopicReader, append, lines, write_config

@@ -1,0 +1,323 @@
+"""Fast agent unit tests: no broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from keplerlog.agent import checkpoint
+from keplerlog.agent.acks import AckTracker
+from keplerlog.agent.assembler import DAY_S, Assembler
+from keplerlog.agent.config import ConfigError, Multiline, load, parse
+from keplerlog.agent.identity import FINGERPRINT_BYTES, Fingerprint
+from keplerlog.agent.metrics import Counters, FileGauge, render
+from keplerlog.agent.tailer import AssemblerSettings, TailedFile
+from keplerlog.agent.watch import Waker, Watcher
+
+BASE = {"service": "shop", "state_file": "/var/lib/keplerlog/state.json",
+        "inputs": [{"paths": ["/app/logs/*.log"]}]}
+
+
+def _cfg(**over):
+    return parse({**BASE, **over}, env={})
+
+
+# -- config ----------------------------------------------------------------------------------
+
+def test_config_defaults_and_example_from_interfaces():
+    doc = {
+        "service": "shop", "module": "portal", "host": "",
+        "kafka": {"bootstrap_servers": "kafka-1:9092,kafka-2:9092", "topic": "keplerlog",
+                  "compression": "lz4", "linger_ms": 20, "max_record_bytes": 900000},
+        "state_file": "/var/lib/keplerlog/agent-state.json",
+        "inputs": [{"paths": ["/app/portal/logs/*.log"], "module": "portal",
+                    "multiline": {"start": r"^\d{4}-\d{2}-\d{2}", "max_lines": 500, "timeout_ms": 1000}}],
+        "limits": {"max_buffer_bytes": 16777216, "max_line_bytes": 65536},
+        "metrics": {"port": 0, "log_interval_s": 60},
+    }
+    cfg = parse(doc, env={})
+    assert cfg.host  # defaults to the host name
+    assert cfg.inputs[0].multiline is not None
+    assert cfg.inputs[0].multiline.start.match(b"2024-01-01 x")
+    assert cfg.kafka.compression == "lz4" and cfg.kafka.linger_ms == 20
+    assert _cfg().module == "shop"
+
+
+def test_config_env_overrides():
+    env = {"KEPLERLOG_BOOTSTRAP_SERVERS": "k9:9092", "KEPLERLOG_TOPIC": "other", "KEPLERLOG_SERVICE": "svc",
+           "KEPLERLOG_MODULE": "mod", "KEPLERLOG_HOST": "h1", "KEPLERLOG_INPUTS": "/x/*.log, /y/a.log",
+           "KEPLERLOG_STATE_FILE": "/var/lib/k/s.json", "KEPLERLOG_METRICS_PORT": "9311"}
+    cfg = parse(BASE, env=env)
+    assert (cfg.kafka.bootstrap_servers, cfg.kafka.topic, cfg.service, cfg.module, cfg.host) == (
+        "k9:9092", "other", "svc", "mod", "h1")
+    assert cfg.inputs[0].paths == ("/x/*.log", "/y/a.log") and cfg.inputs[0].module == "mod"
+    assert str(cfg.state_file) == "/var/lib/k/s.json" and cfg.metrics.port == 9311
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"service": None}, "service"),
+    ({"kafka": {"compression": "snappy"}}, "kafka.compression"),
+    ({"kafka": {"linger": 5}}, "unknown key"),
+    ({"inputs": []}, "inputs"),
+    ({"inputs": [{"paths": ["relative/*.log"]}]}, "absolute"),
+    ({"inputs": [{"paths": ["/a/*.log"], "multiline": {"start": "("}}]}, "regular expression"),
+    ({"limits": {"max_line_bytes": "big"}}, "integer"),
+    ({"limits": {"max_line_bytes": 2_000_000}}, "max_record_bytes"),
+    ({"state_file": "/app/logs/state.json"}, "log directory"),
+    ({"metrics": {"port": 70000}}, "metrics.port"),
+])
+def test_config_errors_are_one_line(over, message):
+    with pytest.raises(ConfigError) as err:
+        parse({**BASE, **over}, env={})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "agent.yml"
+    bad.write_text("service: shop\ninputs: [\n")
+    proc = subprocess.run([sys.executable, "-m", "keplerlog.agent.main", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "invalid YAML" in proc.stderr
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "missing.yml", env={})
+    bad.write_text(yaml.safe_dump({**BASE, "kafka": {"topic": "bad topic"}}))
+    with pytest.raises(ConfigError, match="topic"):
+        load(bad, env={})
+
+
+# -- assembler -------------------------------------------------------------------------------
+
+def _asm(**kw):
+    base = dict(max_record_bytes=100, max_line_bytes=20, partial_timeout_s=5.0)
+    base.update(kw)
+    return Assembler(0, **base)
+
+
+def _check_contiguous(chunks, start=0):
+    offset = start
+    for c in chunks:
+        assert c.offset == offset
+        offset = c.end
+    return offset
+
+
+def test_records_cut_at_line_ends_up_to_max_record():
+    a = _asm()
+    data = b"".join(f"line {i:03d}\n".encode() for i in range(30))  # 9 bytes each
+    chunks = a.feed(data, 1000.0, 1.0)
+    assert b"".join(c.data for c in chunks) == data
+    assert all(len(c.data) <= 100 and c.data.endswith(b"\n") for c in chunks)
+    assert sum(c.lines for c in chunks) == 30
+    assert _check_contiguous(chunks) == len(data)
+
+
+def test_partial_line_held_until_newline_or_timeout():
+    a = _asm()
+    assert [c.data for c in a.feed(b"one\ntw", 1000.0, 1.0)] == [b"one\n"]
+    assert a.held == 2 and a.read_offset == 6
+    assert a.feed(b"o", 1000.0, 2.0) == []
+    assert a.poll(1000.0, 5.9) == []
+    assert a.next_deadline() == pytest.approx(6.0)  # timeout counts from the first held byte
+    (c,) = a.poll(1000.0, 6.1)
+    assert (c.offset, c.data, c.lines) == (4, b"two", 1)
+    (c,) = a.feed(b" more\n", 1000.0, 7.0)
+    assert (c.offset, c.data) == (7, b" more\n")
+
+
+def test_overlong_line_split_into_pieces_offsets_exact():
+    a = _asm()
+    data = b"ab\n" + b"x" * 50 + b"\nshort\n"
+    chunks = a.feed(data[:30], 1000.0, 1.0) + a.feed(data[30:], 1000.0, 1.0)
+    assert b"".join(c.data for c in chunks) == data
+    _check_contiguous(chunks)
+    pieces = [c.data for c in chunks if not c.data.endswith(b"\n")]
+    assert pieces == [b"x" * 20, b"x" * 20]  # the last 10 x's end with the newline: a normal line
+    assert a.lines_split == 1
+
+
+def test_nul_and_invalid_utf8_untouched():
+    a = _asm(max_line_bytes=100)
+    data = b"\x00\xff\xfe\n\xc3\x28\x00\n"
+    assert b"".join(c.data for c in a.feed(data, 1000.0, 1.0)) == data
+
+
+def test_one_line_per_record():
+    a = _asm(one_line_per_record=True)
+    chunks = a.feed(b"a\nbb\nccc\n", 1000.0, 1.0)
+    got = [(c.offset, c.data, c.lines) for c in chunks]
+    assert got == [(0, b"a\n", 1), (2, b"bb\n", 1), (5, b"ccc\n", 1)]
+
+
+def test_multiline_groups_events_and_flushes_on_timeout_and_max_lines():
+    ml = Multiline(start=re.compile(rb"^\d"), max_lines=3, timeout_ms=500)
+    a = _asm(max_record_bytes=1000, max_line_bytes=100, multiline=ml, one_line_per_record=True)
+    chunks = a.feed(b"1 err\n at a\n at b\n2 ok\n3 x\n y\n", 1000.0, 1.0)
+    assert [c.data for c in chunks] == [b"1 err\n at a\n at b\n", b"2 ok\n"]
+    assert a.held == len(b"3 x\n y\n")
+    assert a.poll(1000.0, 1.4) == []
+    (c,) = a.poll(1000.0, 1.6)
+    assert (c.data, c.lines) == (b"3 x\n y\n", 2)
+    chunks = a.feed(b"4\n a\n b\n c\n", 1000.0, 2.0)  # max_lines=3 closes the event
+    assert [c.data for c in chunks] == [b"4\n a\n b\n"]
+
+
+def test_multiline_events_packed_without_splitting():
+    ml = Multiline(start=re.compile(rb"^E"), max_lines=100, timeout_ms=500)
+    a = _asm(max_record_bytes=30, max_line_bytes=10, multiline=ml)
+    data = b"E1\n a\n b\nE2\n c\nE3\n d\n e\n f\nE4\n"
+    chunks = a.feed(data, 1000.0, 1.0) + a.flush()
+    assert b"".join(c.data for c in chunks) == data
+    for c in chunks:  # every record starts with an event start
+        assert c.data.startswith(b"E")
+    _check_contiguous(chunks)
+
+
+def test_records_never_span_two_days():
+    a = _asm()
+    day_end = 20000 * DAY_S - 0.5
+    assert a.feed(b"ab\npart", day_end, 1.0)[0].data == b"ab\n"
+    chunks = a.feed(b"ial\nnext\n", day_end + 1.0, 1.2)
+    assert [c.data for c in chunks] == [b"part", b"ial\nnext\n"]
+    assert chunks[0].ts_ms // 1000 // DAY_S != chunks[1].ts_ms // 1000 // DAY_S
+    a.feed(b"held", day_end + 2.0, 1.3)
+    (c,) = a.poll(day_end + 2.0 + DAY_S, 1.4)  # the held bytes leave before the next day starts filling
+    assert c.data == b"held"
+
+
+def test_rewind_restarts_at_offset():
+    a = _asm()
+    a.feed(b"abc\ndef\nxy", 1000.0, 1.0)
+    a.rewind(4)
+    assert a.read_offset == 4 and a.held == 0
+    (c,) = a.feed(b"def\n", 1000.0, 1.0)
+    assert c.offset == 4
+
+
+# -- acks, identity, checkpoint --------------------------------------------------------------
+
+def test_ack_tracker_contiguous_out_of_order_and_overlapping():
+    t = AckTracker(100)
+    assert not t.ack(200, 300)
+    assert not t.ack(300, 400)
+    assert t.acked == 100
+    assert t.ack(100, 200) and t.acked == 400
+    assert not t.ack(150, 250)  # a replay
+    t.ack(450, 500)
+    t.ack(400, 470)  # overlaps the waiting range
+    assert t.acked == 500 and t.waiting == 0
+
+
+def test_fingerprint_grows_and_detects_rewrite(tmp_path):
+    p = tmp_path / "f.log"
+    p.write_bytes(b"hello\n")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        fp = Fingerprint.of_fd(fd)
+        assert fp.length == 6 and not fp.complete
+        p.write_bytes(b"hello\n" + b"x" * 5000)  # grew: still the same file
+        assert fp.matches_fd(fd)
+        assert Fingerprint.of_fd(fd).length == FINGERPRINT_BYTES
+        p.write_bytes(b"HELLO\n" + b"x" * 5000)  # rewritten beyond the old size
+        assert not fp.matches_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _settings():
+    return AssemblerSettings(max_record_bytes=1000, max_line_bytes=100, partial_timeout_s=5)
+
+
+def _tail(path: Path):
+    from keplerlog.agent.config import InputConfig
+
+    fd = os.open(path, os.O_RDONLY)
+    return TailedFile.open(str(path), fd, os.fstat(fd), InputConfig((str(path),), "m"), _settings(),
+                           identity=None, offset=0, mono=0.0)
+
+
+def test_tailed_file_detects_truncation_and_regrowth(tmp_path):
+    p = tmp_path / "a.log"
+    p.write_bytes(b"first line\nsecond\n")
+    f = _tail(p)
+    try:
+        chunks, n, lines = f.read(1 << 20, 1000.0, 1.0)
+        assert n == 18 and lines == 2 and chunks[0].data == p.read_bytes()
+        old_id = f.stream.file_id
+        with p.open("r+b") as fh:  # truncate and grow back beyond the old offset
+            fh.truncate(0)
+            fh.write(b"brand new content, longer than before\n")
+        f.refresh(2.0)
+        assert not f.size < f.read_offset
+        assert f.truncated(check_fingerprint=True)
+        f.restart(_settings())
+        assert f.stream.file_id != old_id and f.read_offset == 0
+        chunks, _, _ = f.read(1 << 20, 1000.0, 3.0)
+        assert chunks[0].data == p.read_bytes()
+        os.truncate(p, 5)  # plain truncation: smaller than the offset
+        f.refresh(4.0)
+        assert f.truncated(check_fingerprint=False)
+    finally:
+        f.close()
+
+
+def test_deleted_file_is_detached_but_still_readable(tmp_path):
+    p = tmp_path / "a.log"
+    p.write_bytes(b"x\n")
+    f = _tail(p)
+    try:
+        p.unlink()
+        f.refresh(1.0)
+        assert f.detached
+        chunks, _, _ = f.read(100, 1000.0, 1.0)
+        assert chunks[0].data == b"x\n"
+    finally:
+        f.close()
+
+
+def test_checkpoint_atomic_round_trip_and_corrupt_file(tmp_path):
+    path = tmp_path / "state" / "s.json"
+    st = checkpoint.FileState("id1", "/l/a.log", 1, 2, 10, "abc", 1234)
+    checkpoint.save(path, [st])
+    assert checkpoint.load(path) == {"id1": st}
+    assert not list(path.parent.glob(".*tmp"))
+    assert json.loads(path.read_text())["version"] == 1
+    path.write_text("{not json")
+    assert checkpoint.load(path) == {}
+    assert checkpoint.load(tmp_path / "none.json") == {}
+
+
+# -- watch and metrics -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("inotify", [True, False])
+def test_watcher_wakes_on_write_and_waker(tmp_path, inotify):
+    waker = Waker()
+    w = Watcher(waker, use_inotify=inotify)
+    try:
+        assert w.watch_dirs({str(tmp_path)}) == inotify
+        (tmp_path / "new.log").write_bytes(b"x\n")
+        got = w.wait(0.5 if inotify else 0.05)
+        if inotify:
+            assert got.changed and got.modified
+        waker.wake()
+        assert w.wait(5).woken
+        assert not w.wait(0.01).woken
+    finally:
+        w.close()
+        waker.close()
+
+
+def test_prometheus_text():
+    c = Counters(lines_read=5, lines_split=1)
+    text = render(c, [FileGauge('/l/"a".log', "id", 100, 40)], {"inflight_bytes": 7})
+    assert "keplerlog_agent_lines_read_total 5" in text
+    assert "keplerlog_agent_lines_split_total 1" in text
+    assert 'keplerlog_agent_file_lag_bytes{path="/l/\\"a\\".log",file="id"} 60' in text
+    assert "keplerlog_agent_inflight_bytes 7" in text
