@@ -1,0 +1,34 @@
+"""Every node: Kafka installed, running and enabled under systemd."""
+import os
+
+import testinfra.utils.ansible_runner
+
+testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
+    os.environ.get("MOLECULE_INVENTORY_FILE") or os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "inventory")
+).get_hosts("kafka")
+
+
+def test_service_running_and_enabled(host):
+    service = host.service("kafka")
+    assert service.is_running
+    assert service.is_enabled
+
+
+def test_listeners(host):
+    assert host.socket("tcp://0.0.0.0:9092").is_listening
+    assert host.socket("tcp://0.0.0.0:9093").is_listening
+
+
+def test_storage_formatted_once_with_node_id(host):
+    meta = host.file("/var/lib/kafka/data/meta.properties")
+    assert meta.exists
+    assert meta.user == "kafka"
+    node_id = host.ansible.get_variables()["kafka_node_id"]
+    assert f"node.id={node_id}" in meta.content_string
+
+
+def test_unit_limits_and_heap(host):
+    unit = host.file("/etc/systemd/system/kafka.service").content_string
+    assert "LimitNOFILE=100000" in unit
+    assert "-Xmx384m" in unit
+    assert "kafka.Kafka /etc/kafka/server.properties" in unit
