@@ -15,4 +15,7 @@ mkdir -p "$APP_HOME/logs" "$APP_HOME/run"
 chown app:app "$APP_HOME/logs" "$APP_HOME/run"
 
 /opt/keplerlog/bin/python /usr/local/lib/keplerlog/render-agent-config.py /etc/keplerlog/agent.yml
+# Rendered into agent.yml (with the multiline settings): the agent's own KEPLERLOG_INPUTS override
+# would replace the inputs without them.
+unset KEPLERLOG_INPUTS KEPLERLOG_MULTILINE_START
 exec "$@"
