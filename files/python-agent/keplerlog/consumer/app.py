@@ -107,6 +107,7 @@ class ConsumerApp:
         return KafkaConsumer(
             bootstrap_servers=c.bootstrap_servers.split(","),
             group_id=c.group_id,
+            group_instance_id=c.group_instance_id,
             client_id=c.client_id,
             enable_auto_commit=False,
             auto_offset_reset=c.auto_offset_reset,

@@ -26,7 +26,7 @@ ENV_OVERRIDES = {
 }
 
 _KAFKA_KEYS = {"bootstrap_servers", "topic", "group_id", "client_id", "session_timeout_ms",
-               "max_poll_records", "fetch_max_bytes", "max_partition_fetch_bytes", "auto_offset_reset"}
+               "max_poll_records", "fetch_max_bytes", "group_instance_id", "max_partition_fetch_bytes", "auto_offset_reset"}
 _TOP_KEYS = {"kafka", "root", "layout", "timezone", "max_open_files", "idle_close_s", "legacy_service",
              "state_ttl_days", "metrics"}
 _METRICS_KEYS = {"port", "host", "log_interval_s"}
@@ -48,6 +48,7 @@ class ConsumerConfig:
     topic: str = "keplerlog"
     group_id: str = "keplerlog-consumer"
     client_id: str = "keplerlog-consumer"
+    group_instance_id: str | None = None
     session_timeout_ms: int = 10000
     max_poll_records: int = 100000
     fetch_max_bytes: int = 64 * 1024 * 1024
@@ -159,6 +160,7 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
         topic=kafka.get("topic", "keplerlog"),
         group_id=kafka.get("group_id", "keplerlog-consumer"),
         client_id=kafka.get("client_id", "keplerlog-consumer"),
+        group_instance_id=str(kafka["group_instance_id"]) if kafka.get("group_instance_id") else None,
         session_timeout_ms=_int(kafka.get("session_timeout_ms", 10000), "kafka.session_timeout_ms", 1000),
         max_poll_records=_int(kafka.get("max_poll_records", 100000), "kafka.max_poll_records", 1),
         fetch_max_bytes=_int(kafka.get("fetch_max_bytes", 64 << 20), "kafka.fetch_max_bytes", 1024),

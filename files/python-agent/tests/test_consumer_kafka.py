@@ -1,0 +1,165 @@
+"""Consumer against a real broker, run in-process: layout, day split, legacy, attacks, dedup."""
+
+import errno
+import os
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+from kafka import KafkaProducer
+
+from keplerlog.consumer.app import ConsumerApp
+from keplerlog.consumer.config import load_config
+from keplerlog.consumer.files import FileOps
+from keplerlog.consumer.layout import Layout
+from keplerlog.record import Batch
+
+pytestmark = pytest.mark.kafka
+DAY1 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC, 2023-11-15 in Tokyo
+DAY2 = DAY1 + 86_400_000
+
+
+def config(kafka, topic, root, **kw):
+    cfg = load_config(None, {"KEPLERLOG_BOOTSTRAP_SERVERS": kafka.bootstrap, "KEPLERLOG_TOPIC": topic,
+                             "KEPLERLOG_GROUP_ID": f"g-{topic}", "KEPLERLOG_ROOT": str(root),
+                             "KEPLERLOG_METRICS_PORT": "0"})
+    return replace(cfg, session_timeout_ms=6000, **kw)
+
+
+def send(kafka, topic, items):
+    """items: (Batch, value) for kepler-log records, or (key, headers, value, ts) raw tuples."""
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", linger_ms=5)
+    for item in items:
+        if isinstance(item[0], Batch):
+            b, value = item
+            producer.send(topic, value, key=b.key(), headers=b.headers())
+        else:
+            key, headers, value, ts = item
+            producer.send(topic, value, key=key, headers=headers or [], timestamp_ms=ts)
+    producer.flush()
+    producer.close()
+
+
+def mk(offset, value, ts=DAY1, service="shop", module="portal", file_id="f1"):
+    return Batch(service, module, "h1", "/app/portal.log", file_id, offset, value.count(b"\n"), ts), value
+
+
+class Running:
+    """ConsumerApp in a thread; stop() joins it."""
+
+    def __init__(self, cfg, ops=None, sleep=time.sleep):
+        self.app = ConsumerApp(cfg, ops=ops, sleep=sleep)
+        self.thread = threading.Thread(target=self.app.run, daemon=True)
+        self.thread.start()
+
+    def wait(self, predicate, timeout=40):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.app.metrics.counts):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timeout; counts={dict(self.app.metrics.counts)}")
+
+    def stop(self):
+        self.app.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def files_under(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and ".keplerlog" not in p.parts}
+
+
+def test_day_split_flat_layout_timezone_and_legacy(kafka, topic, tmp_path):
+    root = tmp_path / "root"
+    items = [mk(0, b"a1\na2\n"), mk(6, b"b1\n", ts=DAY2), mk(0, b"w\n", module="web", file_id="f2"),
+             (b"shop/portal", [], b"portal##$$##legacy one\nbilling##$$##legacy two\nno prefix\n", DAY1),
+             (b"shop/portal", None, b"portal##$$##flume event", DAY2)]  # same partition: ordered
+    send(kafka, topic, items)
+    run = Running(config(kafka, topic, root, layout=Layout("{module}.{day}"), timezone="Asia/Tokyo"))
+    try:
+        run.wait(lambda c: c["records"] >= 5)
+    finally:
+        run.stop()
+    assert files_under(root) == {
+        "portal.20231115": b"a1\na2\n" + b"legacy one\n",
+        "portal.20231116": b"b1\n" + b"flume event\n",
+        "web.20231115": b"w\n",
+        "billing.20231115": b"legacy two\n",
+        "default.20231115": b"no prefix\n",
+    }
+    assert run.app.metrics.counts["legacy_records"] == 2
+
+
+def test_default_layout_and_replay_dedup(kafka, topic, tmp_path):
+    root = tmp_path / "root"
+    first = [mk(0, b"1\n2\n"), mk(4, b"3\n")]
+    send(kafka, topic, first + first + [mk(2, b"2\n3\n4\n")])  # exact replay, then an overlap
+    run = Running(config(kafka, topic, root))
+    try:
+        run.wait(lambda c: c["records"] + c["duplicate_records"] >= 5)
+        send(kafka, topic, [mk(20, b"9\n")])  # a gap of 12 bytes
+        run.wait(lambda c: c["gaps"] >= 1)
+    finally:
+        run.stop()
+    assert files_under(root) == {"shop/portal.20231114": b"1\n2\n3\n4\n9\n"}
+    counts = run.app.metrics.counts
+    assert counts["duplicate_records"] == 2 and counts["partial_overlaps"] == 1 and counts["gap_bytes"] == 12
+    text = run.app.metrics.render()
+    assert "keplerlog_consumer_duplicate_records_total 2" in text and 'quantile="0.99"' in text
+
+
+def test_path_attacks_and_garbage_go_to_quarantine(kafka, topic, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    bad_names = ["../../etc", "/abs", "a\x00b", "..", "x" * 300, "evil\x1b[2J", ".", "", "a/../../b"]
+    items = [mk(0, b"pwn\n", service=n) for n in bad_names] + [mk(0, b"pwn\n", module=n) for n in bad_names]
+    ok = mk(0, b"fine\n")
+    v1 = ok[0].headers()
+    items += [
+        (b"k", [], b"\x00\xffgarbage without prefix", DAY1),                                 # no headers
+        (b"k", [("kl.v", b"7")] + v1[1:], b"future\n", DAY1),                                # bad version
+        (b"k", [(k, b"12x" if k == "kl.offset" else v) for k, v in v1], b"x\n", DAY1),       # bad number
+        (b"k", [(k, b"-5" if k == "kl.ts" else v) for k, v in v1], b"x\n", DAY1),            # negative ts
+        (b"k", [("kl.v", b"1")], b"x\n", DAY1),                                              # missing labels
+        (b"k", [], b"../../etc##$$##legacy attack\n", DAY1),                                 # legacy path attack
+        ok,
+    ]
+    send(kafka, topic, items)
+    run = Running(config(kafka, topic, root))
+    try:
+        run.wait(lambda c: c["records"] >= 1 and c["quarantined"] >= len(items) - 1)
+    finally:
+        run.stop()
+    after = sorted(str(p) for p in tmp_path.rglob("*") if not str(p).startswith(str(root) + "/"))
+    assert after == before  # nothing created outside the root
+    files = files_under(root)
+    assert files.pop("shop/portal.20231114") == b"fine\n"
+    (qname, qdata), = files.items()
+    assert qname.startswith("_quarantine/")
+    assert qdata.count(b"#kl-quarantine reason=") == len(items) - 1
+    assert run.app.metrics.counts["unsafe_names"] == 2 * len(bad_names) + 1
+
+
+def test_disk_full_pauses_and_retries_without_loss(kafka, topic, tmp_path):
+    root = tmp_path / "root"
+    state = {"fail": 3}
+
+    def write(fd, data):
+        if state["fail"] > 0:
+            state["fail"] -= 1
+            os.write(fd, bytes(data[:3]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+    send(kafka, topic, [mk(0, b"l1\nl2\n"), mk(6, b"l3\n")])
+    run = Running(config(kafka, topic, root), ops=FileOps(write=write), sleep=lambda s: time.sleep(0.05))
+    try:
+        run.wait(lambda c: c["records"] >= 2)
+    finally:
+        run.stop()
+    assert run.app.metrics.counts["disk_full"] == 3
+    assert files_under(root) == {"shop/portal.20231114": b"l1\nl2\nl3\n"}
