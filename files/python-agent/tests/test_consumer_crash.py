@@ -38,10 +38,12 @@ class Source:
         for i in range(self.n):
             for module in MODULES:
                 lines = self.rng.randint(1, 40)
-                value = b"".join(b"%s %06d-%02d %s\n" % (module.encode(), i, j, b"x" * self.rng.randint(0, 200))
+                pad = b"x" * self.rng.randint(0, 200)
+                value = b"".join(b"%s %06d-%02d %s\n" % (module.encode(), i, j, pad)
                                  for j in range(lines))
                 ts = DAY1 + (86_400_000 if i >= self.n // 2 else 0)  # second half: next day
-                b = Batch("shop", module, "h1", f"/app/{module}.log", f"id-{module}", offsets[module], lines, ts)
+                b = Batch("shop", module, "h1", f"/app/{module}.log", f"id-{module}", offsets[module],
+                          lines, ts)
                 producer.send(self.topic, value, key=b.key(), headers=b.headers())
                 day = "20231114" if ts == DAY1 else "20231115"
                 self.expected.setdefault(f"shop/{module}.{day}", bytearray()).extend(value)

@@ -121,11 +121,11 @@ def test_path_attacks_and_garbage_go_to_quarantine(kafka, topic, tmp_path):
     v1 = ok[0].headers()
     items += [
         (b"k", [], b"\x00\xffgarbage without prefix", DAY1),                                 # no headers
-        (b"k", [("kl.v", b"7")] + v1[1:], b"future\n", DAY1),                                # bad version
+        (b"k", [("kl.v", b"7"), *v1[1:]], b"future\n", DAY1),                                # bad version
         (b"k", [(k, b"12x" if k == "kl.offset" else v) for k, v in v1], b"x\n", DAY1),       # bad number
         (b"k", [(k, b"-5" if k == "kl.ts" else v) for k, v in v1], b"x\n", DAY1),            # negative ts
         (b"k", [("kl.v", b"1")], b"x\n", DAY1),                                              # missing labels
-        (b"k", [], b"../../etc##$$##legacy attack\n", DAY1),                                 # legacy path attack
+        (b"k", [], b"../../etc##$$##legacy attack\n", DAY1),  # legacy path attack
         ok,
     ]
     send(kafka, topic, items)

@@ -26,7 +26,8 @@ ENV_OVERRIDES = {
 }
 
 _KAFKA_KEYS = {"bootstrap_servers", "topic", "group_id", "client_id", "session_timeout_ms",
-               "max_poll_records", "fetch_max_bytes", "group_instance_id", "max_partition_fetch_bytes", "auto_offset_reset"}
+               "max_poll_records", "fetch_max_bytes", "group_instance_id",
+               "max_partition_fetch_bytes", "auto_offset_reset"}
 _TOP_KEYS = {"kafka", "root", "layout", "timezone", "max_open_files", "idle_close_s", "legacy_service",
              "state_ttl_days", "metrics"}
 _METRICS_KEYS = {"port", "host", "log_interval_s"}
