@@ -116,6 +116,32 @@ def test_app_writes_and_rotates_its_logs(app):
     assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[[^\]]+\] c\.k\.portal\.\w+ - .* seq=\d+$", line)
 
 
+def supervisor_pids(app):
+    out = app.run("supervisorctl pid app agent").stdout.split()
+    return dict(zip(("app", "agent"), out, strict=True))
+
+
+def wait_running(app, before, timeout=40):
+    deadline = time.monotonic() + timeout
+    while True:
+        out = app.run("supervisorctl status").stdout
+        lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+        now = supervisor_pids(app)
+        if all("RUNNING" in lines.get(name, "") and now[name] != before[name] for name in before):
+            return now
+        assert time.monotonic() < deadline, f"not restarted:\n{out}"
+        time.sleep(1)
+
+
+def test_programs_restart_when_they_die(app):
+    before = supervisor_pids(app)
+    # the agent is killed hard (it resumes from its state file: no line may be lost); the
+    # application exits on its own (SIGTERM to the Python process, not through supervisord)
+    assert app.run(f"kill -KILL {before['agent']}").rc == 0
+    assert app.run("pkill -TERM -u app -f bin/logdemo.py").rc == 0
+    wait_running(app, before)
+
+
 def test_records_arrive_with_headers(bootstrap):
     records = consume(bootstrap, until_end=False, want=5, timeout=60)
     assert records, "no record in Kafka within 60 s"
@@ -154,10 +180,16 @@ def test_docker_stop_loses_no_line(dockerc, bootstrap):
                 in_files.update(seqs_in(tar.extractfile(member).read()))
     assert len(in_files) > 1000
     # ... is in Kafka
+    # the application's numbering is contiguous (no rotated file missing from the comparison)
+    assert min(in_files) == 1 and len(in_files) == max(in_files), "seq numbers in the log files are not contiguous"
     in_kafka = []
+    split_events = 0
     for rec in consume(bootstrap, until_end=True, timeout=90):
         in_kafka.extend(seqs_in(rec.value))
+        # multiline (rendered agent.yml): a stack trace stays in the record of its first line
+        split_events += not re.match(rb"\d{4}-\d\d-\d\d ", rec.value)
     missing = sorted(in_files - set(in_kafka))
     assert not missing, f"{len(missing)} of {len(in_files)} lines missing in Kafka, first: {missing[:20]}"
+    assert split_events == 0, f"{split_events} records start inside a multi-line event"
     dups = len(in_kafka) - len(set(in_kafka))
     print(f"docker stop: {took:.1f} s; lines: {len(in_files)} in files, {len(in_kafka)} in Kafka ({dups} duplicates)")
