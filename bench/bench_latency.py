@@ -31,6 +31,7 @@ from peers.harness import (
     WORK_DIR,
     Tool,
     create_topic,
+    exit_on_sigterm,
     kafka_cluster,
     machine_info,
 )
@@ -326,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--passthrough-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     if args.passthrough_worker:
         passthrough(*args.passthrough_worker)
         return 0

@@ -27,6 +27,7 @@ from peers.harness import (
     Tool,
     TopicCounter,
     create_topic,
+    exit_on_sigterm,
     kafka_cluster,
     machine_info,
     make_line,
@@ -77,6 +78,7 @@ def _watchdog(tool: Tool, grace: float = 10) -> Callable[[], str]:
     exited_ok: list[float] = []
 
     def check() -> str:
+        tool.sample()  # short-lived tools (kcat) must be seen alive for their VmHWM
         if not tool.reap():
             return ""
         if tool.returncode:
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", action="store_true", help="keep workload links in the run dirs"
     )
     args = ap.parse_args(argv)
+    exit_on_sigterm()
     if args.cpu < 0 or (os.cpu_count() or 1) <= args.cpu:
         args.cpu = None
     names = [n.strip() for n in args.peers.split(",") if n.strip()]

@@ -31,7 +31,8 @@ def plot_throughput(results: dict[str, Any], out: Path) -> Path | None:
     rows = _throughput_rows(results)
     if not rows:
         return None
-    variants = sorted({r["variant"] for r in rows}, key=lambda v: (len(v), v))
+    sizes = {r["variant"]: r.get("line_bytes", 0) for r in rows}
+    variants = sorted(sizes, key=lambda v: sizes[v])
     tools = list(dict.fromkeys(r["tool"] for r in rows))
     by = {(r["tool"], r["variant"]): r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -67,6 +68,7 @@ def plot_latency(results: dict[str, Any], out: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     data = results.get("parts", {}).get("latency", {}).get("data") or {}
     rows = [r for r in data.get("results", []) if r.get("p50_ms") is not None]
@@ -81,6 +83,8 @@ def plot_latency(results: dict[str, Any], out: Path) -> Path | None:
     ax.set_xticks([j + width * (len(keys) - 1) / 2 for j in range(len(rows))])
     ax.set_xticklabels([f"{r['rate']:,} lines/s" for r in rows])
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylabel("ms from write to day file")
     ax.set_title(
         "kepler-log end-to-end latency (agent → Kafka → consumer)", fontsize=10

@@ -73,6 +73,19 @@ _WORDS = (
 _LEVELS = ("INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR")
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind the stack like Ctrl-C, so `finally` blocks stop tools and Kafka.
+
+    run.py stops a part that overran its time limit with SIGTERM; Python's default would
+    end the process at once and leave the brokers (in sessions of their own) running.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def machine_info() -> dict[str, object]:
     """Describe the machine, so figures from different hosts are not compared blindly."""
     model = ""
