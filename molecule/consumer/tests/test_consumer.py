@@ -155,8 +155,9 @@ def test_prune_removes_exactly_expired_files(host):
 
     base = f"{ROOT}/prunetest{uuid.uuid4().hex[:8]}"
     expired = [f"{base}/portal.{name(31)}", f"{base}/portal.{name(45)}", f"{base}/api.{name(400)}"]
-    kept = [f"{base}/portal.{name(0)}", f"{base}/portal.{name(1)}", f"{base}/api.{name(6)}"]
-    compressed = [f"{base}/portal.{name(10)}", f"{base}/api.{name(29)}"]
+    # keplerlog-prune: delete when day < today - 30, compress when day < today - 7.
+    kept = [f"{base}/portal.{name(0)}", f"{base}/portal.{name(1)}", f"{base}/api.{name(7)}"]
+    compressed = [f"{base}/portal.{name(8)}", f"{base}/api.{name(30)}"]
     foreign = [f"{base}/notes.txt", f"{base}/portal.current", f"{base}/portal.2020-01-01"]
     create = " && ".join(f"printf 'line of {p}\\n' > {p}" for p in expired + kept + compressed + foreign)
     out = _run_as_user(host, f"mkdir -p {base} && {create}")
