@@ -5,7 +5,9 @@
 set -eu
 : "${APP_STOP_TIMEOUT:=20}"
 : "${KEPLERLOG_DRAIN_TIMEOUT:=30}"
-export APP_STOP_TIMEOUT KEPLERLOG_DRAIN_TIMEOUT
+# stop.sh's own limit (STOP_TIMEOUT) ends a little before supervisord's SIGKILL (APP_STOP_TIMEOUT)
+: "${STOP_TIMEOUT:=$((APP_STOP_TIMEOUT > 5 ? APP_STOP_TIMEOUT - 3 : APP_STOP_TIMEOUT))}"
+export APP_STOP_TIMEOUT KEPLERLOG_DRAIN_TIMEOUT STOP_TIMEOUT
 
 state_dir=$(dirname "${KEPLERLOG_STATE_FILE:-/var/lib/keplerlog/agent-state.json}")
 mkdir -p "$state_dir" /etc/keplerlog
