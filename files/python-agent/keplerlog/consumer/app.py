@@ -75,7 +75,7 @@ class ConsumerApp:
     def on_revoked(self, revoked: list[TopicPartition]) -> None:
         """Give partitions up: everything written is durable; undurable records are dropped.
 
-        A batch still pending because the disk is full is retried once; if that fails its
+        A batch still being gathered or stalled by a full disk is written now; if that fails its
         records are dropped uncommitted, and the next owner reads them again.
         """
         pending = {tp: recs for tp, recs in self._pending.items() if tp in set(revoked)}
@@ -130,9 +130,9 @@ class ConsumerApp:
         self.consumer.subscribe([self.config.topic], listener=_Listener(self))
         try:
             while not self._stop.is_set():
-                batch = self.consumer.poll(timeout_ms=500)
+                batch = self._gather()
                 if batch:
-                    self._process({tp: list(recs) for tp, recs in batch.items()})
+                    self._process(batch)
                 if self.files.close_idle():
                     self.metrics.gauges["open_files"] = len(self.files)
                 self.periodic.tick()
@@ -146,6 +146,34 @@ class ConsumerApp:
             self.journal.close()
             if server is not None:
                 server.shutdown()
+
+    def _gather(self) -> dict[TopicPartition, list]:
+        """Poll until `batch_max_bytes` or `batch_max_wait_ms`: fewer, larger durable batches.
+
+        The growing batch is visible as pending, so a rebalance during the extra polls writes
+        the records of revoked partitions before giving them up (see on_revoked).
+        """
+        assert self.consumer is not None
+        first = self.consumer.poll(timeout_ms=500)
+        if not first:
+            return {}
+        batch = {tp: list(recs) for tp, recs in first.items()}
+        size = sum(len(r.value or b"") for recs in batch.values() for r in recs)
+        deadline = time.monotonic() + self.config.batch_max_wait_ms / 1000
+        self._pending = batch
+        try:
+            while size < self.config.batch_max_bytes and not self._stop.is_set():
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    break
+                more = self.consumer.poll(timeout_ms=left_ms)
+                for tp, recs in more.items():
+                    batch.setdefault(tp, []).extend(recs)
+                    size += sum(len(r.value or b"") for r in recs)
+        finally:
+            batch = self._pending  # minus partitions that a rebalance took away
+            self._pending = {}
+        return batch
 
     def _process(self, batch: dict[TopicPartition, list]) -> None:
         """Write one batch, pausing consumption and backing off while the disk is full."""

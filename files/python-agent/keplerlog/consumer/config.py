@@ -29,7 +29,7 @@ _KAFKA_KEYS = {"bootstrap_servers", "topic", "group_id", "client_id", "session_t
                "max_poll_records", "fetch_max_bytes", "group_instance_id",
                "max_partition_fetch_bytes", "auto_offset_reset"}
 _TOP_KEYS = {"kafka", "root", "layout", "timezone", "max_open_files", "idle_close_s", "legacy_service",
-             "state_ttl_days", "metrics"}
+             "state_ttl_days", "metrics", "batch_max_bytes", "batch_max_wait_ms"}
 _METRICS_KEYS = {"port", "host", "log_interval_s"}
 
 
@@ -61,6 +61,8 @@ class ConsumerConfig:
     idle_close_s: float = 60.0
     legacy_service: str = "legacy"
     state_ttl_days: float = 30.0
+    batch_max_bytes: int = 64 * 1024 * 1024
+    batch_max_wait_ms: int = 100
     metrics_port: int = 9310
     metrics_host: str = "127.0.0.1"
     log_interval_s: float = 60.0
@@ -174,6 +176,8 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
         idle_close_s=_float(top.get("idle_close_s", 60), "idle_close_s"),
         legacy_service=legacy_service,
         state_ttl_days=_float(top.get("state_ttl_days", 30), "state_ttl_days"),
+        batch_max_bytes=_int(top.get("batch_max_bytes", 64 << 20), "batch_max_bytes", 1),
+        batch_max_wait_ms=_int(top.get("batch_max_wait_ms", 100), "batch_max_wait_ms"),
         metrics_port=_int(metrics.get("port", 9310), "metrics.port"),
         metrics_host=str(metrics.get("host", "127.0.0.1")),
         log_interval_s=_float(metrics.get("log_interval_s", 60), "metrics.log_interval_s"),

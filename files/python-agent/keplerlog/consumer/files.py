@@ -12,12 +12,31 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+
+
+def parallel(func: Callable[[int], None], fds: list[int]) -> None:
+    """Run fsync-like calls concurrently, re-raising the first error after all have finished.
+
+    fsync releases the GIL, and the file system can merge concurrent journal commits.
+    """
+    if len(fds) <= 1:
+        for fd in fds:
+            func(fd)
+        return
+    errors = [f.exception() for f in [_POOL.submit(func, fd) for fd in fds]]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 class DiskFullError(OSError):
@@ -166,10 +185,10 @@ class FileCache:
     def sync(self) -> None:
         """Fsync every handle written since the last sync, and the dirs of newly created files."""
         try:
-            for handle in self._handles.values():
-                if handle.dirty:
-                    self.ops.fsync(handle.fd)
-                    handle.dirty = False
+            dirty = [h for h in self._handles.values() if h.dirty]
+            parallel(self.ops.fsync, [h.fd for h in dirty])
+            for handle in dirty:
+                handle.dirty = False
             for parent in sorted(self._new_dirs):
                 fsync_dir(parent)
             self._new_dirs.clear()

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import fsync_dir, make_dirs
+from .files import fsync_dir, make_dirs, parallel
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,21 @@ class Journal:
 
     def save_states(self, states: dict[str, PartitionState]) -> None:
         """Replace several partition state files, one directory fsync at the end."""
-        for name, state in states.items():
-            atomic_write(self.dir / name, json.dumps(state.to_json()).encode(), sync_dir=False)
+        fds: list[int] = []
+        try:
+            for name, state in states.items():
+                tmp = self.dir / f".{name}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                fds.append(fd)
+                view = memoryview(json.dumps(state.to_json()).encode())
+                while view:
+                    view = view[os.write(fd, view):]
+            parallel(os.fsync, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for name in states:
+            os.replace(self.dir / f".{name}.tmp", self.dir / name)
         fsync_dir(str(self.dir))
 
     # -- intent ------------------------------------------------------------------------------

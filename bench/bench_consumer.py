@@ -1,0 +1,205 @@
+"""Consumer throughput: Kafka -> day files (MB/s), against kcat to a file and dd.
+
+Starts its own single-node KRaft Kafka (dist/kafka), preloads N MB of kepler-log records
+(1 KB lines, ~64 KB records, several modules), then times:
+  * one `keplerlog-consumer` process writing day files with fsync (first byte -> last byte and
+    process start -> last byte);
+  * `kcat -C -e -o beginning > file` on the same topic (the "raw read" ceiling);
+  * `dd if=/dev/zero bs=1M conv=fdatasync` (the disk's sequential write speed).
+Usage: .venv/bin/python bench/bench_consumer.py --out bench/results/consumer.json [--mb 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from kafka import KafkaProducer
+from keplerlog.record import Batch
+from keplerlog.testing.kafka_node import KafkaCluster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_pool(count: int, record_bytes: int, line_bytes: int, rng: random.Random) -> list[bytes]:
+    """Distinct record values of whole lines (some random, some repetitive, like real logs)."""
+    pool = []
+    lines_per_record = max(1, record_bytes // line_bytes)
+    for r in range(count):
+        lines = []
+        for i in range(lines_per_record):
+            head = (f"2024-03-01T12:00:{i % 60:02d}.123Z INFO [worker-{r}] "
+                    f"request id={rng.getrandbits(64):016x} ")
+            body = rng.randbytes((line_bytes - len(head) - 1) // 2).hex()
+            lines.append((head + body)[: line_bytes - 1].encode() + b"\n")
+        pool.append(b"".join(lines))
+    return pool
+
+
+def preload(bootstrap: str, topic: str, total: int, pool: list[bytes], modules: int,
+            compression: str) -> dict:
+    """Produce `total` bytes of records round-robin over `modules` source files."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, batch_size=1 << 20,
+                             max_request_size=4 << 20,
+                             compression_type=None if compression == "none" else compression)
+    offsets = [0] * modules
+    sent = records = 0
+    ts = int(time.time() * 1000)
+    start = time.monotonic()
+    while sent < total:
+        m = records % modules
+        value = pool[records % len(pool)]
+        b = Batch("bench", f"mod{m}", "h1", f"/app/mod{m}.log", f"id{m}", offsets[m], value.count(b"\n"), ts)
+        producer.send(topic, value, key=b.key(), headers=b.headers())
+        offsets[m] += len(value)
+        sent += len(value)
+        records += 1
+    producer.flush()
+    producer.close()
+    return {"bytes": sent, "records": records, "seconds": time.monotonic() - start}
+
+
+def data_bytes(root: Path) -> int:
+    """Return the bytes in day files (state dir excluded)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".keplerlog"]
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in filenames)
+    return total
+
+
+def run_consumer(bootstrap: str, topic: str, work: Path, expected: int, timeout: float) -> dict:
+    """Time one consumer process until all bytes are on disk."""
+    root = work / "root"
+    cfg = work / "consumer.yml"
+    kafka = {"bootstrap_servers": bootstrap, "topic": topic, "group_id": "bench"}
+    cfg.write_text(yaml.safe_dump({"kafka": kafka,
+                                   "root": str(root), "metrics": {"port": 0, "log_interval_s": 5}}))
+    log = (work / "consumer.log").open("wb")
+    start = time.monotonic()
+    profile = ["-m", "cProfile", "-o", str(work / "consumer.prof")] if os.environ.get("KL_BENCH_PROFILE") else []
+    proc = subprocess.Popen([sys.executable, *profile, "-m", "keplerlog.consumer.main", "--config", str(cfg)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    first = None
+    try:
+        while time.monotonic() - start < timeout:
+            size = data_bytes(root) if root.exists() else 0
+            if size and first is None:
+                first = time.monotonic()
+            if size >= expected:
+                break
+            time.sleep(0.05)
+        done = time.monotonic()
+        size = data_bytes(root)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    first = first or done
+    return {"bytes": size, "complete": size == expected, "exit_code": proc.returncode,
+            "seconds_total": done - start, "seconds_data": done - first,
+            "mb_s": size / (done - first) / 1e6 if done > first else 0.0,
+            "mb_s_incl_startup": size / (done - start) / 1e6}
+
+
+def run_kcat(bootstrap: str, topic: str, work: Path) -> dict:
+    """Time kcat reading the whole topic into one file."""
+    kcat = shutil.which("kcat") or shutil.which("kafkacat")
+    if not kcat:
+        return {"missing": True}
+    out = work / "kcat.out"
+    start = time.monotonic()
+    with out.open("wb") as f:
+        subprocess.run([kcat, "-C", "-b", bootstrap, "-t", topic, "-e", "-o", "beginning", "-q"],
+                       stdout=f, check=True)
+        os.fsync(f.fileno())
+    seconds = time.monotonic() - start
+    size = out.stat().st_size
+    out.unlink()
+    return {"bytes": size, "seconds": seconds, "mb_s": size / seconds / 1e6}
+
+
+def run_dd(work: Path, mb: int) -> dict:
+    """Time a sequential write with fdatasync at the end."""
+    target = work / "dd.out"
+    start = time.monotonic()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mb}", "conv=fdatasync"],
+                   check=True, capture_output=True)
+    seconds = time.monotonic() - start
+    target.unlink()
+    return {"bytes": mb << 20, "seconds": seconds, "mb_s": (mb << 20) / seconds / 1e6}
+
+
+def main() -> int:
+    """Run the benchmark, print a table, write JSON; exit 1 if the consumer did not finish."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "consumer.json"))
+    parser.add_argument("--mb", type=int, default=1024, help="data to preload (MB)")
+    parser.add_argument("--record-kb", type=int, default=64)
+    parser.add_argument("--line-bytes", type=int, default=1024)
+    parser.add_argument("--modules", type=int, default=8)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--compression", default="lz4", choices=("none", "lz4", "zstd", "gzip"))
+    parser.add_argument("--workdir", help="scratch dir (default: a temp dir, removed afterwards)")
+    args = parser.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="kl-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cluster = KafkaCluster(work / "kafka", size=1)
+    result: dict = {"params": vars(args) | {"cpus": os.cpu_count()}}
+    try:
+        cluster.start()
+        topic = "bench"
+        cluster.create_topic(topic, partitions=args.partitions, replication=1)
+        pool = make_pool(32, args.record_kb * 1024, args.line_bytes, random.Random(1))
+        result["preload"] = preload(cluster.bootstrap, topic, args.mb * 1_000_000, pool, args.modules,
+                                    args.compression)
+        expected = result["preload"]["bytes"]
+        result["consumer"] = run_consumer(cluster.bootstrap, topic, work, expected, timeout=600)
+        shutil.rmtree(work / "root", ignore_errors=True)
+        result["kcat"] = run_kcat(cluster.bootstrap, topic, work)
+        result["dd"] = run_dd(work, min(args.mb, 1024))
+    finally:
+        cluster.destroy()
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    c, k, d = result["consumer"], result["kcat"], result["dd"]
+    result["targets"] = {
+        "consumer_ge_100_mb_s": c["mb_s"] >= 100,
+        "within_2x_of_kcat": None if k.get("missing") else c["mb_s"] * 2 >= k["mb_s"],
+    }
+    rows = [("preload (kafka-python producer)", result["preload"]["bytes"], result["preload"]["seconds"]),
+            ("keplerlog-consumer (first->last byte)", c["bytes"], c["seconds_data"]),
+            ("keplerlog-consumer (incl. start/join)", c["bytes"], c["seconds_total"])]
+    if not k.get("missing"):
+        rows.append(("kcat -C -e > file", k["bytes"], k["seconds"]))
+    rows.append(("dd conv=fdatasync", d["bytes"], d["seconds"]))
+    print(f"{'step':40} {'MB':>9} {'s':>8} {'MB/s':>8}")
+    for name, size, seconds in rows:
+        print(f"{name:40} {size / 1e6:9.1f} {seconds:8.2f} {size / 1e6 / max(seconds, 1e-9):8.1f}")
+    if k.get("missing"):
+        print("kcat: not installed")
+    print(f"complete={c['complete']} exit={c['exit_code']} targets={result['targets']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if c["complete"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
