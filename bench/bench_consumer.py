@@ -87,7 +87,9 @@ def run_consumer(bootstrap: str, topic: str, work: Path, expected: int, timeout:
                                    "root": str(root), "metrics": {"port": 0, "log_interval_s": 5}}))
     log = (work / "consumer.log").open("wb")
     start = time.monotonic()
-    profile = ["-m", "cProfile", "-o", str(work / "consumer.prof")] if os.environ.get("KL_BENCH_PROFILE") else []
+    profile = []  # KL_BENCH_PROFILE=1: cProfile the consumer into workdir/consumer.prof
+    if os.environ.get("KL_BENCH_PROFILE"):
+        profile = ["-m", "cProfile", "-o", str(work / "consumer.prof")]
     proc = subprocess.Popen([sys.executable, *profile, "-m", "keplerlog.consumer.main", "--config", str(cfg)],
                             stdout=log, stderr=subprocess.STDOUT)
     first = None
