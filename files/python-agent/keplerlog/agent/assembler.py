@@ -145,7 +145,7 @@ class Assembler:
             if not self._in_long:
                 self.lines_split += 1
                 self._in_long = True
-            self._append(buf[pos:pos + max_line], 1)
+            self._append(buf[pos : pos + max_line], 1)
             self._close(out, ts_ms)
             pos += max_line
             run_start = pos
@@ -226,7 +226,7 @@ class Assembler:
                     self._close(out, ts_ms)
                     continue
                 cut = i + room - 1  # unreachable while max_line <= max_record; never stall
-            piece = run[i:cut + 1]
+            piece = run[i : cut + 1]
             self._append(piece, piece.count(b"\n"))
             self._close(out, ts_ms)
             i = cut + 1

@@ -38,8 +38,14 @@ class FileState:
 
     def to_json(self) -> dict[str, object]:
         """JSON-ready form."""
-        return {"path": self.path, "dev": self.dev, "ino": self.ino, "fp_len": self.fp_len,
-                "fp": self.fp_hash, "offset": self.offset}
+        return {
+            "path": self.path,
+            "dev": self.dev,
+            "ino": self.ino,
+            "fp_len": self.fp_len,
+            "fp": self.fp_hash,
+            "offset": self.offset,
+        }
 
 
 def load(path: Path) -> dict[str, FileState]:
@@ -61,8 +67,13 @@ def load(path: Path) -> dict[str, FileState]:
             raise ValueError(f"unknown state version {raw.get('version')!r}")
         for file_id, item in raw["files"].items():
             out[file_id] = FileState(
-                file_id=str(file_id), path=str(item["path"]), dev=int(item["dev"]), ino=int(item["ino"]),
-                fp_len=int(item["fp_len"]), fp_hash=str(item["fp"]), offset=int(item["offset"]),
+                file_id=str(file_id),
+                path=str(item["path"]),
+                dev=int(item["dev"]),
+                ino=int(item["ino"]),
+                fp_len=int(item["fp_len"]),
+                fp_hash=str(item["fp"]),
+                offset=int(item["offset"]),
             )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         log.error("state file %s malformed (%s); starting without it", path, exc)
@@ -80,7 +91,7 @@ def save(path: Path, files: list[FileState]) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -66,6 +66,7 @@ class Limits:
     shutdown_timeout_s: float = 10.0
     checkpoint_interval_ms: int = 1000
     poll_interval_ms: int = 250
+    read_coalesce_ms: int = 100
     close_inactive_s: float = 5.0
     nice: int = 0
     ionice: str = "none"
@@ -94,13 +95,33 @@ class AgentConfig:
     start_at: str = "beginning"
 
 
-_TOP_KEYS = {"service", "module", "host", "kafka", "state_file", "inputs", "limits", "metrics",
-             "start_at", "one_line_per_record"}
+_TOP_KEYS = {
+    "service",
+    "module",
+    "host",
+    "kafka",
+    "state_file",
+    "inputs",
+    "limits",
+    "metrics",
+    "start_at",
+    "one_line_per_record",
+}
 _KAFKA_KEYS = {"bootstrap_servers", "topic", "compression", "linger_ms", "max_record_bytes"}
 _INPUT_KEYS = {"paths", "module", "multiline", "one_line_per_record"}
 _MULTILINE_KEYS = {"start", "max_lines", "timeout_ms"}
-_LIMIT_KEYS = {"max_buffer_bytes", "max_line_bytes", "partial_line_timeout_ms", "shutdown_timeout_s",
-               "checkpoint_interval_ms", "poll_interval_ms", "close_inactive_s", "nice", "ionice"}
+_LIMIT_KEYS = {
+    "max_buffer_bytes",
+    "max_line_bytes",
+    "partial_line_timeout_ms",
+    "shutdown_timeout_s",
+    "checkpoint_interval_ms",
+    "poll_interval_ms",
+    "read_coalesce_ms",
+    "close_inactive_s",
+    "nice",
+    "ionice",
+}
 _METRIC_KEYS = {"port", "log_interval_s"}
 
 
@@ -210,14 +231,19 @@ def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     """Overlay the KEPLERLOG_* environment variables (docs/interfaces.md) on the raw YAML."""
     raw = dict(raw)
     kafka = dict(raw.get("kafka") or {}) if isinstance(raw.get("kafka"), Mapping | None) else raw["kafka"]
-    metrics = dict(raw.get("metrics") or {}) if isinstance(raw.get("metrics"), Mapping | None) else raw[
-        "metrics"]
+    metrics = (
+        dict(raw.get("metrics") or {}) if isinstance(raw.get("metrics"), Mapping | None) else raw["metrics"]
+    )
     if "KEPLERLOG_BOOTSTRAP_SERVERS" in env:
         kafka["bootstrap_servers"] = env["KEPLERLOG_BOOTSTRAP_SERVERS"]
     if "KEPLERLOG_TOPIC" in env:
         kafka["topic"] = env["KEPLERLOG_TOPIC"]
-    for var, key in (("KEPLERLOG_SERVICE", "service"), ("KEPLERLOG_MODULE", "module"),
-                     ("KEPLERLOG_HOST", "host"), ("KEPLERLOG_STATE_FILE", "state_file")):
+    for var, key in (
+        ("KEPLERLOG_SERVICE", "service"),
+        ("KEPLERLOG_MODULE", "module"),
+        ("KEPLERLOG_HOST", "host"),
+        ("KEPLERLOG_STATE_FILE", "state_file"),
+    ):
         if var in env:
             raw[key] = env[var]
     if "KEPLERLOG_INPUTS" in env:
@@ -257,8 +283,9 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
         topic=_str(ksec.get("topic", "keplerlog"), "kafka.topic"),
         compression=_choice(ksec.get("compression", "lz4"), "kafka.compression", COMPRESSIONS),
         linger_ms=_int(ksec.get("linger_ms", 20), "kafka.linger_ms", 0, 10_000),
-        max_record_bytes=_int(ksec.get("max_record_bytes", 900_000), "kafka.max_record_bytes", 1024,
-                              64 * 1024 * 1024),
+        max_record_bytes=_int(
+            ksec.get("max_record_bytes", 900_000), "kafka.max_record_bytes", 1024, 64 * 1024 * 1024
+        ),
     )
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", kafka.topic):
         raise ConfigError(f"kafka.topic: invalid topic name {kafka.topic!r}")
@@ -266,30 +293,43 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
     lsec = _section(top.get("limits"), "limits", _LIMIT_KEYS)
     d = Limits()
     limits = Limits(
-        max_buffer_bytes=_int(lsec.get("max_buffer_bytes", d.max_buffer_bytes), "limits.max_buffer_bytes",
-                              64 * 1024),
+        max_buffer_bytes=_int(
+            lsec.get("max_buffer_bytes", d.max_buffer_bytes), "limits.max_buffer_bytes", 64 * 1024
+        ),
         max_line_bytes=_int(lsec.get("max_line_bytes", d.max_line_bytes), "limits.max_line_bytes", 16),
-        partial_line_timeout_ms=_int(lsec.get("partial_line_timeout_ms", d.partial_line_timeout_ms),
-                                     "limits.partial_line_timeout_ms", 0),
-        shutdown_timeout_s=_float(lsec.get("shutdown_timeout_s", d.shutdown_timeout_s),
-                                  "limits.shutdown_timeout_s", 0),
-        checkpoint_interval_ms=_int(lsec.get("checkpoint_interval_ms", d.checkpoint_interval_ms),
-                                    "limits.checkpoint_interval_ms", 10),
-        poll_interval_ms=_int(lsec.get("poll_interval_ms", d.poll_interval_ms), "limits.poll_interval_ms",
-                              10, 60_000),
-        close_inactive_s=_float(lsec.get("close_inactive_s", d.close_inactive_s),
-                                "limits.close_inactive_s", 0),
+        partial_line_timeout_ms=_int(
+            lsec.get("partial_line_timeout_ms", d.partial_line_timeout_ms),
+            "limits.partial_line_timeout_ms",
+            0,
+        ),
+        shutdown_timeout_s=_float(
+            lsec.get("shutdown_timeout_s", d.shutdown_timeout_s), "limits.shutdown_timeout_s", 0
+        ),
+        checkpoint_interval_ms=_int(
+            lsec.get("checkpoint_interval_ms", d.checkpoint_interval_ms), "limits.checkpoint_interval_ms", 10
+        ),
+        poll_interval_ms=_int(
+            lsec.get("poll_interval_ms", d.poll_interval_ms), "limits.poll_interval_ms", 10, 60_000
+        ),
+        read_coalesce_ms=_int(
+            lsec.get("read_coalesce_ms", d.read_coalesce_ms), "limits.read_coalesce_ms", 0, 10_000
+        ),
+        close_inactive_s=_float(
+            lsec.get("close_inactive_s", d.close_inactive_s), "limits.close_inactive_s", 0
+        ),
         nice=_int(lsec.get("nice", 0), "limits.nice", 0, 19),
         ionice=_choice(lsec.get("ionice", "none"), "limits.ionice", IONICE_CLASSES),
     )
     if limits.max_line_bytes > kafka.max_record_bytes:
         raise ConfigError(
             f"limits.max_line_bytes ({limits.max_line_bytes}) must not exceed "
-            f"kafka.max_record_bytes ({kafka.max_record_bytes})")
+            f"kafka.max_record_bytes ({kafka.max_record_bytes})"
+        )
     if limits.max_buffer_bytes < kafka.max_record_bytes:
         raise ConfigError(
             f"limits.max_buffer_bytes ({limits.max_buffer_bytes}) must be at least "
-            f"kafka.max_record_bytes ({kafka.max_record_bytes})")
+            f"kafka.max_record_bytes ({kafka.max_record_bytes})"
+        )
 
     msec = _section(top.get("metrics"), "metrics", _METRIC_KEYS)
     metrics = MetricsConfig(
@@ -307,13 +347,16 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
         sec = _section(item, where, _INPUT_KEYS)
         if "paths" not in sec:
             raise ConfigError(f"{where}.paths: required")
-        inputs.append(InputConfig(
-            paths=_paths(sec["paths"], f"{where}.paths"),
-            module=_str(sec.get("module", module), f"{where}.module"),
-            multiline=_multiline(sec.get("multiline"), f"{where}.multiline"),
-            one_line_per_record=_bool(sec.get("one_line_per_record", default_one),
-                                      f"{where}.one_line_per_record"),
-        ))
+        inputs.append(
+            InputConfig(
+                paths=_paths(sec["paths"], f"{where}.paths"),
+                module=_str(sec.get("module", module), f"{where}.module"),
+                multiline=_multiline(sec.get("multiline"), f"{where}.multiline"),
+                one_line_per_record=_bool(
+                    sec.get("one_line_per_record", default_one), f"{where}.one_line_per_record"
+                ),
+            )
+        )
 
     state_dir = Path(os.path.abspath(state_file.parent))
     for inp in inputs:
@@ -321,11 +364,18 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
             base = Path(os.path.abspath(_glob_base(pattern)))
             if base != Path("/") and (state_dir == base or base in state_dir.parents):
                 raise ConfigError(
-                    f"state_file: {state_file} is inside the log directory {base}; keep it elsewhere")
+                    f"state_file: {state_file} is inside the log directory {base}; keep it elsewhere"
+                )
 
     return AgentConfig(
-        service=service, module=module, host=host, state_file=state_file, inputs=tuple(inputs),
-        kafka=kafka, limits=limits, metrics=metrics,
+        service=service,
+        module=module,
+        host=host,
+        state_file=state_file,
+        inputs=tuple(inputs),
+        kafka=kafka,
+        limits=limits,
+        metrics=metrics,
         start_at=_choice(top.get("start_at", "beginning"), "start_at", START_AT),
     )
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from keplerlog.agent import checkpoint, priority
+from keplerlog.agent import checkpoint, memory, priority
 from keplerlog.agent.assembler import Chunk
 from keplerlog.agent.config import AgentConfig, ConfigError, InputConfig, load
 from keplerlog.agent.metrics import Counters, FileGauge, MetricsServer, render, summary
@@ -126,10 +126,12 @@ class Agent:
         woke = self.watcher.wait(self._timeout(time.monotonic()))
         if woke.changed:
             self._next_scan = 0.0
-        linger = self.cfg.kafka.linger_ms / 1000
-        if woke.modified and linger and not self.stopping:
-            # Coalesce bursts of small writes into one read (fewer, larger records).
-            delay = self._last_read + linger - time.monotonic()
+        coalesce = self.cfg.limits.read_coalesce_ms / 1000
+        if woke.modified and coalesce and not self.stopping:
+            # A trickle of one-line writes would cost one read, one record and one produce
+            # request per line; reading at most every read_coalesce_ms turns it into one.
+            # An idle file is read at once (the previous read is long past).
+            delay = self._last_read + coalesce - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
 
@@ -243,8 +245,10 @@ class Agent:
                         continue
                 except OSError:
                     continue
-                inp = next((i for i in self.cfg.inputs
-                            if any(fnmatch.fnmatchcase(state.path, p) for p in i.paths)), None)
+                inp = next(
+                    (i for i in self.cfg.inputs if any(fnmatch.fnmatchcase(state.path, p) for p in i.paths)),
+                    None,
+                )
                 if inp is not None and entry.stat().st_size > state.offset:
                     log.info("%s was rotated to %s while stopped; finishing it", state.path, entry.path)
                     self._open(entry.path, inp, mono, detached=True)
@@ -322,12 +326,21 @@ class Agent:
 
     def _send(self, f: TailedFile, stream: Stream, chunks: list[Chunk]) -> None:
         for chunk in chunks:
-            batch = Batch(service=self.cfg.service, module=f.inp.module, host=self.cfg.host, path=f.path,
-                          file_id=stream.file_id, offset=chunk.offset, lines=chunk.lines, ts_ms=chunk.ts_ms)
+            batch = Batch(
+                service=self.cfg.service,
+                module=f.inp.module,
+                host=self.cfg.host,
+                path=f.path,
+                file_id=stream.file_id,
+                offset=chunk.offset,
+                lines=chunk.lines,
+                ts_ms=chunk.ts_ms,
+            )
             size = len(chunk.data)
             try:
-                self.sender.send(chunk.data, batch.key(), batch.headers(), (f, stream, chunk.offset, size,
-                                                                             chunk.lines))
+                self.sender.send(
+                    chunk.data, batch.key(), batch.headers(), (f, stream, chunk.offset, size, chunk.lines)
+                )
             except Exception as exc:
                 self.counters.send_errors += 1
                 log.warning("%s: send failed at offset %d: %s", f.path, chunk.offset, exc)
@@ -379,10 +392,17 @@ class Agent:
         states = []
         for f in self.files.values():
             ident = f.stream.identity
-            states.append(checkpoint.FileState(
-                file_id=ident.file_id, path=f.path, dev=ident.dev, ino=ident.ino,
-                fp_len=ident.fingerprint.length, fp_hash=ident.fingerprint.digest,
-                offset=f.stream.acks.acked))
+            states.append(
+                checkpoint.FileState(
+                    file_id=ident.file_id,
+                    path=f.path,
+                    dev=ident.dev,
+                    ino=ident.ino,
+                    fp_len=ident.fingerprint.length,
+                    fp_hash=ident.fingerprint.digest,
+                    offset=f.stream.acks.acked,
+                )
+            )
         if states == self._last_state:
             return
         try:
@@ -395,12 +415,17 @@ class Agent:
         self.counters.checkpoints += 1
 
     def _gauges(self) -> list[FileGauge]:
-        return [FileGauge(f.path, f.stream.file_id, f.size, f.stream.acks.acked)
-                for f in list(self.files.values())]
+        return [
+            FileGauge(f.path, f.stream.file_id, f.size, f.stream.acks.acked)
+            for f in list(self.files.values())
+        ]
 
     def _global_gauges(self) -> dict[str, float]:
-        return {"inflight_bytes": self.inflight, "files_open": len(self.files),
-                "kafka_connected": 1 if self.sender.connected else 0}
+        return {
+            "inflight_bytes": self.inflight,
+            "files_open": len(self.files),
+            "kafka_connected": 1 if self.sender.connected else 0,
+        }
 
     def prometheus(self) -> str:
         """Render the metrics page (called from the metrics thread)."""
@@ -419,13 +444,17 @@ def _check_state_dir(cfg: AgentConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
+    memory.tune_malloc()  # first: before the big imports and threads allocate
     parser = argparse.ArgumentParser(prog="keplerlog-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="agent YAML file")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--no-inotify", action="store_true", help="poll instead of using inotify")
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.log_level != "DEBUG":
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:

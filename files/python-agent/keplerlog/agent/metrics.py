@@ -87,26 +87,33 @@ def render(counters: Counters, files: list[FileGauge], gauges: dict[str, float])
     lines: list[str] = []
     for f in fields(counters):
         name = f"keplerlog_agent_{f.name}_total"
-        lines += [f"# HELP {name} {_HELP.get(f.name, f.name)}", f"# TYPE {name} counter",
-                  f"{name} {getattr(counters, f.name)}"]
+        lines += [
+            f"# HELP {name} {_HELP.get(f.name, f.name)}",
+            f"# TYPE {name} counter",
+            f"{name} {getattr(counters, f.name)}",
+        ]
     for key, value in sorted(gauges.items()):
         name = f"keplerlog_agent_{key}"
         lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
     for name, attr in (("file_lag_bytes", "lag"), ("file_size_bytes", "size"), ("file_acked_bytes", "acked")):
         lines.append(f"# TYPE keplerlog_agent_{name} gauge")
         for g in files:
-            lines.append(f'keplerlog_agent_{name}{{path="{_label(g.path)}",file="{_label(g.file_id)}"}} '
-                         f"{getattr(g, attr)}")
+            lines.append(
+                f'keplerlog_agent_{name}{{path="{_label(g.path)}",file="{_label(g.file_id)}"}} '
+                f"{getattr(g, attr)}"
+            )
     return "\n".join(lines) + "\n"
 
 
 def summary(counters: Counters, files: list[FileGauge], gauges: dict[str, float]) -> str:
     """One log line with the numbers an operator looks at first."""
     lag = sum(g.lag for g in files)
-    return (f"files={len(files)} lag_bytes={lag} inflight_bytes={int(gauges.get('inflight_bytes', 0))} "
-            f"lines_read={counters.lines_read} lines_acked={counters.lines_acked} "
-            f"records_acked={counters.records_acked} lines_split={counters.lines_split} "
-            f"send_errors={counters.send_errors} errors={counters.errors}")
+    return (
+        f"files={len(files)} lag_bytes={lag} inflight_bytes={int(gauges.get('inflight_bytes', 0))} "
+        f"lines_read={counters.lines_read} lines_acked={counters.lines_acked} "
+        f"records_acked={counters.records_acked} lines_split={counters.lines_split} "
+        f"send_errors={counters.send_errors} errors={counters.errors}"
+    )
 
 
 class MetricsServer:

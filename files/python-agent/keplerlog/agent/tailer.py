@@ -28,7 +28,7 @@ from keplerlog.agent.identity import (
     read_prefix,
 )
 
-READ_CHUNK = 1024 * 1024
+READ_CHUNK = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -87,13 +87,22 @@ class TailedFile:
         """Wrap an already opened descriptor; `identity` None mints a new one."""
         if identity is None:
             prefix = read_prefix(fd, min(offset, FINGERPRINT_BYTES))
-            identity = FileIdentity(new_file_id(st.st_dev, st.st_ino), st.st_dev, st.st_ino,
-                                    Fingerprint(len(prefix), fingerprint_of(prefix)))
+            identity = FileIdentity(
+                new_file_id(st.st_dev, st.st_ino),
+                st.st_dev,
+                st.st_ino,
+                Fingerprint(len(prefix), fingerprint_of(prefix)),
+            )
         else:
             prefix = read_prefix(fd, min(offset, FINGERPRINT_BYTES, identity.fingerprint.length))
         return cls(
-            path=path, fd=fd, inp=inp, stream=Stream(identity, AckTracker(offset)),
-            assembler=_assembler(offset, inp, settings), size=st.st_size, last_growth=mono,
+            path=path,
+            fd=fd,
+            inp=inp,
+            stream=Stream(identity, AckTracker(offset)),
+            assembler=_assembler(offset, inp, settings),
+            size=st.st_size,
+            last_growth=mono,
             prefix=prefix,
         )
 
@@ -132,8 +141,10 @@ class TailedFile:
         old = self.stream
         held = [(old, c) for c in self.assembler.flush()]
         st = os.fstat(self.fd)
-        self.stream = Stream(FileIdentity(new_file_id(st.st_dev, st.st_ino), st.st_dev, st.st_ino,
-                                          Fingerprint()), AckTracker(0))
+        self.stream = Stream(
+            FileIdentity(new_file_id(st.st_dev, st.st_ino), st.st_dev, st.st_ino, Fingerprint()),
+            AckTracker(0),
+        )
         self.assembler = _assembler(0, self.inp, settings)
         self.prefix = b""
         self.truncations += 1
@@ -151,7 +162,7 @@ class TailedFile:
         if not data:
             return [], 0, 0
         if offset < FINGERPRINT_BYTES and len(self.prefix) == offset:
-            self.prefix += data[:FINGERPRINT_BYTES - offset]
+            self.prefix += data[: FINGERPRINT_BYTES - offset]
             self.stream.identity.fingerprint = Fingerprint(len(self.prefix), fingerprint_of(self.prefix))
         return self.assembler.feed(data, wall, mono), len(data), data.count(b"\n")
 
@@ -168,8 +179,11 @@ class TailedFile:
 
     def fully_acked(self) -> bool:
         """Everything read from the current stream is acknowledged and nothing is held."""
-        return (self.assembler.held == 0 and self.stream.inflight == 0
-                and self.stream.acks.acked >= self.read_offset)
+        return (
+            self.assembler.held == 0
+            and self.stream.inflight == 0
+            and self.stream.acks.acked >= self.read_offset
+        )
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""

@@ -20,7 +20,9 @@ from keplerlog.record import decode_headers
 def write_config(tmp: Path, bootstrap: str, topic: str, paths: list[str], **over) -> Path:
     inputs = over.pop("inputs", None) or [{"paths": paths}]
     doc = {
-        "service": "shop", "module": "portal", "host": "test-host",
+        "service": "shop",
+        "module": "portal",
+        "host": "test-host",
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "linger_ms": 5},
         "state_file": str(tmp / "state" / "agent-state.json"),
         "inputs": inputs,
@@ -49,7 +51,10 @@ class AgentProcess:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "keplerlog.agent.main", "--config", str(self.config), *extra],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         return self
 
     def signal(self, sig: int) -> None:
@@ -79,8 +84,13 @@ class TopicReader:
     """Reads the topic back and rebuilds each file's bytes from (kl.file, kl.offset)."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                      enable_auto_commit=False, group_id=None)
+        self.consumer = KafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+        )
         self.records: dict[str, list[tuple[int, bytes]]] = defaultdict(list)
         self.paths: dict[str, str] = {}
         self.batches: list = []
@@ -104,8 +114,8 @@ class TopicReader:
                 assert out[offset:end] == value, f"replay differs at {offset}"
                 continue
             assert offset <= len(out), f"gap in {file_id}: have {len(out)}, next record at {offset}"
-            assert out[offset:] == value[:len(out) - offset], f"overlap differs at {offset}"
-            out += value[len(out) - offset:]
+            assert out[offset:] == value[: len(out) - offset], f"overlap differs at {offset}"
+            out += value[len(out) - offset :]
         return bytes(out)
 
     def by_path(self) -> dict[str, list[bytes]]:

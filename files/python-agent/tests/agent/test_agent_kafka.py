@@ -156,9 +156,19 @@ def test_multiline_events_stay_in_one_record(tmp_path, kafka, topic, logdir, rea
         ev = f"2024-05-01 10:00:{i:02d} ERROR boom {i}\n".encode()
         ev += b"".join(f"\tat com.example.Foo.bar(Foo.java:{j})\n".encode() for j in range(i % 7))
         events.append(ev)
-    agent = _agent(tmp_path, kafka, topic, logdir, one_line_per_record=True, inputs=[{
-        "paths": [str(logdir / "*.log")],
-        "multiline": {"start": r"^\d{4}-\d{2}-\d{2}", "max_lines": 100, "timeout_ms": 300}}]).start()
+    agent = _agent(
+        tmp_path,
+        kafka,
+        topic,
+        logdir,
+        one_line_per_record=True,
+        inputs=[
+            {
+                "paths": [str(logdir / "*.log")],
+                "multiline": {"start": r"^\d{4}-\d{2}-\d{2}", "max_lines": 100, "timeout_ms": 300},
+            }
+        ],
+    ).start()
     try:
         for ev in events:
             append(log, ev)

@@ -36,9 +36,15 @@ def test_kafka_down_then_up(tmp_path):
         logdir.mkdir()
         log = logdir / "app.log"
         port = free_port()
-        cfg = write_config(tmp_path, cluster.bootstrap, "outage", [str(logdir / "*.log")],
-                           limits={"max_buffer_bytes": 1_000_000}, metrics={"port": port},
-                           kafka={"max_record_bytes": 100_000})
+        cfg = write_config(
+            tmp_path,
+            cluster.bootstrap,
+            "outage",
+            [str(logdir / "*.log")],
+            limits={"max_buffer_bytes": 1_000_000},
+            metrics={"port": port},
+            kafka={"max_record_bytes": 100_000},
+        )
         agent = AgentProcess(cfg, tmp_path / "agent.out").start()
         reader = TopicReader(cluster.bootstrap, "outage")
         append(log, lines("up", 100))

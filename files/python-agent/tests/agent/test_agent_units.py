@@ -21,8 +21,11 @@ from keplerlog.agent.metrics import Counters, FileGauge, render
 from keplerlog.agent.tailer import AssemblerSettings, TailedFile
 from keplerlog.agent.watch import Waker, Watcher
 
-BASE = {"service": "shop", "state_file": "/var/lib/keplerlog/state.json",
-        "inputs": [{"paths": ["/app/logs/*.log"]}]}
+BASE = {
+    "service": "shop",
+    "state_file": "/var/lib/keplerlog/state.json",
+    "inputs": [{"paths": ["/app/logs/*.log"]}],
+}
 
 
 def _cfg(**over):
@@ -31,14 +34,27 @@ def _cfg(**over):
 
 # -- config ----------------------------------------------------------------------------------
 
+
 def test_config_defaults_and_example_from_interfaces():
     doc = {
-        "service": "shop", "module": "portal", "host": "",
-        "kafka": {"bootstrap_servers": "kafka-1:9092,kafka-2:9092", "topic": "keplerlog",
-                  "compression": "lz4", "linger_ms": 20, "max_record_bytes": 900000},
+        "service": "shop",
+        "module": "portal",
+        "host": "",
+        "kafka": {
+            "bootstrap_servers": "kafka-1:9092,kafka-2:9092",
+            "topic": "keplerlog",
+            "compression": "lz4",
+            "linger_ms": 20,
+            "max_record_bytes": 900000,
+        },
         "state_file": "/var/lib/keplerlog/agent-state.json",
-        "inputs": [{"paths": ["/app/portal/logs/*.log"], "module": "portal",
-                    "multiline": {"start": r"^\d{4}-\d{2}-\d{2}", "max_lines": 500, "timeout_ms": 1000}}],
+        "inputs": [
+            {
+                "paths": ["/app/portal/logs/*.log"],
+                "module": "portal",
+                "multiline": {"start": r"^\d{4}-\d{2}-\d{2}", "max_lines": 500, "timeout_ms": 1000},
+            }
+        ],
         "limits": {"max_buffer_bytes": 16777216, "max_line_bytes": 65536},
         "metrics": {"port": 0, "log_interval_s": 60},
     }
@@ -51,28 +67,43 @@ def test_config_defaults_and_example_from_interfaces():
 
 
 def test_config_env_overrides():
-    env = {"KEPLERLOG_BOOTSTRAP_SERVERS": "k9:9092", "KEPLERLOG_TOPIC": "other", "KEPLERLOG_SERVICE": "svc",
-           "KEPLERLOG_MODULE": "mod", "KEPLERLOG_HOST": "h1", "KEPLERLOG_INPUTS": "/x/*.log, /y/a.log",
-           "KEPLERLOG_STATE_FILE": "/var/lib/k/s.json", "KEPLERLOG_METRICS_PORT": "9311"}
+    env = {
+        "KEPLERLOG_BOOTSTRAP_SERVERS": "k9:9092",
+        "KEPLERLOG_TOPIC": "other",
+        "KEPLERLOG_SERVICE": "svc",
+        "KEPLERLOG_MODULE": "mod",
+        "KEPLERLOG_HOST": "h1",
+        "KEPLERLOG_INPUTS": "/x/*.log, /y/a.log",
+        "KEPLERLOG_STATE_FILE": "/var/lib/k/s.json",
+        "KEPLERLOG_METRICS_PORT": "9311",
+    }
     cfg = parse(BASE, env=env)
     assert (cfg.kafka.bootstrap_servers, cfg.kafka.topic, cfg.service, cfg.module, cfg.host) == (
-        "k9:9092", "other", "svc", "mod", "h1")
+        "k9:9092",
+        "other",
+        "svc",
+        "mod",
+        "h1",
+    )
     assert cfg.inputs[0].paths == ("/x/*.log", "/y/a.log") and cfg.inputs[0].module == "mod"
     assert str(cfg.state_file) == "/var/lib/k/s.json" and cfg.metrics.port == 9311
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"service": None}, "service"),
-    ({"kafka": {"compression": "snappy"}}, "kafka.compression"),
-    ({"kafka": {"linger": 5}}, "unknown key"),
-    ({"inputs": []}, "inputs"),
-    ({"inputs": [{"paths": ["relative/*.log"]}]}, "absolute"),
-    ({"inputs": [{"paths": ["/a/*.log"], "multiline": {"start": "("}}]}, "regular expression"),
-    ({"limits": {"max_line_bytes": "big"}}, "integer"),
-    ({"limits": {"max_line_bytes": 2_000_000}}, "max_record_bytes"),
-    ({"state_file": "/app/logs/state.json"}, "log directory"),
-    ({"metrics": {"port": 70000}}, "metrics.port"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"service": None}, "service"),
+        ({"kafka": {"compression": "snappy"}}, "kafka.compression"),
+        ({"kafka": {"linger": 5}}, "unknown key"),
+        ({"inputs": []}, "inputs"),
+        ({"inputs": [{"paths": ["relative/*.log"]}]}, "absolute"),
+        ({"inputs": [{"paths": ["/a/*.log"], "multiline": {"start": "("}}]}, "regular expression"),
+        ({"limits": {"max_line_bytes": "big"}}, "integer"),
+        ({"limits": {"max_line_bytes": 2_000_000}}, "max_record_bytes"),
+        ({"state_file": "/app/logs/state.json"}, "log directory"),
+        ({"metrics": {"port": 70000}}, "metrics.port"),
+    ],
+)
 def test_config_errors_are_one_line(over, message):
     with pytest.raises(ConfigError) as err:
         parse({**BASE, **over}, env={})
@@ -82,8 +113,12 @@ def test_config_errors_are_one_line(over, message):
 def test_bad_config_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "agent.yml"
     bad.write_text("service: shop\ninputs: [\n")
-    proc = subprocess.run([sys.executable, "-m", "keplerlog.agent.main", "--config", str(bad)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keplerlog.agent.main", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "invalid YAML" in proc.stderr
     with pytest.raises(ConfigError, match="cannot read"):
@@ -94,6 +129,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
 
 
 # -- assembler -------------------------------------------------------------------------------
+
 
 def _asm(**kw):
     base = dict(max_record_bytes=100, max_line_bytes=20, partial_timeout_s=5.0)
@@ -203,6 +239,7 @@ def test_rewind_restarts_at_offset():
 
 # -- acks, identity, checkpoint --------------------------------------------------------------
 
+
 def test_ack_tracker_contiguous_out_of_order_and_overlapping():
     t = AckTracker(100)
     assert not t.ack(200, 300)
@@ -239,8 +276,16 @@ def _tail(path: Path):
     from keplerlog.agent.config import InputConfig
 
     fd = os.open(path, os.O_RDONLY)
-    return TailedFile.open(str(path), fd, os.fstat(fd), InputConfig((str(path),), "m"), _settings(),
-                           identity=None, offset=0, mono=0.0)
+    return TailedFile.open(
+        str(path),
+        fd,
+        os.fstat(fd),
+        InputConfig((str(path),), "m"),
+        _settings(),
+        identity=None,
+        offset=0,
+        mono=0.0,
+    )
 
 
 def test_tailed_file_detects_truncation_and_regrowth(tmp_path):
@@ -295,6 +340,7 @@ def test_checkpoint_atomic_round_trip_and_corrupt_file(tmp_path):
 
 
 # -- watch and metrics -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("inotify", [True, False])
 def test_watcher_wakes_on_write_and_waker(tmp_path, inotify):

@@ -1,0 +1,366 @@
+"""Benchmark the kepler-log agent against a real three-node Kafka (RF 2, 4 partitions, acks=all).
+
+Measures, with the agent pinned to one core:
+  * throughput: lines/s shipping a pre-written file of N 200-byte lines until every line is acked
+    (timed from the first byte read to the last ack, as reported by the agent's own counters);
+  * peak RSS (VmHWM) of the agent process during that run;
+  * CPU% of one core while following a file written at a steady 200 lines/s;
+  * end-to-end latency at 10,000 lines/s: each line carries its write time; a consumer records
+    when the line becomes readable in Kafka. Consumer visibility comes after the acks=all ack, so
+    this p99 is an honest upper bound of write-to-ack latency.
+
+Usage: .venv/bin/python bench/bench_agent.py --out bench/results/agent.json [--lines 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from kafka import KafkaConsumer
+from keplerlog.testing.kafka_node import KafkaCluster, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+LINE = 200
+
+
+def make_line(i: int, tag: str = "bench") -> bytes:
+    """A 200-byte line (newline included) that carries its write time in ns."""
+    head = f"{time.time_ns()} {tag} {i:09d} ".encode()
+    return head + b"x" * (LINE - 1 - len(head)) + b"\n"
+
+
+def metrics(port: int) -> dict[str, float]:
+    """Scalar metrics of the agent's Prometheus page."""
+    try:
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.split()
+            out[name.removeprefix("keplerlog_agent_")] = float(value)
+    return out
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A kB field of /proc/PID/status (VmHWM, VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Agent:
+    """The agent as a subprocess pinned to one core, with its metrics endpoint."""
+
+    def __init__(
+        self,
+        work: Path,
+        bootstrap: str,
+        topic: str,
+        log: Path,
+        core: int,
+        limits: dict[str, int] | None = None,
+    ) -> None:
+        self.port = free_port()
+        state = work / "state"
+        shutil.rmtree(state, ignore_errors=True)
+        cfg = {
+            "service": "bench",
+            "module": "agent",
+            "host": "bench",
+            "kafka": {"bootstrap_servers": bootstrap, "topic": topic},
+            "state_file": str(state / "agent-state.json"),
+            "inputs": [{"paths": [str(log)]}],
+            "metrics": {"port": self.port, "log_interval_s": 0},
+            "limits": limits or {},
+        }
+        path = work / "agent.yml"
+        path.write_text(yaml.safe_dump(cfg))
+        cmd = [
+            sys.executable,
+            "-m",
+            "keplerlog.agent.main",
+            "--config",
+            str(path),
+            "--log-level",
+            "WARNING",
+        ]
+        if core < os.cpu_count():  # type: ignore[operator]
+            cmd = ["taskset", "-c", str(core), *cmd]
+        self.proc = subprocess.Popen(
+            cmd, stdout=(work / "agent.out").open("ab"), stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 60
+        while not metrics(self.port).get("kafka_connected"):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"agent did not start: {(work / 'agent.out').read_text()[-2000:]}"
+                )
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not drain in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def bench_throughput(
+    work: Path,
+    cluster: KafkaCluster,
+    n: int,
+    core: int,
+    max_buffer_bytes: int | None = None,
+) -> dict[str, float]:
+    """Ship a pre-written file of n lines; lines/s from first read to last ack; peak RSS."""
+    topic = f"bench-tput-{max_buffer_bytes or 'default'}"
+    cluster.create_topic(topic, partitions=4, replication=2)
+    log = work / "logs" / "tput.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if not log.exists():
+        with log.open("wb") as fh:
+            block = b"".join(make_line(i) for i in range(1000))
+            for _ in range(n // 1000):
+                fh.write(block)
+    limits = {"max_buffer_bytes": max_buffer_bytes} if max_buffer_bytes else None
+    agent = Agent(work, cluster.bootstrap, topic, log, core, limits)
+    try:
+        t_first = None
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            m = metrics(agent.port)
+            now = time.monotonic()
+            if t_first is None and m.get("bytes_read_total", 0) > 0:
+                t_first = now
+            if m.get("lines_acked_total", 0) >= n:
+                break
+            time.sleep(0.05)
+        elapsed = time.monotonic() - (t_first or 0)
+        hwm = proc_status(agent.proc.pid, "VmHWM")
+        cpu = cpu_seconds(agent.proc.pid)
+        m = metrics(agent.port)
+    finally:
+        agent.stop()
+    return {
+        "lines": n,
+        "max_buffer_bytes": max_buffer_bytes or 16 * 1024 * 1024,
+        "seconds": round(elapsed, 2),
+        "lines_per_s": round(n / elapsed),
+        "mb_per_s": round(n * LINE / elapsed / 1e6, 1),
+        "peak_rss_mb": round(hwm / 1024, 1),
+        "agent_cpu_s": round(cpu, 1),
+        "records": int(m.get("records_acked_total", 0)),
+    }
+
+
+def steady_writer(
+    log: Path,
+    rate: int,
+    seconds: float,
+    stop: threading.Event,
+    tag: str,
+    batch_every: float,
+) -> int:
+    """Append `rate` lines/s in small writes (like an application would) for `seconds`."""
+    per_write = max(1, round(rate * batch_every))
+    written = 0
+    start = time.monotonic()
+    with log.open("ab", buffering=0) as fh:
+        while not stop.is_set():
+            elapsed = time.monotonic() - start
+            if elapsed >= seconds:
+                break
+            due = int(elapsed * rate) + per_write
+            if due > written:
+                fh.write(
+                    b"".join(make_line(written + i, tag) for i in range(due - written))
+                )
+                written = due
+            time.sleep(batch_every)
+    return written
+
+
+def bench_cpu(
+    work: Path, cluster: KafkaCluster, core: int, rate: int = 200, seconds: float = 20
+) -> dict:
+    """CPU% of one core while following a file written at `rate` lines/s, one line per write."""
+    cluster.create_topic("bench-cpu", partitions=4, replication=2)
+    log = work / "logs" / "cpu.log"
+    log.unlink(missing_ok=True)
+    log.touch()
+    agent = Agent(work, cluster.bootstrap, "bench-cpu", log, core)
+    try:
+        stop = threading.Event()
+        holder: dict[str, int] = {}
+        t = threading.Thread(
+            target=lambda: holder.update(
+                n=steady_writer(log, rate, seconds + 3, stop, "cpu", 1 / rate)
+            )
+        )
+        t.start()
+        time.sleep(3)  # warm-up
+        c0, t0 = cpu_seconds(agent.proc.pid), time.monotonic()
+        time.sleep(seconds)
+        c1, t1 = cpu_seconds(agent.proc.pid), time.monotonic()
+        t.join()
+        rss = proc_status(agent.proc.pid, "VmRSS")
+    finally:
+        agent.stop()
+    return {
+        "lines_per_s": rate,
+        "seconds": seconds,
+        "cpu_percent_of_one_core": round(100 * (c1 - c0) / (t1 - t0), 2),
+        "rss_mb": round(rss / 1024, 1),
+    }
+
+
+def bench_latency(
+    work: Path,
+    cluster: KafkaCluster,
+    core: int,
+    rate: int = 10_000,
+    seconds: float = 10,
+) -> dict:
+    """Write-to-visible-in-Kafka latency per line at `rate` lines/s (upper bound of write-to-ack)."""
+    cluster.create_topic("bench-lat", partitions=4, replication=2)
+    log = work / "logs" / "lat.log"
+    log.unlink(missing_ok=True)
+    log.touch()
+    agent = Agent(work, cluster.bootstrap, "bench-lat", log, core)
+    consumer = KafkaConsumer(
+        "bench-lat",
+        bootstrap_servers=cluster.bootstrap,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=10,
+    )
+    try:
+        consumer.poll(timeout_ms=2000)  # join/assign before writing
+        stop = threading.Event()
+        holder: dict[str, int] = {}
+        t = threading.Thread(
+            target=lambda: holder.update(
+                n=steady_writer(log, rate, seconds, stop, "lat", 0.01)
+            )
+        )
+        t.start()
+        lat: list[float] = []
+        deadline = time.monotonic() + seconds + 30
+        while time.monotonic() < deadline:
+            for msgs in consumer.poll(timeout_ms=100).values():
+                now = time.time_ns()
+                for m in msgs:
+                    for line in m.value.splitlines():
+                        lat.append((now - int(line.split(b" ", 1)[0])) / 1e9)
+            if not t.is_alive() and len(lat) >= holder.get("n", 1 << 60):
+                break
+        stop.set()
+        t.join()
+    finally:
+        consumer.close()
+        agent.stop()
+    lat.sort()
+
+    def q(p: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None
+
+    return {
+        "lines_per_s": rate,
+        "seconds": seconds,
+        "lines_written": holder.get("n", 0),
+        "lines_seen": len(lat),
+        "p50_s": q(0.50),
+        "p99_s": q(0.99),
+        "max_s": q(1.0),
+    }
+
+
+def main() -> int:
+    """Run all three measurements; print a table; write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "agent.json"
+    )
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--core", type=int, default=1)
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "bench" / "work",
+        help="a fresh temporary directory is made in here (parallel runs do not collide)",
+    )
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="agent-", dir=args.work))
+    cluster = KafkaCluster(work / "kafka", size=3)
+    try:
+        cluster.start()
+        results = {
+            "throughput": bench_throughput(work, cluster, args.lines, args.core),
+            "throughput_4mib_buffer": bench_throughput(
+                work, cluster, args.lines, args.core, 4 * 1024 * 1024
+            ),
+            "cpu_200_lines_s": bench_cpu(work, cluster, args.core),
+            "latency_10k_lines_s": bench_latency(work, cluster, args.core),
+        }
+    finally:
+        cluster.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+    t, t4 = results["throughput"], results["throughput_4mib_buffer"]
+    c, lat = results["cpu_200_lines_s"], results["latency_10k_lines_s"]
+    rows = [
+        (
+            "throughput (lines/s, 200 B, 3 brokers, acks=all)",
+            t["lines_per_s"],
+            ">= 100000",
+        ),
+        ("peak RSS during throughput (MB)", t["peak_rss_mb"], "<= 40"),
+        (
+            "throughput, max_buffer_bytes 4 MiB (lines/s)",
+            t4["lines_per_s"],
+            ">= 100000",
+        ),
+        ("peak RSS, max_buffer_bytes 4 MiB (MB)", t4["peak_rss_mb"], "<= 40"),
+        ("CPU at 200 lines/s (% of one core)", c["cpu_percent_of_one_core"], "<= 2"),
+        ("p99 write->visible at 10k lines/s (s)", lat["p99_s"], "<= 0.5"),
+    ]
+    print(f"{'measure':52} {'value':>10}  target")
+    for name, value, target in rows:
+        print(f"{name:52} {value!s:>10}  {target}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
