@@ -4,6 +4,7 @@ import errno
 import os
 import threading
 import time
+import urllib.request
 from dataclasses import replace
 
 import pytest
@@ -14,6 +15,7 @@ from keplerlog.consumer.config import load_config
 from keplerlog.consumer.files import FileOps
 from keplerlog.consumer.layout import Layout
 from keplerlog.record import Batch
+from keplerlog.testing.kafka_node import free_port
 
 pytestmark = pytest.mark.kafka
 DAY1 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC, 2023-11-15 in Tokyo
@@ -97,9 +99,13 @@ def test_default_layout_and_replay_dedup(kafka, topic, tmp_path):
     root = tmp_path / "root"
     first = [mk(0, b"1\n2\n"), mk(4, b"3\n")]
     send(kafka, topic, first + first + [mk(2, b"2\n3\n4\n")])  # exact replay, then an overlap
-    run = Running(config(kafka, topic, root))
+    port = free_port()
+    run = Running(config(kafka, topic, root, metrics_port=port))
     try:
         run.wait(lambda c: c["records"] + c["duplicate_records"] >= 5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            scraped = resp.read().decode()
+        assert "keplerlog_consumer_duplicate_records_total 2" in scraped
         send(kafka, topic, [mk(20, b"9\n")])  # a gap of 12 bytes
         run.wait(lambda c: c["gaps"] >= 1)
     finally:
