@@ -57,7 +57,8 @@ molecule: deps base-images kafka-dist wheelhouse ## Molecule scenarios (SCENARIO
 
 test: deps lint test-python molecule ## Everything CI runs: lint, Python tests, all Molecule scenarios
 
-bench: deps kafka-dist ## Benchmarks: figures into bench/results and the README
+bench: deps kafka-dist ## Benchmarks vs kcat, rsyslog, Flume NG: bench/results and the README
+	@scripts/bench-deps.sh
 	$(PY) bench/run.py
 
 demo: deps base-images kafka-dist wheelhouse ## Bring up the whole pipeline in local containers
