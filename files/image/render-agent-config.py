@@ -15,6 +15,9 @@ Environment (the agent applies the KEPLERLOG_* overrides of docs/interfaces.md i
   KEPLERLOG_MULTILINE_START    regex of an event's first line (default: a leading date); "" = off
   KEPLERLOG_STATE_FILE         default /var/lib/keplerlog/agent-state.json (never under the logs)
   KEPLERLOG_METRICS_PORT       Prometheus text on 127.0.0.1:port when > 0 (default 0)
+  KEPLERLOG_LINGER_MS          kafka.linger_ms (default: unset, the agent picks it by mode)
+  KEPLERLOG_MAX_BUFFER_BYTES   limits.max_buffer_bytes (default: unset, the agent's 4 MiB)
+Unset tuning keys are left out of the file so that the agent's own defaults apply.
 """
 
 from __future__ import annotations
@@ -37,32 +40,52 @@ def render() -> dict:
     module = env("KEPLERLOG_MODULE", env("MODULE_NAME", ""))
     service = env("KEPLERLOG_SERVICE", "")
     if not service or not module:
-        sys.exit("render-agent-config: KEPLERLOG_SERVICE and KEPLERLOG_MODULE must be set")
+        sys.exit(
+            "render-agent-config: KEPLERLOG_SERVICE and KEPLERLOG_MODULE must be set"
+        )
     app_home = env("APP_HOME", f"/app/{module}")
-    paths = [p.strip() for p in env("KEPLERLOG_INPUTS", f"{app_home}/logs/*.log").split(",") if p.strip()]
+    paths = [
+        p.strip()
+        for p in env("KEPLERLOG_INPUTS", f"{app_home}/logs/*.log").split(",")
+        if p.strip()
+    ]
     state_file = env("KEPLERLOG_STATE_FILE", "/var/lib/keplerlog/agent-state.json")
     for pattern in paths:
-        if Path(state_file).parent == Path(pattern).parent or state_file.startswith(f"{app_home}/logs/"):
-            sys.exit(f"render-agent-config: state file {state_file} must not live in the log dir")
+        if Path(state_file).parent == Path(pattern).parent or state_file.startswith(
+            f"{app_home}/logs/"
+        ):
+            sys.exit(
+                f"render-agent-config: state file {state_file} must not live in the log dir"
+            )
     inp: dict = {"paths": paths, "module": module}
     start = os.environ.get("KEPLERLOG_MULTILINE_START", r"^\d{4}-\d{2}-\d{2}")
     if start:
         inp["multiline"] = {"start": start, "max_lines": 500, "timeout_ms": 1000}
+    kafka: dict = {
+        "bootstrap_servers": env("KEPLERLOG_BOOTSTRAP_SERVERS", "kafka:9092"),
+        "topic": env("KEPLERLOG_TOPIC", "keplerlog"),
+        "compression": env("KEPLERLOG_COMPRESSION", "lz4"),
+        "max_record_bytes": 900000,
+    }
+    limits: dict = {"max_line_bytes": 65536}
+    # Only when asked: the agent's defaults depend on the mode (linger) and were measured
+    # (buffer, RSS), so a copy of them here would go stale.
+    if env("KEPLERLOG_LINGER_MS", ""):
+        kafka["linger_ms"] = int(env("KEPLERLOG_LINGER_MS", ""))
+    if env("KEPLERLOG_MAX_BUFFER_BYTES", ""):
+        limits["max_buffer_bytes"] = int(env("KEPLERLOG_MAX_BUFFER_BYTES", ""))
     return {
         "service": service,
         "module": module,
         "host": env("KEPLERLOG_HOST", ""),
-        "kafka": {
-            "bootstrap_servers": env("KEPLERLOG_BOOTSTRAP_SERVERS", "kafka:9092"),
-            "topic": env("KEPLERLOG_TOPIC", "keplerlog"),
-            "compression": env("KEPLERLOG_COMPRESSION", "lz4"),
-            "linger_ms": int(env("KEPLERLOG_LINGER_MS", "20")),
-            "max_record_bytes": 900000,
-        },
+        "kafka": kafka,
         "state_file": state_file,
         "inputs": [inp],
-        "limits": {"max_buffer_bytes": 16777216, "max_line_bytes": 65536},
-        "metrics": {"port": int(env("KEPLERLOG_METRICS_PORT", "0")), "log_interval_s": 60},
+        "limits": limits,
+        "metrics": {
+            "port": int(env("KEPLERLOG_METRICS_PORT", "0")),
+            "log_interval_s": 60,
+        },
     }
 
 
@@ -73,7 +96,9 @@ def main() -> int:
         return 0
     body = yaml.safe_dump(render(), sort_keys=False, default_flow_style=False)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(f"{MARKER}\n# Change the container's KEPLERLOG_* environment, not this file.\n{body}")
+    tmp.write_text(
+        f"{MARKER}\n# Change the container's KEPLERLOG_* environment, not this file.\n{body}"
+    )
     tmp.chmod(0o644)
     os.replace(tmp, target)
     print(f"render-agent-config: wrote {target}")

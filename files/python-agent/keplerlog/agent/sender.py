@@ -43,7 +43,9 @@ class Sender:
 
     def connect(self, bootstrap_timeout_ms: int = 5000) -> bool:
         """Create the producer; False (logged) while no broker answers."""
-        from kafka import KafkaProducer  # late import: config errors must not pay for it
+        # Late import (config errors must not pay for it), and from the submodule: the package
+        # `kafka` itself would pull in the admin client and the consumer (memory.py).
+        from kafka.producer import KafkaProducer
 
         k = self.cfg.kafka
         try:

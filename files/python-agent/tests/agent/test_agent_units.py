@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from keplerlog.agent import checkpoint
+from keplerlog.agent import checkpoint, memory
 from keplerlog.agent.acks import AckTracker
 from keplerlog.agent.assembler import DAY_S, Assembler
-from keplerlog.agent.config import ConfigError, Multiline, load, parse
+from keplerlog.agent.config import (
+    LINGER_MS_BATCHED,
+    LINGER_MS_ONE_LINE_PER_RECORD,
+    ConfigError,
+    Multiline,
+    load,
+    parse,
+)
 from keplerlog.agent.identity import FINGERPRINT_BYTES, Fingerprint
 from keplerlog.agent.metrics import Counters, FileGauge, render
 from keplerlog.agent.tailer import AssemblerSettings, TailedFile
@@ -44,7 +51,6 @@ def test_config_defaults_and_example_from_interfaces():
             "bootstrap_servers": "kafka-1:9092,kafka-2:9092",
             "topic": "keplerlog",
             "compression": "lz4",
-            "linger_ms": 20,
             "max_record_bytes": 900000,
         },
         "state_file": "/var/lib/keplerlog/agent-state.json",
@@ -55,15 +61,70 @@ def test_config_defaults_and_example_from_interfaces():
                 "multiline": {"start": r"^\d{4}-\d{2}-\d{2}", "max_lines": 500, "timeout_ms": 1000},
             }
         ],
-        "limits": {"max_buffer_bytes": 16777216, "max_line_bytes": 65536},
+        "limits": {"max_buffer_bytes": 4194304, "max_line_bytes": 65536},
         "metrics": {"port": 0, "log_interval_s": 60},
     }
     cfg = parse(doc, env={})
     assert cfg.host  # defaults to the host name
     assert cfg.inputs[0].multiline is not None
     assert cfg.inputs[0].multiline.start.match(b"2024-01-01 x")
-    assert cfg.kafka.compression == "lz4" and cfg.kafka.linger_ms == 20
+    assert cfg.kafka.compression == "lz4" and cfg.kafka.linger_ms == 0
+    assert cfg.limits.max_buffer_bytes == _cfg().limits.max_buffer_bytes == 4 * 1024 * 1024
     assert _cfg().module == "shop"
+
+
+@pytest.mark.parametrize(
+    "over, linger",
+    [
+        ({}, LINGER_MS_BATCHED),  # the agent packs lines into records: no producer linger
+        ({"one_line_per_record": True}, LINGER_MS_ONE_LINE_PER_RECORD),
+        # one input in per-line mode is enough: there is one producer for all inputs
+        (
+            {"inputs": [{"paths": ["/a/*.log"]}, {"paths": ["/b/*.log"], "one_line_per_record": True}]},
+            LINGER_MS_ONE_LINE_PER_RECORD,
+        ),
+        ({"one_line_per_record": True, "inputs": [{"paths": ["/a/*.log"], "one_line_per_record": False}]}, 0),
+        ({"kafka": {"linger_ms": None}, "one_line_per_record": True}, LINGER_MS_ONE_LINE_PER_RECORD),
+        # an explicit value always wins, in both modes, 0 included
+        ({"kafka": {"linger_ms": 7}}, 7),
+        ({"kafka": {"linger_ms": 0}, "one_line_per_record": True}, 0),
+        ({"kafka": {"linger_ms": 50}, "one_line_per_record": False}, 50),
+    ],
+)
+def test_linger_default_depends_on_mode(over, linger):
+    assert (LINGER_MS_BATCHED, LINGER_MS_ONE_LINE_PER_RECORD) == (0, 20)
+    assert _cfg(**over).kafka.linger_ms == linger
+
+
+def test_linger_env_overrides_keep_mode_default():
+    env = {"KEPLERLOG_BOOTSTRAP_SERVERS": "k9:9092", "KEPLERLOG_INPUTS": "/x/*.log"}
+    assert parse({**BASE, "one_line_per_record": True}, env=env).kafka.linger_ms == 20
+    assert parse(BASE, env=env).kafka.linger_ms == 0
+    with pytest.raises(ConfigError, match=r"kafka\.linger_ms"):
+        _cfg(kafka={"linger_ms": -1})
+
+
+def test_defer_package_init_runs_init_on_first_lookup(tmp_path, monkeypatch):
+    pkg = tmp_path / "klpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import klpkg.heavy\nVALUE = klpkg.heavy.X\n")
+    (pkg / "heavy.py").write_text("X = 42\n")
+    (pkg / "light.py").write_text("Y = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("klpkg", "klpkg.heavy", "klpkg.light"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert memory.defer_package_init("klpkg")
+    assert not memory.defer_package_init("klpkg")  # already registered: left alone
+    from klpkg.light import Y
+
+    assert Y == 1 and memory.deferred("klpkg") and "klpkg.heavy" not in sys.modules
+    from klpkg import VALUE  # a name of the package itself: __init__ runs now
+
+    assert VALUE == 42 and not memory.deferred("klpkg")
+    import klpkg
+
+    with pytest.raises(AttributeError):
+        _ = klpkg.missing
 
 
 def test_config_env_overrides():
