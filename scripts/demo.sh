@@ -40,15 +40,20 @@ wait_systemd() {
   done
 }
 
-metrics() {
-  # The consumer's Prometheus endpoint, read from inside its container.
+metric() {
+  # One value from the consumer's Prometheus endpoint, read from inside its container.
   docker exec kl-lab-consumer python3 -c '
-import urllib.request
+import sys, urllib.request
 text = urllib.request.urlopen("http://127.0.0.1:9310/metrics", timeout=5).read().decode()
 for line in text.splitlines():
-    if line.startswith("keplerlog_") and not line.startswith("#"):
-        print("   ", line)
-' 2>/dev/null | grep -E 'records|lines|bytes_written|latency|lag|dropped|gap|quarantine' | head -20 || true
+    if line.startswith(sys.argv[1] + " "):
+        print(line.split()[-1])
+' "$1" 2>/dev/null || echo "?"
+}
+
+central_lines() {
+  find "$CENTRAL" -type f -not -path '*/.keplerlog/*' -not -path '*/_quarantine/*' -print0 2>/dev/null \
+    | xargs -0 -r cat | wc -l
 }
 
 show() {
@@ -61,10 +66,22 @@ show() {
     echo "-- last lines of ${f#"$CENTRAL"/}"
     tail -n 3 "$f" | cut -c1-160
   done
-  echo "-- consumer counters (twice, 5 s apart)"
-  metrics
-  sleep 5
-  metrics
+  echo "-- live counters (over 10 s)"
+  local l0 l1 r0 r1
+  l0=$(central_lines)
+  r0=$(metric keplerlog_consumer_records_total)
+  sleep 10
+  l1=$(central_lines)
+  r1=$(metric keplerlog_consumer_records_total)
+  echo "   lines/s shipped into central files: $(( (l1 - l0) / 10 ))   records/s: $(( (${r1%.*} - ${r0%.*}) / 10 ))"
+  echo "   end-to-end latency p50: $(metric 'keplerlog_consumer_latency_seconds{quantile="0.5"}') s" \
+    " p99: $(metric 'keplerlog_consumer_latency_seconds{quantile="0.99"}') s (recent records)"
+  echo "   duplicates dropped: $(metric keplerlog_consumer_duplicate_records_total)" \
+    "  gaps: $(metric keplerlog_consumer_gaps_total)  quarantined: $(metric keplerlog_consumer_quarantined_total)"
+  echo "   consumer lag per partition:"
+  docker exec kl-lab-kafka-1 kafka-class org.apache.kafka.tools.consumer.group.ConsumerGroupCommand \
+    --bootstrap-server localhost:9092 --describe --group keplerlog-consumer 2>/dev/null \
+    | awk '$1 == "GROUP" || $1 == "keplerlog-consumer" { printf "     %-10s %-10s %-15s %-15s %s\n", $2, $3, $4, $5, $6 }' || true
   echo
   echo "Kafka: kl-lab-kafka-{1,2,3}:9092   services: ${SERVICES[*]}   down: make demo-down"
 }
