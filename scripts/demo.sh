@@ -99,6 +99,10 @@ up() {
 
 down() {
   docker rm -f "${SERVICES[@]}" "${HOSTS[@]}" >/dev/null 2>&1 || true
+  local svc
+  for svc in "${SERVICES[@]}"; do
+    docker volume rm "$svc-state" "$svc-logs" >/dev/null 2>&1 || true
+  done
   docker network rm "$NET" >/dev/null 2>&1 || true
   rm -rf "$root/.lab"
   echo "demo: lab removed"
