@@ -43,9 +43,7 @@ LINE_BYTES = 200
 PROBE, MEASURED = b"P", b"L"
 
 
-def format_lines(
-    ts_ns: int, first_seq: int, count: int, size: int, kind: bytes
-) -> bytes:
+def format_lines(ts_ns: int, first_seq: int, count: int, size: int, kind: bytes) -> bytes:
     """`count` lines of `size` bytes: `<write time ns> <seq> <kind> xxxx...\\n`."""
     out = []
     for seq in range(first_seq, first_seq + count):
@@ -172,9 +170,7 @@ def _yaml_configs(run: Path, bootstrap: str, topic: str) -> tuple[Path, Path]:
     return agent, consumer
 
 
-def _start_pipeline(
-    args: argparse.Namespace, run: Path, bootstrap: str, rate: int
-) -> list[tuple[str, Tool]]:
+def _start_pipeline(args: argparse.Namespace, run: Path, bootstrap: str, rate: int) -> list[tuple[str, Tool]]:
     if args.pipeline == "passthrough":
         cmd = [sys.executable, __file__, "--passthrough-worker", str(run / "logs")]
         cmd.append(str(run / "root" / SERVICE / f"{MODULE}.passthrough"))
@@ -194,9 +190,7 @@ def _start_pipeline(
     return [("consumer", consumer), ("agent", agent)]
 
 
-def _wait_ready(
-    reader: DayFileReader, logfile: Path, tools: list[tuple[str, Tool]], timeout: float
-) -> float:
+def _wait_ready(reader: DayFileReader, logfile: Path, tools: list[tuple[str, Tool]], timeout: float) -> float:
     """Append a probe line each second until one shows in a day file; return the wait."""
     start = time.monotonic()
     seq = 0
@@ -237,9 +231,7 @@ def run_rate(args: argparse.Namespace, bootstrap: str, rate: int) -> dict[str, A
     proc: Any = None
     try:
         tools = _start_pipeline(args, run, bootstrap, rate)
-        res["ready_s"] = round(
-            _wait_ready(reader, logfile, tools, args.startup_timeout), 2
-        )
+        res["ready_s"] = round(_wait_ready(reader, logfile, tools, args.startup_timeout), 2)
         time.sleep(0.5)
         reader.read()  # drop the probes still in flight
         cpu0 = {name: tool.sample().cpu_s for name, tool in tools}
@@ -289,12 +281,10 @@ def run_rate(args: argparse.Namespace, bootstrap: str, rate: int) -> dict[str, A
             max_ms=round(ordered[-1] / ms, 2) if ordered else None,
         )
         if received < total:
-            res["error"] = (
-                f"{total - received} of {total} lines not in a day file after drain"
-            )
+            res["error"] = f"{total - received} of {total} lines not in a day file after drain"
         for name, tool in tools:
             res[f"{name}_cpu_s"] = round(tool.sample().cpu_s - cpu0[name], 2)
-    except Exception as exc:  # noqa: BLE001 - one failed rate is a row, not a crash
+    except Exception as exc:
         res["error"] = f"{type(exc).__name__}: {exc}"[:600]
     finally:
         if proc is not None and proc.is_alive():
@@ -309,22 +299,14 @@ def run_rate(args: argparse.Namespace, bootstrap: str, rate: int) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     """Run the rates and write the JSON; exit 2 when the pipeline is not installed."""
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "latency.json")
-    ap.add_argument(
-        "--rates", default="1000,10000,50000", help="lines/s, comma-separated"
-    )
+    ap.add_argument("--rates", default="1000,10000,50000", help="lines/s, comma-separated")
     ap.add_argument("--duration", type=float, default=15, help="seconds per rate")
-    ap.add_argument(
-        "--cpu", type=int, default=1, help="core the agent is pinned to (-1: none)"
-    )
+    ap.add_argument("--cpu", type=int, default=1, help="core the agent is pinned to (-1: none)")
     ap.add_argument("--startup-timeout", type=float, default=120)
     ap.add_argument("--drain-timeout", type=float, default=30)
-    ap.add_argument(
-        "--pipeline", choices=("keplerlog", "passthrough"), default="keplerlog"
-    )
+    ap.add_argument("--pipeline", choices=("keplerlog", "passthrough"), default="keplerlog")
     ap.add_argument("--passthrough-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     exit_on_sigterm()

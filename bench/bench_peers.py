@@ -39,9 +39,7 @@ from peers.tools import ALL, Peer, RunSpec
 MB = 1_000_000
 
 
-def _probe(
-    spec: RunSpec, tool: Tool, counter: TopicCounter, size: int, timeout: float
-) -> int:
+def _probe(spec: RunSpec, tool: Tool, counter: TopicCounter, size: int, timeout: float) -> int:
     """Wait until a tailing tool has shipped a probe line; return the lines then in Kafka.
 
     A new probe file is written every 3 s until one arrives: a tool that was still starting
@@ -56,9 +54,7 @@ def _probe(
         if err := tool.dead():
             raise RuntimeError(f"died during start-up: {err}")
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"no probe line reached Kafka within {timeout:.0f} s: {tool.tail()}"
-            )
+            raise TimeoutError(f"no probe line reached Kafka within {timeout:.0f} s: {tool.tail()}")
         if time.monotonic() >= next_probe:
             written += 1
             probe = spec.watch / f"probe-{written}.log"
@@ -161,7 +157,7 @@ def run_one(
             cpu_us_per_line=round(cpu * 1e6 / lines, 2),
             in_kafka=counter.lines - baseline,
         )
-    except Exception as exc:  # noqa: BLE001 - any failure of one tool is a row, not a crash
+    except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"[:600]
     finally:
         if tool is not None:
@@ -179,29 +175,15 @@ def run_one(
 
 def main(argv: list[str] | None = None) -> int:
     """Run every selected tool on both line sizes and write the JSON results."""
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "peers.json")
     ap.add_argument("--lines", type=int, default=300_000, help="lines of 200 bytes")
-    ap.add_argument(
-        "--lines-2k", type=int, default=50_000, help="lines of 2 KB (0: skip)"
-    )
-    ap.add_argument(
-        "--peers", default=",".join(ALL), help=f"comma-separated, of {','.join(ALL)}"
-    )
-    ap.add_argument(
-        "--cpu", type=int, default=1, help="core the tools are pinned to (-1: none)"
-    )
-    ap.add_argument(
-        "--timeout", type=float, default=300, help="seconds per tool to ship the file"
-    )
-    ap.add_argument(
-        "--startup-timeout", type=float, default=120, help="seconds per tool to start"
-    )
-    ap.add_argument(
-        "--keep", action="store_true", help="keep workload links in the run dirs"
-    )
+    ap.add_argument("--lines-2k", type=int, default=50_000, help="lines of 2 KB (0: skip)")
+    ap.add_argument("--peers", default=",".join(ALL), help=f"comma-separated, of {','.join(ALL)}")
+    ap.add_argument("--cpu", type=int, default=1, help="core the tools are pinned to (-1: none)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per tool to ship the file")
+    ap.add_argument("--startup-timeout", type=float, default=120, help="seconds per tool to start")
+    ap.add_argument("--keep", action="store_true", help="keep workload links in the run dirs")
     args = ap.parse_args(argv)
     exit_on_sigterm()
     if args.cpu < 0 or (os.cpu_count() or 1) <= args.cpu:
@@ -211,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown peers {unknown}; known: {list(ALL)}")
 
-    variants = [(args.lines, 200)] + (
-        [(args.lines_2k, 2000)] if args.lines_2k > 0 else []
-    )
+    variants = [(args.lines, 200)] + ([(args.lines_2k, 2000)] if args.lines_2k > 0 else [])
     files = {}
     for lines, size in variants:
         path = WORK_DIR / "files" / f"lines-{size}B-{lines}.log"

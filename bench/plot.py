@@ -86,9 +86,7 @@ def plot_latency(results: dict[str, Any], out: Path) -> Path | None:
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylabel("ms from write to day file")
-    ax.set_title(
-        "kepler-log end-to-end latency (agent → Kafka → consumer)", fontsize=10
-    )
+    ax.set_title("kepler-log end-to-end latency (agent → Kafka → consumer)", fontsize=10)
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()

@@ -75,9 +75,7 @@ def run_part(part: Part, quick: bool) -> dict[str, Any]:
         cmd += part.quick
     log_path = WORK_DIR / "logs" / f"{part.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(
-        f"== {part.name}: {' '.join(cmd[1:])} (limit {part.timeout:.0f} s)", flush=True
-    )
+    print(f"== {part.name}: {' '.join(cmd[1:])} (limit {part.timeout:.0f} s)", flush=True)
     start = time.monotonic()
     with log_path.open("w") as log:
         proc = subprocess.Popen(
@@ -175,9 +173,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
-    lines += [
-        "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows
-    ]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     return lines
 
 
@@ -213,9 +209,7 @@ def throughput_table(merged: dict[str, Any]) -> list[str]:
         else:
             rows.append([tool, "failed", "–", "–", "–", str(r.get("error", ""))[:160]])
     if not peers.get("ok") and not rows:
-        rows.append(
-            ["peers", "failed", "–", "–", "–", str(peers.get("error", ""))[:160]]
-        )
+        rows.append(["peers", "failed", "–", "–", "–", str(peers.get("error", ""))[:160]])
     agent = merged["parts"].get("agent", {})
     data = agent.get("data") or {}
     tp = data.get("throughput") if isinstance(data, dict) else None
@@ -244,11 +238,7 @@ def generic_table(part: dict[str, Any], name: str) -> list[str]:
     cols: list[str] = []
     for r in rows:
         for key, value in r.items():
-            if (
-                isinstance(value, str | int | float | bool)
-                and key not in cols
-                and key != "machine"
-            ):
+            if isinstance(value, str | int | float | bool) and key not in cols and key != "machine":
                 cols.append(key)
     cols = cols[:9]
     body = [[_num(r.get(c), 2) if isinstance(r.get(c), float) else _num(r.get(c)) for c in cols]
@@ -267,11 +257,7 @@ def agent_sections(part: dict[str, Any]) -> list[str]:
     out = []
     for name, section in data.items():
         if isinstance(section, dict):
-            fields = ", ".join(
-                f"{k}={v}"
-                for k, v in section.items()
-                if isinstance(v, str | int | float)
-            )
+            fields = ", ".join(f"{k}={v}" for k, v in section.items() if isinstance(v, str | int | float))
             out.append(f"- `{name}`: {fields}")
     if not part.get("ok"):
         out.append(f"- failed: {part.get('error', '')}")
@@ -334,9 +320,7 @@ def update_readme(readme: Path, block: str) -> bool:
     text = readme.read_text()
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
-        print(
-            f"warning: {readme} has no '{START}' ... '{END}' block; results table not inserted"
-        )
+        print(f"warning: {readme} has no '{START}' ... '{END}' block; results table not inserted")
         return False
     new = text[: start + len(START)] + "\n" + block + text[end:]
     if new != text:
@@ -347,9 +331,7 @@ def update_readme(readme: Path, block: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the parts, merge, write results.{json,md}, charts, README block."""
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated parts to rerun")
     ap.add_argument("--quick", action="store_true", help="small workloads (smoke test)")
     ap.add_argument("--readme", type=Path, default=REPO / "README.md")
@@ -374,16 +356,14 @@ def main(argv: list[str] | None = None) -> int:
 
     (RESULTS_DIR / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
     table = markdown(merged)
-    (RESULTS_DIR / "results.md").write_text(
-        "# kepler-log benchmark results\n\n" + table
-    )
+    (RESULTS_DIR / "results.md").write_text("# kepler-log benchmark results\n\n" + table)
     print(f"wrote {RESULTS_DIR / 'results.json'} and results.md")
     try:
         from plot import plot_all
 
         for path in plot_all(merged, RESULTS_DIR):
             print(f"wrote {path}")
-    except Exception as exc:  # noqa: BLE001 - a chart is never worth failing the run
+    except Exception as exc:
         print(f"warning: charts failed: {exc}")
     if not args.no_readme:
         update_readme(args.readme, table)

@@ -8,6 +8,7 @@ scripts run as `python bench/<name>.py`, so `bench/` is on sys.path and this imp
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -173,9 +174,7 @@ def kafka_cluster(workdir: Path, size: int = 3) -> Iterator[object]:
         cluster.destroy()
 
 
-def create_topic(
-    bootstrap: str, name: str, partitions: int = 4, replication: int = 2
-) -> None:
+def create_topic(bootstrap: str, name: str, partitions: int = 4, replication: int = 2) -> None:
     """Create a topic and wait until every partition has a leader (producers fail fast else)."""
     from kafka import KafkaAdminClient, KafkaConsumer
     from kafka.admin import NewTopic
@@ -270,9 +269,7 @@ def wait_count(
         if count >= target:
             return first or now, now
         if alive is not None and (err := alive()):
-            raise RuntimeError(
-                f"{err} ({count - start}/{target - start} lines in Kafka)"
-            )
+            raise RuntimeError(f"{err} ({count - start}/{target - start} lines in Kafka)")
         if now > deadline:
             raise TimeoutError(
                 f"timeout after {timeout:.0f} s: {count - start}/{target - start} lines in Kafka"
@@ -363,9 +360,7 @@ class Tool:
         try:
             pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
         except ChildProcessError:
-            self.returncode = (
-                self.proc.returncode if self.proc.returncode is not None else -1
-            )
+            self.returncode = self.proc.returncode if self.proc.returncode is not None else -1
             return True
         if pid:
             self._reaped(status, usage)
@@ -408,10 +403,8 @@ class Tool:
             return
         self.sample()
         for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline:
                 if self.reap():

@@ -47,9 +47,7 @@ def _render(template: Path, target: Path, **values: str) -> Path:
 
 def _version(cmd: list[str]) -> str:
     try:
-        out = subprocess.run(
-            cmd, check=False, capture_output=True, text=True, timeout=20
-        )
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     text = (out.stdout or out.stderr).strip().splitlines()
@@ -82,14 +80,10 @@ class Kcat(Peer):
 
     name = "kcat"
     mode = "file"
-    notes = (
-        f"kcat -P -l, lz4, acks=all, linger {LINGER_MS} ms; reads the file, no tailing"
-    )
+    notes = f"kcat -P -l, lz4, acks=all, linger {LINGER_MS} ms; reads the file, no tailing"
 
     def missing(self) -> str:
-        return (
-            "" if shutil.which("kcat") else "kcat not installed (scripts/bench-deps.sh)"
-        )
+        return "" if shutil.which("kcat") else "kcat not installed (scripts/bench-deps.sh)"
 
     def version(self) -> str:
         try:
@@ -264,7 +258,7 @@ class KeplerlogAgent(Peer):
             from importlib.metadata import version
 
             return f"keplerlog {version('keplerlog')}"
-        except Exception:  # noqa: BLE001 - a version is only a label
+        except Exception:
             return "keplerlog"
 
     def tool(self, spec: RunSpec) -> Tool:
@@ -274,6 +268,4 @@ class KeplerlogAgent(Peer):
         return Tool(cmd, spec.workdir / "agent.log", cpu=spec.cpu)
 
 
-ALL: dict[str, Peer] = {
-    p.name: p for p in (KeplerlogAgent(), Kcat(), Rsyslog(), Flume())
-}
+ALL: dict[str, Peer] = {p.name: p for p in (KeplerlogAgent(), Kcat(), Rsyslog(), Flume())}

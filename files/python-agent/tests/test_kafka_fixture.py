@@ -8,8 +8,9 @@ def test_fixture_broker_round_trip(kafka, topic):
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     producer.send(topic, b"ping", headers=[("kl.v", b"1")]).get(timeout=30)
     producer.close()
-    consumer = KafkaConsumer(topic, bootstrap_servers=kafka.bootstrap,
-                             auto_offset_reset="earliest", consumer_timeout_ms=20000)
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=20000
+    )
     got = [(m.value, m.headers) for m in consumer]
     consumer.close()
     assert got == [(b"ping", [("kl.v", b"1")])]

@@ -27,12 +27,27 @@ def make(root, rel, data=b"line\n"):
 def tree(tmp_path):
     root = tmp_path / "root"
     names = {
-        "old": ["shop/portal.20240229", "shop/portal.20240101.gz", "shop/a.b.20240228.zst",
-                "_quarantine/20240201"],
-        "keep": ["shop/portal.20240301", "shop/portal.20240331", "shop/portal.20240315.gz",
-                 "_quarantine/20240330"],
-        "foreign": ["shop/portal.log", "shop/portal.2024022", "shop/.portal.20240101", "notes.20240101",
-                    "a/b/c.20240101", "shop/portal.20240101.bak", ".keplerlog/state/x.20240101"],
+        "old": [
+            "shop/portal.20240229",
+            "shop/portal.20240101.gz",
+            "shop/a.b.20240228.zst",
+            "_quarantine/20240201",
+        ],
+        "keep": [
+            "shop/portal.20240301",
+            "shop/portal.20240331",
+            "shop/portal.20240315.gz",
+            "_quarantine/20240330",
+        ],
+        "foreign": [
+            "shop/portal.log",
+            "shop/portal.2024022",
+            "shop/.portal.20240101",
+            "notes.20240101",
+            "a/b/c.20240101",
+            "shop/portal.20240101.bak",
+            ".keplerlog/state/x.20240101",
+        ],
     }
     for group in names.values():
         for rel in group:

@@ -11,8 +11,16 @@ from keplerlog.record import (
 
 
 def _batch(**kw):
-    base = dict(service="shop", module="portal", host="h1", path="/var/log/app.log",
-                file_id="64769:12:abcd", offset=4096, lines=3, ts_ms=1_700_000_000_123)
+    base = dict(
+        service="shop",
+        module="portal",
+        host="h1",
+        path="/var/log/app.log",
+        file_id="64769:12:abcd",
+        offset=4096,
+        lines=3,
+        ts_ms=1_700_000_000_123,
+    )
     base.update(kw)
     return Batch(**base)
 

@@ -13,11 +13,9 @@ CONFIG = "/etc/keplerlog/consumer.yml"
 ROOT = "/srv/keplerlog"
 USER = "keplerlog"
 CRON_FILE = "/etc/cron.d/keplerlog-retention"
-PRUNE_CMD = (
-    f"{VENV}/bin/keplerlog-prune --config {CONFIG} --days 30 --compress-after 7 --compression gzip"
-)
+PRUNE_CMD = f"{VENV}/bin/keplerlog-prune --config {CONFIG} --days 30 --compress-after 7 --compression gzip"
 
-PRODUCER = r'''
+PRODUCER = r"""
 import json, sys
 from kafka import KafkaProducer
 from keplerlog.record import Batch
@@ -33,7 +31,7 @@ for rec in spec["records"]:
 producer.flush()
 producer.close()
 print("sent", len(spec["records"]))
-'''
+"""
 
 
 def _records(service):
@@ -45,8 +43,16 @@ def _records(service):
     ):
         offset = 0
         for chunk in chunks:
-            records.append({"service": service, "module": module, "path": f"/app/{module}/logs/app.log",
-                            "file": f"{module}-inode-1", "offset": offset, "value": chunk})
+            records.append(
+                {
+                    "service": service,
+                    "module": module,
+                    "path": f"/app/{module}/logs/app.log",
+                    "file": f"{module}-inode-1",
+                    "offset": offset,
+                    "value": chunk,
+                }
+            )
             offset += len(chunk.encode())
     return records
 
@@ -77,12 +83,17 @@ def test_config(host):
     assert config.user == "root"
     assert config.group == USER
     assert config.mode == 0o640
-    out = host.run(f"{VENV}/bin/python -c 'import json, yaml; print(json.dumps(yaml.safe_load(open(\"{CONFIG}\"))))'")
+    out = host.run(
+        f"{VENV}/bin/python -c 'import json, yaml; print(json.dumps(yaml.safe_load(open(\"{CONFIG}\"))))'"
+    )
     assert out.rc == 0, out.stderr
     data = json.loads(out.stdout)
     assert data == {
-        "kafka": {"bootstrap_servers": "kl-consumer-kafka:9092", "topic": "keplerlog",
-                  "group_id": "keplerlog-consumer"},
+        "kafka": {
+            "bootstrap_servers": "kl-consumer-kafka:9092",
+            "topic": "keplerlog",
+            "group_id": "keplerlog-consumer",
+        },
         "root": ROOT,
         "layout": "{service}/{module}.{day}",
         "timezone": "UTC",
@@ -93,9 +104,16 @@ def test_config(host):
 
 def test_unit_hardening(host):
     unit = host.file("/etc/systemd/system/keplerlog-consumer.service").content_string
-    for line in ("User=keplerlog", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                 f"ReadWritePaths={ROOT}", "PrivateTmp=yes", "LimitNOFILE=65536",
-                 f"ExecStart={VENV}/bin/keplerlog-consumer --config {CONFIG}"):
+    for line in (
+        "User=keplerlog",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        f"ReadWritePaths={ROOT}",
+        "PrivateTmp=yes",
+        "LimitNOFILE=65536",
+        f"ExecStart={VENV}/bin/keplerlog-consumer --config {CONFIG}",
+    ):
         assert line in unit.splitlines()
 
 
@@ -116,7 +134,9 @@ def test_records_land_in_day_files(host):
     ts_ms = int(time.time() * 1000)
     day = datetime.datetime.fromtimestamp(ts_ms / 1000, datetime.UTC).strftime("%Y%m%d")
     spec = {"bootstrap": "kl-consumer-kafka:9092", "topic": "keplerlog", "ts_ms": ts_ms, "records": records}
-    out = host.run(f"printf '%s' {shlex.quote(json.dumps(spec))} | {VENV}/bin/python -c {shlex.quote(PRODUCER)}")
+    out = host.run(
+        f"printf '%s' {shlex.quote(json.dumps(spec))} | {VENV}/bin/python -c {shlex.quote(PRODUCER)}"
+    )
     assert out.rc == 0, out.stderr
 
     expected = {}
@@ -127,7 +147,9 @@ def test_records_land_in_day_files(host):
     deadline = time.time() + 90
     actual = {}
     while time.time() < deadline:
-        actual = {path: host.file(path).content_string if host.file(path).exists else None for path in expected}
+        actual = {
+            path: host.file(path).content_string if host.file(path).exists else None for path in expected
+        }
         if actual == expected:
             break
         time.sleep(2)
@@ -181,7 +203,8 @@ def test_prune_removes_exactly_expired_files(host):
         assert gz.stdout == f"line of {path}\n"
     remaining = sorted(host.run(f"ls -1 {base}").stdout.split())
     expected = sorted(p.rsplit("/", 1)[1] for p in kept + foreign) + sorted(
-        p.rsplit("/", 1)[1] + ".gz" for p in compressed)
+        p.rsplit("/", 1)[1] + ".gz" for p in compressed
+    )
     assert remaining == sorted(expected)
     # Files written by the consumer today are untouched.
     assert host.run(f"find {ROOT} -name '*.gz' -path '*verify*'").stdout.strip() == ""

@@ -47,8 +47,11 @@ def headers_of(rec):
 def consume(bootstrap, until_end=True, want=1, timeout=60):
     """Read the topic from the beginning: up to its current end, or until `want` records arrived."""
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-        auto_offset_reset="earliest", consumer_timeout_ms=1000,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1000,
     )
     try:
         deadline = time.monotonic() + timeout
@@ -113,7 +116,9 @@ def test_app_writes_and_rotates_its_logs(app):
         assert time.monotonic() < deadline, "no rotation within 60 s"
         time.sleep(2)
     line = app.run(f"head -n 1 {LOG_DIR}/portal.log").stdout
-    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[[^\]]+\] c\.k\.portal\.\w+ - .* seq=\d+$", line)
+    assert re.match(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[[^\]]+\] c\.k\.portal\.\w+ - .* seq=\d+$", line
+    )
 
 
 def supervisor_pids(app):
@@ -169,7 +174,9 @@ def test_docker_stop_loses_no_line(dockerc, bootstrap):
     assert container.wait(timeout=10)["StatusCode"] == 0
     assert took < STOP_TIMEOUT - 5, f"docker stop took {took:.1f} s (SIGKILL?)"
     logs = container.logs().decode(errors="replace")
-    assert logs.index("stopped: app (exit status 0)") < logs.index("stopped: agent (exit status 0)"), logs[-3000:]
+    assert logs.index("stopped: app (exit status 0)") < logs.index("stopped: agent (exit status 0)"), logs[
+        -3000:
+    ]
 
     # every line in the container's log files (current and rotated) ...
     stream, _ = container.get_archive(LOG_DIR)
@@ -181,7 +188,9 @@ def test_docker_stop_loses_no_line(dockerc, bootstrap):
     assert len(in_files) > 1000
     # ... is in Kafka
     # the application's numbering is contiguous (no rotated file missing from the comparison)
-    assert min(in_files) == 1 and len(in_files) == max(in_files), "seq numbers in the log files are not contiguous"
+    assert min(in_files) == 1 and len(in_files) == max(in_files), (
+        "seq numbers in the log files are not contiguous"
+    )
     in_kafka = []
     split_events = 0
     for rec in consume(bootstrap, until_end=True, timeout=90):
@@ -192,4 +201,6 @@ def test_docker_stop_loses_no_line(dockerc, bootstrap):
     assert not missing, f"{len(missing)} of {len(in_files)} lines missing in Kafka, first: {missing[:20]}"
     assert split_events == 0, f"{split_events} records start inside a multi-line event"
     dups = len(in_kafka) - len(set(in_kafka))
-    print(f"docker stop: {took:.1f} s; lines: {len(in_files)} in files, {len(in_kafka)} in Kafka ({dups} duplicates)")
+    print(
+        f"docker stop: {took:.1f} s; lines: {len(in_files)} in files, {len(in_kafka)} in Kafka ({dups} duplicates)"
+    )

@@ -1,4 +1,5 @@
 """Shared helpers for the Kafka scenario's Testinfra tests."""
+
 import base64
 import os
 
@@ -33,7 +34,9 @@ def run_python(host, script, *args):
     """Run a Python script with the admin virtualenv (kafka-python) on the host."""
     encoded = base64.b64encode(script.encode()).decode()
     quoted = " ".join(f"'{a}'" for a in args)
-    return host.run(f"echo {encoded} | base64 -d > /tmp/kl-test.py && {ADMIN_PYTHON} /tmp/kl-test.py {quoted}")
+    return host.run(
+        f"echo {encoded} | base64 -d > /tmp/kl-test.py && {ADMIN_PYTHON} /tmp/kl-test.py {quoted}"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Cluster-wide checks, run from kl-kafka-1 with the other nodes reached by name."""
+
 import re
 import time
 import uuid
@@ -7,7 +8,7 @@ from conftest import BOOTSTRAP, NODES, TOPIC, kafka_tool, run_python
 
 testinfra_hosts = ["kl-kafka-1"]
 
-PRODUCE_CONSUME = r'''
+PRODUCE_CONSUME = r"""
 import sys, time
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 bootstrap, topic, token, partitions = sys.argv[1].split(","), sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -31,12 +32,15 @@ while wanted and time.time() < deadline:
 consumer.close()
 print("missing:", sorted(wanted))
 sys.exit(1 if wanted else 0)
-'''
+"""
 
 
 def test_quorum_has_three_voters(host):
-    out = kafka_tool(host, "org.apache.kafka.tools.MetadataQuorumCommand",
-                     f"--bootstrap-server {BOOTSTRAP} describe --status").stdout
+    out = kafka_tool(
+        host,
+        "org.apache.kafka.tools.MetadataQuorumCommand",
+        f"--bootstrap-server {BOOTSTRAP} describe --status",
+    ).stdout
     voters = [line for line in out.splitlines() if line.startswith("CurrentVoters:")]
     assert voters, out
     assert sorted(int(i) for i in re.findall(r'"id":\s*(\d+)', voters[0])) == [1, 2, 3], out
@@ -44,8 +48,11 @@ def test_quorum_has_three_voters(host):
 
 
 def test_topic_layout_and_configs(host):
-    out = kafka_tool(host, "org.apache.kafka.tools.TopicCommand",
-                     f"--bootstrap-server {BOOTSTRAP} --describe --topic {TOPIC}").stdout
+    out = kafka_tool(
+        host,
+        "org.apache.kafka.tools.TopicCommand",
+        f"--bootstrap-server {BOOTSTRAP} --describe --topic {TOPIC}",
+    ).stdout
     assert re.search(r"PartitionCount:\s*4\b", out), out
     assert re.search(r"ReplicationFactor:\s*2\b", out), out
     assert "min.insync.replicas=1" in out
@@ -59,11 +66,16 @@ def test_produce_on_one_node_consume_on_another(host, nodes):
     token = f"hello-{uuid.uuid4().hex}"
     producer = nodes["kl-kafka-1"].run(
         f"echo {token} | KAFKA_HEAP_OPTS=-Xmx128m /usr/local/bin/kafka-class org.apache.kafka.tools.ConsoleProducer "
-        f"--bootstrap-server kl-kafka-1:9092 --topic {TOPIC} --producer-property acks=all")
+        f"--bootstrap-server kl-kafka-1:9092 --topic {TOPIC} --producer-property acks=all"
+    )
     assert producer.rc == 0, producer.stderr
-    consumer = kafka_tool(nodes["kl-kafka-2"], "org.apache.kafka.tools.consumer.ConsoleConsumer",
-                          f"--bootstrap-server kl-kafka-2:9092 --topic {TOPIC} --from-beginning "
-                          f"--timeout-ms 30000 --max-messages 100000", check=False)
+    consumer = kafka_tool(
+        nodes["kl-kafka-2"],
+        "org.apache.kafka.tools.consumer.ConsoleConsumer",
+        f"--bootstrap-server kl-kafka-2:9092 --topic {TOPIC} --from-beginning "
+        f"--timeout-ms 30000 --max-messages 100000",
+        check=False,
+    )
     assert token in consumer.stdout, consumer.stderr
 
 
@@ -71,8 +83,12 @@ def wait_in_sync(host, timeout=180):
     deadline = time.time() + timeout
     out = None
     while time.time() < deadline:
-        out = kafka_tool(host, "org.apache.kafka.tools.TopicCommand",
-                         f"--bootstrap-server {BOOTSTRAP} --describe --under-replicated-partitions", check=False)
+        out = kafka_tool(
+            host,
+            "org.apache.kafka.tools.TopicCommand",
+            f"--bootstrap-server {BOOTSTRAP} --describe --under-replicated-partitions",
+            check=False,
+        )
         if out.rc == 0 and not out.stdout.strip():
             return
         time.sleep(5)

@@ -1,10 +1,12 @@
 """Every node: Kafka installed, running and enabled under systemd."""
+
 import os
 
 import testinfra.utils.ansible_runner
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
-    os.environ.get("MOLECULE_INVENTORY_FILE") or os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "inventory")
+    os.environ.get("MOLECULE_INVENTORY_FILE")
+    or os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "inventory")
 ).get_hosts("kafka")
 
 

@@ -89,6 +89,7 @@ actions:
   elements: str
 """
 
+import contextlib
 import time
 import traceback
 
@@ -106,7 +107,7 @@ UNKNOWN_TOPIC_OR_PARTITION = 3
 
 def to_config_string(value):
     if isinstance(value, bool):
-        return 'true' if value else 'false'
+        return "true" if value else "false"
     return str(value)
 
 
@@ -116,26 +117,26 @@ def connect(module, servers, deadline):
         try:
             return KafkaAdminClient(
                 bootstrap_servers=servers,
-                client_id=module.params['client_id'],
-                request_timeout_ms=module.params['request_timeout_ms'],
+                client_id=module.params["client_id"],
+                request_timeout_ms=module.params["request_timeout_ms"],
             )
         except (KafkaError, OSError) as exc:
             last = exc
         if time.monotonic() >= deadline:
-            module.fail_json(msg='Cannot connect to Kafka at %s: %s' % (','.join(servers), last))
+            module.fail_json(msg="Cannot connect to Kafka at %s: %s" % (",".join(servers), last))
         time.sleep(2)
 
 
 def describe(admin, name):
     """The topic's metadata dict, or None when it does not exist."""
     for topic in admin.describe_topics([name]):
-        if topic.get('name') != name:
+        if topic.get("name") != name:
             continue
-        code = topic.get('error_code', 0)
+        code = topic.get("error_code", 0)
         if code == UNKNOWN_TOPIC_OR_PARTITION:
             return None
         if code != 0:
-            raise RuntimeError('describe_topics(%s) returned error code %s' % (name, code))
+            raise RuntimeError("describe_topics(%s) returned error code %s" % (name, code))
         return topic
     return None
 
@@ -144,62 +145,66 @@ def wait_for_brokers(module, admin, count, deadline):
     brokers = []
     while True:
         try:
-            brokers = [b for b in admin.describe_cluster().get('brokers', []) if not b.get('is_fenced', False)]
+            brokers = [
+                b for b in admin.describe_cluster().get("brokers", []) if not b.get("is_fenced", False)
+            ]
         except KafkaError:
             brokers = []
         if len(brokers) >= count:
             return
         if time.monotonic() >= deadline:
-            module.fail_json(msg='Only %d broker(s) available, replication factor %d needs more' % (len(brokers), count))
+            module.fail_json(
+                msg="Only %d broker(s) available, replication factor %d needs more" % (len(brokers), count)
+            )
         time.sleep(2)
 
 
 def topic_configs(admin, name):
     """{key: (value, source)} of all configs of the topic."""
-    result = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)], config_filter='all')
-    entries = result.get('topic', {}).get(name, {})
-    return dict((key, (entry.get('value'), entry.get('config_source'))) for key, entry in entries.items())
+    result = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)], config_filter="all")
+    entries = result.get("topic", {}).get(name, {})
+    return dict((key, (entry.get("value"), entry.get("config_source"))) for key, entry in entries.items())
 
 
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            name=dict(type='str', required=True),
-            state=dict(type='str', choices=['present', 'absent'], default='present'),
-            partitions=dict(type='int'),
-            replication_factor=dict(type='int'),
-            configs=dict(type='dict', default={}),
-            bootstrap_servers=dict(type='list', elements='str', required=True),
-            client_id=dict(type='str', default='ansible-kafka-topic'),
-            request_timeout_ms=dict(type='int', default=30000),
-            wait_timeout=dict(type='int', default=120),
+            name=dict(type="str", required=True),
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+            partitions=dict(type="int"),
+            replication_factor=dict(type="int"),
+            configs=dict(type="dict", default={}),
+            bootstrap_servers=dict(type="list", elements="str", required=True),
+            client_id=dict(type="str", default="ansible-kafka-topic"),
+            request_timeout_ms=dict(type="int", default=30000),
+            wait_timeout=dict(type="int", default=120),
         ),
         supports_check_mode=True,
     )
     if KAFKA_IMPORT_ERROR:
-        module.fail_json(msg=missing_required_lib('kafka-python'), exception=KAFKA_IMPORT_ERROR)
+        module.fail_json(msg=missing_required_lib("kafka-python"), exception=KAFKA_IMPORT_ERROR)
 
     p = module.params
-    name = p['name']
-    partitions = p['partitions']
-    replication = p['replication_factor']
-    desired_configs = dict((k, to_config_string(v)) for k, v in p['configs'].items())
+    name = p["name"]
+    partitions = p["partitions"]
+    replication = p["replication_factor"]
+    desired_configs = dict((k, to_config_string(v)) for k, v in p["configs"].items())
     if partitions is not None and partitions < 1:
-        module.fail_json(msg='partitions must be >= 1')
+        module.fail_json(msg="partitions must be >= 1")
     if replication is not None and replication < 1:
-        module.fail_json(msg='replication_factor must be >= 1')
+        module.fail_json(msg="replication_factor must be >= 1")
 
-    deadline = time.monotonic() + p['wait_timeout']
-    admin = connect(module, p['bootstrap_servers'], deadline)
+    deadline = time.monotonic() + p["wait_timeout"]
+    admin = connect(module, p["bootstrap_servers"], deadline)
     result = dict(changed=False, topic=name, actions=[])
     diff = dict(before={}, after={})
     try:
         topic = describe(admin, name)
 
-        if p['state'] == 'absent':
+        if p["state"] == "absent":
             if topic is not None:
-                result['actions'].append('delete')
-                result['changed'] = True
+                result["actions"].append("delete")
+                result["changed"] = True
                 diff = dict(before=dict(topic=name), after={})
                 if not module.check_mode:
                     admin.delete_topics([name])
@@ -207,42 +212,51 @@ def main():
 
         if topic is None:
             if partitions is None or replication is None:
-                module.fail_json(msg='Topic %s does not exist: partitions and replication_factor are required to create it' % name)
+                module.fail_json(
+                    msg="Topic %s does not exist: partitions and replication_factor are required to create it"
+                    % name
+                )
             wait_for_brokers(module, admin, replication, deadline)
-            spec = {name: dict(num_partitions=partitions, replication_factor=replication, configs=desired_configs)}
+            spec = {
+                name: dict(num_partitions=partitions, replication_factor=replication, configs=desired_configs)
+            }
             if module.check_mode:
                 admin.create_topics(spec, validate_only=True)
             else:
                 admin.create_topics(spec)
                 admin.wait_for_topics([name], timeout_ms=max(1000, int((deadline - time.monotonic()) * 1000)))
             result.update(changed=True, partitions=partitions, replication_factor=replication)
-            result['actions'].append('create')
-            diff['after'] = dict(partitions=partitions, replication_factor=replication, configs=desired_configs)
+            result["actions"].append("create")
+            diff["after"] = dict(
+                partitions=partitions, replication_factor=replication, configs=desired_configs
+            )
             module.exit_json(diff=diff, **result)
 
-        current_partitions = len(topic.get('partitions') or [])
-        replica_counts = set(len(part.get('replica_nodes') or []) for part in topic['partitions'])
+        current_partitions = len(topic.get("partitions") or [])
+        replica_counts = set(len(part.get("replica_nodes") or []) for part in topic["partitions"])
         current_replication = max(replica_counts) if replica_counts else 0
         result.update(partitions=current_partitions, replication_factor=current_replication)
-        diff['before'].update(partitions=current_partitions, replication_factor=current_replication)
-        diff['after'].update(partitions=current_partitions, replication_factor=current_replication)
+        diff["before"].update(partitions=current_partitions, replication_factor=current_replication)
+        diff["after"].update(partitions=current_partitions, replication_factor=current_replication)
 
         if replication is not None and (replica_counts != set([replication])):
             module.fail_json(
-                msg='Topic %s has replication factor %s, %d requested: changing the replication factor is not '
-                    'supported by this module (use a partition reassignment)'
-                    % (name, '/'.join(str(c) for c in sorted(replica_counts)), replication),
-                **result)
+                msg="Topic %s has replication factor %s, %d requested: changing the replication factor is not "
+                "supported by this module (use a partition reassignment)"
+                % (name, "/".join(str(c) for c in sorted(replica_counts)), replication),
+                **result,
+            )
         if partitions is not None and partitions < current_partitions:
             module.fail_json(
-                msg='Topic %s has %d partitions, %d requested: Kafka cannot decrease the partition count'
-                    % (name, current_partitions, partitions),
-                **result)
+                msg="Topic %s has %d partitions, %d requested: Kafka cannot decrease the partition count"
+                % (name, current_partitions, partitions),
+                **result,
+            )
 
         if partitions is not None and partitions > current_partitions:
-            result['actions'].append('partitions %d->%d' % (current_partitions, partitions))
+            result["actions"].append("partitions %d->%d" % (current_partitions, partitions))
             result.update(changed=True, partitions=partitions)
-            diff['after']['partitions'] = partitions
+            diff["after"]["partitions"] = partitions
             admin.create_partitions({name: partitions}, validate_only=module.check_mode)
 
         if desired_configs:
@@ -252,29 +266,31 @@ def main():
                 cur_value, source = current.get(key, (None, None))
                 # In sync only when set on the topic itself: a value equal to the broker
                 # default is still pinned, so broker default changes do not leak in.
-                if cur_value != value or source != 'DYNAMIC_TOPIC_CONFIG':
+                if cur_value != value or source != "DYNAMIC_TOPIC_CONFIG":
                     changes[key] = value
-                    diff['before'].setdefault('configs', {})[key] = cur_value
-                    diff['after'].setdefault('configs', {})[key] = value
+                    diff["before"].setdefault("configs", {})[key] = cur_value
+                    diff["after"].setdefault("configs", {})[key] = value
             if changes:
-                result['changed'] = True
-                result['actions'].extend('config %s=%s' % (k, v) for k, v in sorted(changes.items()))
-                res = admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, changes)],
-                                          validate_only=module.check_mode)
-                status = res.get('topic', {}).get(name)
-                if status != 'OK':
-                    module.fail_json(msg='Altering configs of topic %s failed: %s' % (name, status), **result)
+                result["changed"] = True
+                result["actions"].extend("config %s=%s" % (k, v) for k, v in sorted(changes.items()))
+                res = admin.alter_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, name, changes)], validate_only=module.check_mode
+                )
+                status = res.get("topic", {}).get(name)
+                if status != "OK":
+                    module.fail_json(msg="Altering configs of topic %s failed: %s" % (name, status), **result)
     except (KafkaError, RuntimeError, ValueError) as exc:
-        module.fail_json(msg='Kafka admin operation on topic %s failed: %s' % (name, exc),
-                         exception=traceback.format_exc(), **result)
+        module.fail_json(
+            msg="Kafka admin operation on topic %s failed: %s" % (name, exc),
+            exception=traceback.format_exc(),
+            **result,
+        )
     finally:
-        try:
+        with contextlib.suppress(Exception):  # closing must not mask the result
             admin.close()
-        except Exception:  # noqa: BLE001 - closing must not mask the result
-            pass
 
     module.exit_json(diff=diff, **result)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

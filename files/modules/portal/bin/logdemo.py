@@ -78,7 +78,9 @@ def setup_logging() -> logging.Handler:
     handler = logging.handlers.RotatingFileHandler(
         LOG_DIR / f"{APP}.log", maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8"
     )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(thread_name)s] %(name)s - %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [%(thread_name)s] %(name)s - %(message)s")
+    )
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
@@ -132,9 +134,13 @@ def main() -> int:
                 continue
             level, tmpl = rnd.choice(MESSAGES)
             msg = tmpl.format(
-                kind=rnd.choice(["cart", "order", "item", "invoice"]), id=rnd.randint(10000, 99999),
-                ms=rnd.randint(3, 900), user=rnd.randint(1, 5000), hit=rnd.random() < 0.8,
-                items=rnd.randint(1, 9), total=f"{rnd.uniform(5, 500):.2f}",
+                kind=rnd.choice(["cart", "order", "item", "invoice"]),
+                id=rnd.randint(10000, 99999),
+                ms=rnd.randint(3, 900),
+                user=rnd.randint(1, 5000),
+                hit=rnd.random() < 0.8,
+                items=rnd.randint(1, 9),
+                total=f"{rnd.uniform(5, 500):.2f}",
             )
             emit(level, log, msg, thread)
         next_t += tick

@@ -22,8 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="consumer.yml to read root, layout and timezone from")
     parser.add_argument("--timezone", help="zone of the dates in file names (default UTC)")
     parser.add_argument("--dry-run", action="store_true", help="only log what would be done")
-    parser.add_argument("--compress-after", type=int, metavar="DAYS",
-                        help="compress day files older than DAYS (closed days only)")
+    parser.add_argument(
+        "--compress-after",
+        type=int,
+        metavar="DAYS",
+        help="compress day files older than DAYS (closed days only)",
+    )
     parser.add_argument("--compression", choices=("gzip", "zstd"), default="gzip")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -37,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         from keplerlog.consumer.config import ConfigError, load_config
 
         try:
-            config = load_config(args.config, {k: v for k, v in os.environ.items() if k == "KEPLERLOG_ROOT"}
-                                 | {"KEPLERLOG_BOOTSTRAP_SERVERS": "unused"})
+            config = load_config(
+                args.config,
+                {k: v for k, v in os.environ.items() if k == "KEPLERLOG_ROOT"}
+                | {"KEPLERLOG_BOOTSTRAP_SERVERS": "unused"},
+            )
         except ConfigError as exc:
             return fail(f"config error: {exc}")
         root = root or config.root
@@ -58,10 +65,23 @@ def main(argv: list[str] | None = None) -> int:
             import zstandard  # noqa: F401
         except ImportError:
             return fail("--compression zstd needs the zstandard module")
-    report = run(root, layout, args.days, dry_run=args.dry_run, compress_after=args.compress_after,
-                 compression=args.compression, tz=tz)
-    logging.info("prune %s: deleted=%d compressed=%d kept=%d errors=%d", "(dry run)" if args.dry_run else "",
-                 report.deleted, report.compressed, report.kept, report.errors)
+    report = run(
+        root,
+        layout,
+        args.days,
+        dry_run=args.dry_run,
+        compress_after=args.compress_after,
+        compression=args.compression,
+        tz=tz,
+    )
+    logging.info(
+        "prune %s: deleted=%d compressed=%d kept=%d errors=%d",
+        "(dry run)" if args.dry_run else "",
+        report.deleted,
+        report.compressed,
+        report.kept,
+        report.errors,
+    )
     return 1 if report.errors else 0
 
 

@@ -76,8 +76,17 @@ def today(tz: ZoneInfo) -> dt.date:
     return dt.datetime.now(tz).date()
 
 
-def run(root: str, layout: Layout, days: int, *, dry_run: bool = False, compress_after: int | None = None,
-        compression: str = "gzip", now: dt.date | None = None, tz: ZoneInfo | None = None) -> Report:
+def run(
+    root: str,
+    layout: Layout,
+    days: int,
+    *,
+    dry_run: bool = False,
+    compress_after: int | None = None,
+    compression: str = "gzip",
+    now: dt.date | None = None,
+    tz: ZoneInfo | None = None,
+) -> Report:
     """Delete day files older than `days`; compress closed days older than `compress_after`.
 
     A file dated D is deleted when D < today - days (today - days itself is kept), whether
@@ -93,14 +102,24 @@ def run(root: str, layout: Layout, days: int, *, dry_run: bool = False, compress
         full = os.path.join(root, item.rel)
         try:
             if item.day < delete_before:
-                log.info("%s %s (day %s older than %d days)", "would delete" if dry_run else "deleted",
-                         item.rel, item.day.isoformat(), days)
+                log.info(
+                    "%s %s (day %s older than %d days)",
+                    "would delete" if dry_run else "deleted",
+                    item.rel,
+                    item.day.isoformat(),
+                    days,
+                )
                 if not dry_run:
                     os.unlink(full)
                 report.deleted += 1
             elif compress_before is not None and not item.ext and item.day < compress_before:
-                log.info("%s %s -> %s%s", "would compress" if dry_run else "compressed", item.rel,
-                         item.rel, SUFFIX[compression])
+                log.info(
+                    "%s %s -> %s%s",
+                    "would compress" if dry_run else "compressed",
+                    item.rel,
+                    item.rel,
+                    SUFFIX[compression],
+                )
                 if not dry_run:
                     compress(full, compression)
                 report.compressed += 1

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def _cluster_id() -> str:
-    """A random KRaft cluster id; one starting with '-' would be read as an option, so retry."""
+    """Make a random KRaft cluster id; one starting with "-" would be read as an option."""
     while True:
         cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cid.startswith("-"):
@@ -99,9 +99,16 @@ class KafkaNode:
     def format(self, cluster_id: str) -> None:
         """Format the node's log dir (once, on a fresh workdir)."""
         subprocess.run(
-            [str(self.home / "bin" / "kafka-storage"), "format", "-t", cluster_id,
-             "-c", str(self.workdir / "server.properties")],
-            check=True, capture_output=True,
+            [
+                str(self.home / "bin" / "kafka-storage"),
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(self.workdir / "server.properties"),
+            ],
+            check=True,
+            capture_output=True,
         )
 
     def start(self) -> None:
@@ -110,7 +117,10 @@ class KafkaNode:
         env = {**os.environ, "KAFKA_HEAP_OPTS": "-Xmx384m -Xms384m"}
         self.process = subprocess.Popen(
             [str(self.home / "bin" / "kafka-server-start"), str(self.workdir / "server.properties")],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
