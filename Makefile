@@ -47,7 +47,7 @@ image: deps base-images wheelhouse ## Build a service image: make image MODULE=p
 
 lint: venv ## ansible-lint (production profile), yamllint, ruff
 	@scripts/timed.sh lint bash -ec '$(BIN)/yamllint --strict . && $(BIN)/ansible-lint \
-	  && $(BIN)/ruff check $(AGENT_DIR) bench && $(BIN)/ruff format --check $(AGENT_DIR) bench'
+	  && $(BIN)/ruff check . && $(BIN)/ruff format --check .'
 
 test-python: venv kafka-dist ## The Python suite (agent, consumer, prune) against a real Kafka
 	@cd $(AGENT_DIR) && ../../scripts/timed.sh test-python ../../$(BIN)/pytest -q -p no:cacheprovider
