@@ -56,11 +56,7 @@ def make_line(i: int, tag: str = "bench") -> bytes:
 def metrics(port: int) -> dict[str, float]:
     """Scalar metrics of the agent's Prometheus page."""
     try:
-        text = (
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
-            .read()
-            .decode()
-        )
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     except OSError:
         return {}
     out = {}
@@ -125,15 +121,11 @@ class Agent:
         ]
         if core < os.cpu_count():  # type: ignore[operator]
             cmd = ["taskset", "-c", str(core), *cmd]
-        self.proc = subprocess.Popen(
-            cmd, stdout=(work / "agent.out").open("ab"), stderr=subprocess.STDOUT
-        )
+        self.proc = subprocess.Popen(cmd, stdout=(work / "agent.out").open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while not metrics(self.port).get("kafka_connected"):
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"agent did not start: {(work / 'agent.out').read_text()[-2000:]}"
-                )
+                raise RuntimeError(f"agent did not start: {(work / 'agent.out').read_text()[-2000:]}")
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -215,17 +207,13 @@ def steady_writer(
                 break
             due = int(elapsed * rate) + per_write
             if due > written:
-                fh.write(
-                    b"".join(make_line(written + i, tag) for i in range(due - written))
-                )
+                fh.write(b"".join(make_line(written + i, tag) for i in range(due - written)))
                 written = due
             time.sleep(batch_every)
     return written
 
 
-def bench_cpu(
-    work: Path, cluster: KafkaCluster, core: int, rate: int = 200, seconds: float = 20
-) -> dict:
+def bench_cpu(work: Path, cluster: KafkaCluster, core: int, rate: int = 200, seconds: float = 20) -> dict:
     """CPU% of one core while following a file written at `rate` lines/s, one line per write."""
     cluster.create_topic("bench-cpu", partitions=4, replication=replication(cluster))
     log = work / "logs" / "cpu.log"
@@ -236,9 +224,7 @@ def bench_cpu(
         stop = threading.Event()
         holder: dict[str, int] = {}
         t = threading.Thread(
-            target=lambda: holder.update(
-                n=steady_writer(log, rate, seconds + 3, stop, "cpu", 1 / rate)
-            )
+            target=lambda: holder.update(n=steady_writer(log, rate, seconds + 3, stop, "cpu", 1 / rate))
         )
         t.start()
         time.sleep(3)  # warm-up
@@ -285,9 +271,7 @@ def bench_latency(
         stop = threading.Event()
         holder: dict[str, int] = {}
         t = threading.Thread(
-            target=lambda: holder.update(
-                n=steady_writer(log, rate, seconds, stop, "lat", 0.01)
-            )
+            target=lambda: holder.update(n=steady_writer(log, rate, seconds, stop, "lat", 0.01))
         )
         t.start()
         lat: list[float] = []
@@ -325,14 +309,10 @@ def bench_latency(
 def main() -> int:
     """Run all three measurements; print a table; write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results" / "agent.json"
-    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "agent.json")
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--core", type=int, default=1)
-    parser.add_argument(
-        "--brokers", type=int, default=3, help="Kafka brokers (1: quick run, RF 1)"
-    )
+    parser.add_argument("--brokers", type=int, default=3, help="Kafka brokers (1: quick run, RF 1)")
     parser.add_argument(
         "--work",
         type=Path,
@@ -347,9 +327,7 @@ def main() -> int:
         cluster.start()
         results = {
             "throughput": bench_throughput(work, cluster, args.lines, args.core),
-            "throughput_16mib_buffer": bench_throughput(
-                work, cluster, args.lines, args.core, OLD_BUFFER
-            ),
+            "throughput_16mib_buffer": bench_throughput(work, cluster, args.lines, args.core, OLD_BUFFER),
             "cpu_200_lines_s": bench_cpu(work, cluster, args.core),
             "latency_10k_lines_s": bench_latency(work, cluster, args.core),
         }

@@ -40,23 +40,13 @@ def render() -> dict:
     module = env("KEPLERLOG_MODULE", env("MODULE_NAME", ""))
     service = env("KEPLERLOG_SERVICE", "")
     if not service or not module:
-        sys.exit(
-            "render-agent-config: KEPLERLOG_SERVICE and KEPLERLOG_MODULE must be set"
-        )
+        sys.exit("render-agent-config: KEPLERLOG_SERVICE and KEPLERLOG_MODULE must be set")
     app_home = env("APP_HOME", f"/app/{module}")
-    paths = [
-        p.strip()
-        for p in env("KEPLERLOG_INPUTS", f"{app_home}/logs/*.log").split(",")
-        if p.strip()
-    ]
+    paths = [p.strip() for p in env("KEPLERLOG_INPUTS", f"{app_home}/logs/*.log").split(",") if p.strip()]
     state_file = env("KEPLERLOG_STATE_FILE", "/var/lib/keplerlog/agent-state.json")
     for pattern in paths:
-        if Path(state_file).parent == Path(pattern).parent or state_file.startswith(
-            f"{app_home}/logs/"
-        ):
-            sys.exit(
-                f"render-agent-config: state file {state_file} must not live in the log dir"
-            )
+        if Path(state_file).parent == Path(pattern).parent or state_file.startswith(f"{app_home}/logs/"):
+            sys.exit(f"render-agent-config: state file {state_file} must not live in the log dir")
     inp: dict = {"paths": paths, "module": module}
     start = os.environ.get("KEPLERLOG_MULTILINE_START", r"^\d{4}-\d{2}-\d{2}")
     if start:
@@ -96,9 +86,7 @@ def main() -> int:
         return 0
     body = yaml.safe_dump(render(), sort_keys=False, default_flow_style=False)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(
-        f"{MARKER}\n# Change the container's KEPLERLOG_* environment, not this file.\n{body}"
-    )
+    tmp.write_text(f"{MARKER}\n# Change the container's KEPLERLOG_* environment, not this file.\n{body}")
     tmp.chmod(0o644)
     os.replace(tmp, target)
     print(f"render-agent-config: wrote {target}")
