@@ -38,8 +38,26 @@ def make_sink(root, ops=None, layout="{service}/{module}.{day}", tz="UTC", max_o
     return Sink(router, files, Journal(str(root), cid), Metrics())
 
 
-@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "/abs", "a\\b", "a\x00b", "x\x1b[31m", "a\nb",
-                                  ".hidden", "x" * 101, "\udcff", " lead", "_quarantine", "a\x85b"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..",
+        ".",
+        "",
+        "a/b",
+        "/abs",
+        "a\\b",
+        "a\x00b",
+        "x\x1b[31m",
+        "a\nb",
+        ".hidden",
+        "x" * 101,
+        "\udcff",
+        " lead",
+        "_quarantine",
+        "a\x85b",
+    ],
+)
 def test_unsafe_names_rejected(name):
     assert name_problem(name)
 
@@ -49,9 +67,19 @@ def test_safe_names_accepted(name):
     assert name_problem(name) is None
 
 
-@pytest.mark.parametrize("template", ["/{module}.{day}", "{module}", "../{module}.{day}", "{host}/{day}",
-                                      ".x/{module}.{day}", "_quarantine/{day}",
-                                      "a//{day}", "{module.x}{day}"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "/{module}.{day}",
+        "{module}",
+        "../{module}.{day}",
+        "{host}/{day}",
+        ".x/{module}.{day}",
+        "_quarantine/{day}",
+        "a//{day}",
+        "{module.x}{day}",
+    ],
+)
 def test_bad_layouts(template):
     with pytest.raises(LayoutError):
         Layout(template)
@@ -83,11 +111,11 @@ def test_route_day_split_dedup_overlap_gap(tmp_path):
     files, plan = {}, Plan()
     a = b"l1\nl2\n"
     router.route(rec(0, batch(0, a), a), files, plan, DAY1)
-    router.route(rec(1, batch(0, a), a), files, plan, DAY1)                          # replay
+    router.route(rec(1, batch(0, a), a), files, plan, DAY1)  # replay
     b = b"l2\nl3\n"
-    router.route(rec(2, batch(3, b), b), files, plan, DAY1)                          # overlap
+    router.route(rec(2, batch(3, b), b), files, plan, DAY1)  # overlap
     c = b"l9\n"
-    router.route(rec(3, batch(20, c, ts=DAY1 + 86_400_000), c), files, plan, DAY1)   # gap, next day
+    router.route(rec(3, batch(20, c, ts=DAY1 + 86_400_000), c), files, plan, DAY1)  # gap, next day
     assert plan.chunks == {"portal.20231114": [a, b"l3\n"], "portal.20231115": [c]}
     assert plan.counts["duplicate_records"] == 1 and plan.counts["partial_overlaps"] == 1
     assert plan.counts["gaps"] == 1 and plan.counts["gap_bytes"] == 11
@@ -120,7 +148,7 @@ def test_route_legacy_and_garbage(tmp_path):
     quarantine = b"".join(plan.chunks["_quarantine/20231114"])
     assert quarantine.count(b"#kl-quarantine") == 5
     assert b"unknown format version 2" in quarantine and b"kl.offset is not an integer" in quarantine
-    assert b'offset=2 bytes=9\n\xff\xfegarbage\n' in quarantine
+    assert b"offset=2 bytes=9\n\xff\xfegarbage\n" in quarantine
     assert plan.counts["quarantined"] == 5 and plan.counts["unsafe_names"] == 1
 
 
@@ -218,11 +246,13 @@ def test_config_env_and_errors(tmp_path, capsys):
     cfg.write_text("kafka: {bootstrap_servers: 'k:9092'}\nroot: /srv/x\nlayout: '{module}.{day}'\n")
     conf = load_config(str(cfg), {"KEPLERLOG_TOPIC": "t2", "KEPLERLOG_ROOT": "/srv/y"})
     assert (conf.topic, conf.root, conf.layout.template) == ("t2", "/srv/y", "{module}.{day}")
-    for text in ["root: rel\nkafka: {bootstrap_servers: k}\n",
-                 "kafka: {bootstrap_servers: k}\nroot: /x\ntimezone: Mars/X\n",
-                 "kafka: {bootstrap_servers: k}\nroot: /x\nbogus: 1\n",
-                 "kafka: [\n",
-                 "kafka: {bootstrap_servers: k}\nroot: /x\nlayout: '../{day}'\n"]:
+    for text in [
+        "root: rel\nkafka: {bootstrap_servers: k}\n",
+        "kafka: {bootstrap_servers: k}\nroot: /x\ntimezone: Mars/X\n",
+        "kafka: {bootstrap_servers: k}\nroot: /x\nbogus: 1\n",
+        "kafka: [\n",
+        "kafka: {bootstrap_servers: k}\nroot: /x\nlayout: '../{day}'\n",
+    ]:
         cfg.write_text(text)
         with pytest.raises(ConfigError):
             load_config(str(cfg), {})
@@ -236,3 +266,50 @@ def test_state_file_is_json(tmp_path):
     sink.write({TP: [rec(4, batch(0, b"x\n"), b"x\n")]})
     state = json.loads((tmp_path / ".keplerlog/state/t-partition-0.json").read_text())
     assert state["next_offset"] == 5 and state["files"]["shop\x1fh1\x1ff1"][0] == 2
+
+
+def test_large_socket_reads_same_bytes_and_errors():
+    """netfix: 1 MiB recv() per call returns exactly what was sent, and reports a closed peer."""
+    import socket
+    import threading
+
+    from keplerlog.consumer import netfix
+
+    assert netfix.apply() and netfix.apply() and netfix.applied()  # idempotent
+    from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
+
+    assert KafkaSSLTransport._sock_recv is not netfix._sock_recv  # TLS keeps its own reads
+
+    class Fake:
+        pass
+
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    fake = Fake()
+    fake._sock = right
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    got = bytearray()
+    sender = threading.Thread(target=left.sendall, args=(payload,))
+    sender.start()
+    while len(got) < len(payload):
+        data, err = KafkaTCPTransport._sock_recv(fake)
+        assert err is None
+        got += data
+    sender.join()
+    assert bytes(got) == payload
+    data, err = KafkaTCPTransport._sock_recv(fake)  # nothing there: would block, no error
+    assert (data, err) == (b"", None)
+    left.close()
+    data, err = KafkaTCPTransport._sock_recv(fake)
+    assert data == b"" and "disconnected" in str(err)
+    right.close()
+
+
+def test_merge_keeps_older_records_first():
+    from keplerlog.consumer.app import _merge
+
+    failed = {TP: [1, 2], ("t", 1): [5]}
+    later = {TP: [3], ("t", 2): [9]}
+    merged = _merge(failed, later)
+    assert merged == {TP: [1, 2, 3], ("t", 1): [5], ("t", 2): [9]}
+    assert failed == {TP: [1, 2], ("t", 1): [5]}  # inputs untouched

@@ -3,6 +3,13 @@
 Offsets are committed only after Sink.write() returned, i.e. after data and state are fsynced.
 On assignment each partition resumes from its state file (which is never behind the group
 commit), so a commit lost in a crash causes no replay at all.
+
+Pipelining: one batch at a time is made durable by Sink.write() on a writer thread while the
+main thread polls (fetches, decompresses, parses) the next one, so disk and Kafka overlap. At
+most two batches exist: the one being written and the one being gathered. The writer is the
+only user of the Sink and the FileCache while it runs; the main thread touches them (commit,
+idle close, rebalance) only after waiting for it. Order per batch is unchanged: intent ->
+write + fsync -> state -> (main thread) Kafka commit.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from . import netfix
 from .config import ConsumerConfig
 from .files import DiskFullError, FileCache, FileOps, PathGuard
 from .journal import Journal
@@ -51,21 +60,27 @@ class _Listener(ConsumerRebalanceListener):
 class ConsumerApp:
     """Runs the consumer until stop() is called (SIGTERM) or the process dies."""
 
-    def __init__(self, config: ConsumerConfig, ops: FileOps | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self, config: ConsumerConfig, ops: FileOps | None = None, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         self.config = config
         self.metrics = Metrics()
         os.makedirs(config.root, exist_ok=True)
         self.files = FileCache(config.root, config.max_open_files, config.idle_close_s, ops)
         self.journal = Journal(config.root, new_consumer_id())
         router = Router(config.layout, config.zone, PathGuard(config.root), config.legacy_service)
-        self.sink = Sink(router, self.files, self.journal, self.metrics,
-                         int(config.state_ttl_days * 86400 * 1000))
+        self.sink = Sink(
+            router, self.files, self.journal, self.metrics, int(config.state_ttl_days * 86400 * 1000)
+        )
         self.periodic = PeriodicLog(self.metrics, config.log_interval_s)
         self._stop = threading.Event()
         self._sleep = sleep
         self._pending: dict[TopicPartition, list] = {}
+        # The batch Sink.write() is making durable on the writer thread, and its future.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self._inflight: tuple[Future[dict], dict[TopicPartition, list]] | None = None
         self.consumer: KafkaConsumer | None = None
+        netfix.apply()  # 1 MiB socket reads: the fetch path was the bottleneck (netfix.py)
 
     def stop(self) -> None:
         """Ask the loop to finish the current batch, commit and return."""
@@ -78,6 +93,7 @@ class ConsumerApp:
         A batch still being gathered or stalled by a full disk is written now; if that fails its
         records are dropped uncommitted, and the next owner reads them again.
         """
+        self._settle_in_rebalance(revoked)
         pending = {tp: recs for tp, recs in self._pending.items() if tp in set(revoked)}
         if pending:
             try:
@@ -92,14 +108,18 @@ class ConsumerApp:
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
         """Take partitions: recover dead peers' intents, resume where the state says."""
+        self._settle_in_rebalance([])  # the Sink's states must not change under a running write
         resume = self.sink.assign([(tp.topic, tp.partition) for tp in assigned])
         assert self.consumer is not None
         for tp in assigned:
             offset = resume.get((tp.topic, tp.partition))
             if offset is not None:
                 self.consumer.seek(tp, offset)
-        log.info("assigned %s (resume from state: %s)", sorted(tp.partition for tp in assigned),
-                 {tp[1]: off for tp, off in resume.items()})
+        log.info(
+            "assigned %s (resume from state: %s)",
+            sorted(tp.partition for tp in assigned),
+            {tp[1]: off for tp, off in resume.items()},
+        )
 
     # -- main loop ---------------------------------------------------------------------------
     def _make_consumer(self) -> KafkaConsumer:
@@ -124,19 +144,33 @@ class ConsumerApp:
         recovered = self.journal.recover()
         if recovered:
             self.metrics.inc("recovered_intents", len(recovered))
-        server = serve(self.metrics, self.config.metrics_host, self.config.metrics_port) \
-            if self.config.metrics_port > 0 else None
+        server = (
+            serve(self.metrics, self.config.metrics_host, self.config.metrics_port)
+            if self.config.metrics_port > 0
+            else None
+        )
         self.consumer = consumer or self._make_consumer()
         self.consumer.subscribe([self.config.topic], listener=_Listener(self))
         try:
             while not self._stop.is_set():
-                batch = self._gather()
-                if batch:
-                    self._process(batch)
+                batch = self._gather()  # the writer works on the previous batch meanwhile
+                failed, error = self._settle()  # from here the writer is idle
                 if self.files.close_idle():
                     self.metrics.gauges["open_files"] = len(self.files)
                 self.periodic.tick()
+                if error is not None:
+                    # Retry the failed batch (and what came after it, in order) in the
+                    # foreground with the disk-full backoff; nothing of it is committed yet.
+                    self._process(_merge(failed, batch), error)
+                elif batch:
+                    self._submit(batch)
         finally:
+            try:
+                if self._settle()[1] is not None:
+                    log.warning("last batch not written (disk full): not committed, read again later")
+            except Exception:  # still release Kafka and the files below
+                log.exception("writer failed at shutdown")
+            self._writer.shutdown(wait=True)
             log.info("stopping: %s", self.metrics.summary())
             try:
                 self.consumer.close(autocommit=False)
@@ -175,26 +209,74 @@ class ConsumerApp:
             self._pending = {}
         return batch
 
-    def _process(self, batch: dict[TopicPartition, list]) -> None:
-        """Write one batch, pausing consumption and backing off while the disk is full."""
+    def _submit(self, batch: dict[TopicPartition, list]) -> None:
+        """Hand a batch to the writer thread (the previous one must be settled)."""
+        assert self._inflight is None
+        self._inflight = (self._writer.submit(self.sink.write, batch), batch)
+
+    def _settle(self) -> tuple[dict[TopicPartition, list], DiskFullError | None]:
+        """Wait for the writer; commit what it made durable; return a batch the disk refused.
+
+        A batch that hit a full disk was rolled back by the Sink (files truncated, state
+        untouched); it comes back with the error, to be written again. Any other error
+        propagates, as it did when the main thread wrote (the process exits, nothing committed).
+        """
+        if self._inflight is None:
+            return {}, None
+        future, batch = self._inflight
+        self._inflight = None
+        try:
+            offsets = future.result()
+        except DiskFullError as exc:
+            return batch, exc
+        self._commit(offsets)
+        return {}, None
+
+    def _settle_in_rebalance(self, revoked: list[TopicPartition]) -> None:
+        """Finish the writer's batch before partitions move (runs inside poll()).
+
+        Written: committed (asynchronously, as the rest of on_revoked). Failed: its records and
+        everything polled after them are dropped uncommitted for their partitions; a partition
+        we keep seeks back to the first failed offset so nothing is skipped, a revoked one is
+        read again by its next owner from the state file (which the failed write did not move).
+        """
+        if self._inflight is None:
+            return
+        future, batch = self._inflight
+        self._inflight = None
+        try:
+            offsets = future.result()
+        except OSError as exc:
+            log.warning("batch failed during rebalance (%s): re-reading it", exc)
+            assert self.consumer is not None
+            kept = set(self.consumer.assignment()) - set(revoked)
+            for tp, recs in batch.items():
+                self._pending.pop(tp, None)  # in place: _gather() keeps extending this dict
+                if tp in kept and recs:
+                    self.consumer.seek(tp, recs[0].offset)
+            return
+        self._commit(offsets, sync=False)
+
+    def _process(self, batch: dict[TopicPartition, list], failed: DiskFullError | None = None) -> None:
+        """Write one batch, pausing consumption and backing off while the disk is full.
+
+        `failed`: the writer thread's attempt at (the start of) this batch already hit a full
+        disk; it counts as the first attempt, so the backoff starts before the next one.
+        """
         assert self.consumer is not None
         delay = 1.0
         self._pending = batch
         try:
+            if failed is not None:
+                if not self._back_off(failed, delay):
+                    return
+                delay = min(delay * 2, MAX_BACKOFF_S)
             while self._pending:
                 try:
                     offsets = self.sink.write(self._pending)
                 except DiskFullError as exc:
-                    self.metrics.inc("disk_full")
-                    log.error("disk full (%s): batch rolled back, not committed; retry in %.0fs",
-                              exc.strerror, delay)
-                    if self._stop.is_set():
+                    if not self._back_off(exc, delay):
                         return
-                    self.consumer.pause(*self.consumer.assignment())
-                    self._sleep(delay)
-                    more = self.consumer.poll(timeout_ms=0)  # keeps group membership alive
-                    for tp, recs in (more or {}).items():
-                        self._pending.setdefault(tp, []).extend(recs)
                     delay = min(delay * 2, MAX_BACKOFF_S)
                     continue
                 self._pending = {}
@@ -204,12 +286,29 @@ class ConsumerApp:
             if self.consumer.paused():
                 self.consumer.resume(*self.consumer.paused())
 
+    def _back_off(self, exc: DiskFullError, delay: float) -> bool:
+        """Count and log a full disk, pause, wait, poll; False when stopping instead."""
+        assert self.consumer is not None
+        self.metrics.inc("disk_full")
+        log.error("disk full (%s): batch rolled back, not committed; retry in %.0fs", exc.strerror, delay)
+        if self._stop.is_set():
+            return False
+        self.consumer.pause(*self.consumer.assignment())
+        self._sleep(delay)
+        more = self.consumer.poll(timeout_ms=0)  # keeps group membership alive
+        for tp, recs in (more or {}).items():
+            self._pending.setdefault(tp, []).extend(recs)
+        return True
+
     def _commit(self, offsets: dict, sync: bool = True) -> None:
         """Commit Kafka offsets of partitions we still own; failures are logged, not fatal."""
         assert self.consumer is not None
         owned = self.consumer.assignment()
-        commit = {TopicPartition(tp[0], tp[1]): OffsetAndMetadata(off, "", -1)
-                  for tp, off in offsets.items() if TopicPartition(tp[0], tp[1]) in owned}
+        commit = {
+            TopicPartition(tp[0], tp[1]): OffsetAndMetadata(off, "", -1)
+            for tp, off in offsets.items()
+            if TopicPartition(tp[0], tp[1]) in owned
+        }
         if not commit:
             return
         try:
@@ -220,3 +319,11 @@ class ConsumerApp:
         except (KafkaError, RuntimeError) as exc:
             self.metrics.inc("commit_failures")
             log.warning("offset commit failed (state file stays authoritative): %s", exc)
+
+
+def _merge(first: dict[TopicPartition, list], then: dict[TopicPartition, list]) -> dict[TopicPartition, list]:
+    """Concatenate two consecutive batches per partition, older records first."""
+    merged = {tp: list(recs) for tp, recs in first.items()}
+    for tp, recs in then.items():
+        merged.setdefault(tp, []).extend(recs)
+    return merged

@@ -1,0 +1,77 @@
+"""Read Kafka sockets in large chunks instead of kafka-python's 4 KiB.
+
+kafka-python 3.0 receives on its I/O thread with `sock.recv(4096)` in a loop until the socket
+would block: about 250,000 calls per GB, each of which releases and re-acquires the GIL. While
+the consumer's main thread is busy in Python (decompressing and parsing the previous fetch,
+routing), every re-acquire waits for the interpreter's switch interval, so the I/O thread drains
+the socket in 4 KiB steps and the main thread then waits for the fetch response (profiled: ~60 %
+of the consumer's time). One `recv` of up to 1 MiB moves the same bytes with ~250 times fewer
+GIL hand-offs. Nothing else changes: same loop, same end-of-data and error handling, and the
+TLS transport (which has its own `_sock_recv`) is left alone.
+
+Applied once per process by the consumer (never by the agent). If a kafka-python version no
+longer has the method it replaces, `apply()` does nothing and says so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 1 << 20
+_MARK = "_keplerlog_large_recv"
+
+
+def _sock_recv(self: Any) -> tuple[bytes, BaseException | None]:
+    """kafka-python's KafkaTCPTransport._sock_recv, with RECV_BYTES per call."""
+    from kafka import errors
+
+    received = []
+    err: BaseException | None = None
+    while True:
+        try:
+            data = self._sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            break
+        except BaseException as exc:
+            log.exception("%s: error receiving network data, closing socket", self)
+            err = errors.KafkaConnectionError(exc)
+            break
+        if not data:  # a closed socket reads empty instead of raising
+            log.error("%s: socket disconnected", self)
+            err = errors.KafkaConnectionError("socket disconnected")
+            break
+        received.append(data)
+    return (received[0] if len(received) == 1 else b"".join(received)), err
+
+
+setattr(_sock_recv, _MARK, True)
+
+
+def apply() -> bool:
+    """Install the large-chunk receive on kafka-python's plain TCP transport (idempotent)."""
+    try:
+        from kafka.net import transport
+    except ImportError:
+        log.info("kafka.net.transport not found: keeping kafka-python's socket reads")
+        return False
+    cls = getattr(transport, "KafkaTCPTransport", None)
+    current = getattr(cls, "_sock_recv", None)
+    if cls is None or current is None:
+        log.info("KafkaTCPTransport._sock_recv not found: keeping kafka-python's socket reads")
+        return False
+    if getattr(current, _MARK, False):
+        return True
+    cls._sock_recv = _sock_recv
+    return True
+
+
+def applied() -> bool:
+    """Tell whether the large-chunk receive is installed (tests, metrics)."""
+    try:
+        from kafka.net.transport import KafkaTCPTransport
+    except ImportError:
+        return False
+    return bool(getattr(getattr(KafkaTCPTransport, "_sock_recv", None), _MARK, False))
