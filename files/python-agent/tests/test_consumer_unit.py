@@ -305,6 +305,23 @@ def test_large_socket_reads_same_bytes_and_errors():
     right.close()
 
 
+def test_favor_io_thread_only_lowers_the_switch_interval():
+    import sys
+
+    from keplerlog.consumer import netfix
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        netfix.favor_io_thread()
+        assert sys.getswitchinterval() == pytest.approx(netfix.SWITCH_INTERVAL_S)
+        sys.setswitchinterval(0.0001)
+        netfix.favor_io_thread()
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_merge_keeps_older_records_first():
     from keplerlog.consumer.app import _merge
 

@@ -9,6 +9,12 @@ of the consumer's time). One `recv` of up to 1 MiB moves the same bytes with ~25
 GIL hand-offs. Nothing else changes: same loop, same end-of-data and error handling, and the
 TLS transport (which has its own `_sock_recv`) is left alone.
 
+The same hand-off also limits the big reads: a thread that released the GIL for `recv()` gets
+it back only when the holder drops it, at the latest after the interpreter's switch interval
+(5 ms). `favor_io_thread()` lowers that to 0.5 ms for the consumer process, so the I/O thread
+keeps draining the socket while the main thread parses (measured on the 400 MB bench, same
+run: ~160 -> ~250 MB/s median; kcat 330 MB/s).
+
 Applied once per process by the consumer (never by the agent). If a kafka-python version no
 longer has the method it replaces, `apply()` does nothing and says so in the log.
 """
@@ -16,11 +22,13 @@ longer has the method it replaces, `apply()` does nothing and says so in the log
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 1 << 20
+SWITCH_INTERVAL_S = 0.0005
 _MARK = "_keplerlog_large_recv"
 
 
@@ -75,3 +83,9 @@ def applied() -> bool:
     except ImportError:
         return False
     return bool(getattr(getattr(KafkaTCPTransport, "_sock_recv", None), _MARK, False))
+
+
+def favor_io_thread(interval_s: float = SWITCH_INTERVAL_S) -> None:
+    """Let threads waiting for the GIL (kafka-python's I/O thread) in sooner; never raises it."""
+    if sys.getswitchinterval() > interval_s:
+        sys.setswitchinterval(interval_s)
