@@ -39,11 +39,11 @@ class Source:
             for module in MODULES:
                 lines = self.rng.randint(1, 40)
                 pad = b"x" * self.rng.randint(0, 200)
-                value = b"".join(b"%s %06d-%02d %s\n" % (module.encode(), i, j, pad)
-                                 for j in range(lines))
+                value = b"".join(b"%s %06d-%02d %s\n" % (module.encode(), i, j, pad) for j in range(lines))
                 ts = DAY1 + (86_400_000 if i >= self.n // 2 else 0)  # second half: next day
-                b = Batch("shop", module, "h1", f"/app/{module}.log", f"id-{module}", offsets[module],
-                          lines, ts)
+                b = Batch(
+                    "shop", module, "h1", f"/app/{module}.log", f"id-{module}", offsets[module], lines, ts
+                )
                 producer.send(self.topic, value, key=b.key(), headers=b.headers())
                 day = "20231114" if ts == DAY1 else "20231115"
                 self.expected.setdefault(f"shop/{module}.{day}", bytearray()).extend(value)
@@ -64,9 +64,17 @@ class Source:
 
 
 def write_config(tmp_path, kafka, topic, root, name="c.yml", instance=None):
-    cfg = {"kafka": {"bootstrap_servers": kafka.bootstrap, "topic": topic, "group_id": f"g-{topic}",
-                     "session_timeout_ms": 6000, **({"group_instance_id": instance} if instance else {})},
-           "root": str(root), "metrics": {"port": 0, "log_interval_s": 2}}
+    cfg = {
+        "kafka": {
+            "bootstrap_servers": kafka.bootstrap,
+            "topic": topic,
+            "group_id": f"g-{topic}",
+            "session_timeout_ms": 6000,
+            **({"group_instance_id": instance} if instance else {}),
+        },
+        "root": str(root),
+        "metrics": {"port": 0, "log_interval_s": 2},
+    }
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -75,8 +83,11 @@ def write_config(tmp_path, kafka, topic, root, name="c.yml", instance=None):
 class Proc:
     def __init__(self, cfg, log_path):
         self.log = open(log_path, "ab")  # noqa: SIM115
-        self.p = subprocess.Popen([sys.executable, "-m", "keplerlog.consumer.main", "--config", str(cfg)],
-                                  stdout=self.log, stderr=subprocess.STDOUT)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "keplerlog.consumer.main", "--config", str(cfg)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def kill9(self):
         os.kill(self.p.pid, signal.SIGKILL)
@@ -104,8 +115,11 @@ def wait_log(path, needle, count, timeout=60):
 
 
 def data_files(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and ".keplerlog" not in p.parts}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".keplerlog" not in p.parts
+    }
 
 
 def wait_complete(root, source, timeout):
@@ -123,7 +137,8 @@ def assert_exact(root, source, log_path):
     for name in sorted(set(got) | set(expected)):
         assert got.get(name) == expected.get(name), (
             f"{name}: got {len(got.get(name, b''))} bytes, expected {len(expected.get(name, b''))}\n"
-            + log_path.read_text()[-3000:])
+            + log_path.read_text()[-3000:]
+        )
 
 
 def test_kill9_restart_no_loss_no_duplicates(kafka, topic, tmp_path):
@@ -165,10 +180,10 @@ def test_rebalance_two_consumers_exactly_once(kafka, topic, tmp_path):
     b = None
     try:
         time.sleep(3)
-        b = Proc(cfg, log_b)          # joins mid-stream: A's partitions are revoked and shared
+        b = Proc(cfg, log_b)  # joins mid-stream: A's partitions are revoked and shared
         wait_log(log_b, "assigned [", 1)
         time.sleep(2)
-        assert a.term() == 0          # leaves cleanly: B takes everything
+        assert a.term() == 0  # leaves cleanly: B takes everything
         wait_complete(root, source, timeout=90)
         assert b.term() == 0
     finally:

@@ -23,9 +23,16 @@ DAY2 = DAY1 + 86_400_000
 
 
 def config(kafka, topic, root, **kw):
-    cfg = load_config(None, {"KEPLERLOG_BOOTSTRAP_SERVERS": kafka.bootstrap, "KEPLERLOG_TOPIC": topic,
-                             "KEPLERLOG_GROUP_ID": f"g-{topic}", "KEPLERLOG_ROOT": str(root),
-                             "KEPLERLOG_METRICS_PORT": "0"})
+    cfg = load_config(
+        None,
+        {
+            "KEPLERLOG_BOOTSTRAP_SERVERS": kafka.bootstrap,
+            "KEPLERLOG_TOPIC": topic,
+            "KEPLERLOG_GROUP_ID": f"g-{topic}",
+            "KEPLERLOG_ROOT": str(root),
+            "KEPLERLOG_METRICS_PORT": "0",
+        },
+    )
     return replace(cfg, session_timeout_ms=6000, **kw)
 
 
@@ -70,15 +77,22 @@ class Running:
 
 
 def files_under(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and ".keplerlog" not in p.parts}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".keplerlog" not in p.parts
+    }
 
 
 def test_day_split_flat_layout_timezone_and_legacy(kafka, topic, tmp_path):
     root = tmp_path / "root"
-    items = [mk(0, b"a1\na2\n"), mk(6, b"b1\n", ts=DAY2), mk(0, b"w\n", module="web", file_id="f2"),
-             (b"shop/portal", [], b"portal##$$##legacy one\nbilling##$$##legacy two\nno prefix\n", DAY1),
-             (b"shop/portal", None, b"portal##$$##flume event", DAY2)]  # same partition: ordered
+    items = [
+        mk(0, b"a1\na2\n"),
+        mk(6, b"b1\n", ts=DAY2),
+        mk(0, b"w\n", module="web", file_id="f2"),
+        (b"shop/portal", [], b"portal##$$##legacy one\nbilling##$$##legacy two\nno prefix\n", DAY1),
+        (b"shop/portal", None, b"portal##$$##flume event", DAY2),
+    ]  # same partition: ordered
     send(kafka, topic, items)
     run = Running(config(kafka, topic, root, layout=Layout("{module}.{day}"), timezone="Asia/Tokyo"))
     try:
@@ -126,11 +140,11 @@ def test_path_attacks_and_garbage_go_to_quarantine(kafka, topic, tmp_path):
     ok = mk(0, b"fine\n")
     v1 = ok[0].headers()
     items += [
-        (b"k", [], b"\x00\xffgarbage without prefix", DAY1),                                 # no headers
-        (b"k", [("kl.v", b"7"), *v1[1:]], b"future\n", DAY1),                                # bad version
-        (b"k", [(k, b"12x" if k == "kl.offset" else v) for k, v in v1], b"x\n", DAY1),       # bad number
-        (b"k", [(k, b"-5" if k == "kl.ts" else v) for k, v in v1], b"x\n", DAY1),            # negative ts
-        (b"k", [("kl.v", b"1")], b"x\n", DAY1),                                              # missing labels
+        (b"k", [], b"\x00\xffgarbage without prefix", DAY1),  # no headers
+        (b"k", [("kl.v", b"7"), *v1[1:]], b"future\n", DAY1),  # bad version
+        (b"k", [(k, b"12x" if k == "kl.offset" else v) for k, v in v1], b"x\n", DAY1),  # bad number
+        (b"k", [(k, b"-5" if k == "kl.ts" else v) for k, v in v1], b"x\n", DAY1),  # negative ts
+        (b"k", [("kl.v", b"1")], b"x\n", DAY1),  # missing labels
         (b"k", [], b"../../etc##$$##legacy attack\n", DAY1),  # legacy path attack
         ok,
     ]
@@ -144,7 +158,7 @@ def test_path_attacks_and_garbage_go_to_quarantine(kafka, topic, tmp_path):
     assert after == before  # nothing created outside the root
     files = files_under(root)
     assert files.pop("shop/portal.20231114") == b"fine\n"
-    (qname, qdata), = files.items()
+    ((qname, qdata),) = files.items()
     assert qname.startswith("_quarantine/")
     assert qdata.count(b"#kl-quarantine reason=") == len(items) - 1
     assert run.app.metrics.counts["unsafe_names"] == 2 * len(bad_names) + 1

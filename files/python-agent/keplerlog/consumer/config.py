@@ -25,11 +25,31 @@ ENV_OVERRIDES = {
     "KEPLERLOG_METRICS_PORT": ("metrics", "port"),
 }
 
-_KAFKA_KEYS = {"bootstrap_servers", "topic", "group_id", "client_id", "session_timeout_ms",
-               "max_poll_records", "fetch_max_bytes", "group_instance_id",
-               "max_partition_fetch_bytes", "auto_offset_reset"}
-_TOP_KEYS = {"kafka", "root", "layout", "timezone", "max_open_files", "idle_close_s", "legacy_service",
-             "state_ttl_days", "metrics", "batch_max_bytes", "batch_max_wait_ms"}
+_KAFKA_KEYS = {
+    "bootstrap_servers",
+    "topic",
+    "group_id",
+    "client_id",
+    "session_timeout_ms",
+    "max_poll_records",
+    "fetch_max_bytes",
+    "group_instance_id",
+    "max_partition_fetch_bytes",
+    "auto_offset_reset",
+}
+_TOP_KEYS = {
+    "kafka",
+    "root",
+    "layout",
+    "timezone",
+    "max_open_files",
+    "idle_close_s",
+    "legacy_service",
+    "state_ttl_days",
+    "metrics",
+    "batch_max_bytes",
+    "batch_max_wait_ms",
+}
 _METRICS_KEYS = {"port", "host", "log_interval_s"}
 
 
@@ -167,8 +187,9 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
         session_timeout_ms=_int(kafka.get("session_timeout_ms", 10000), "kafka.session_timeout_ms", 1000),
         max_poll_records=_int(kafka.get("max_poll_records", 100000), "kafka.max_poll_records", 1),
         fetch_max_bytes=_int(kafka.get("fetch_max_bytes", 64 << 20), "kafka.fetch_max_bytes", 1024),
-        max_partition_fetch_bytes=_int(kafka.get("max_partition_fetch_bytes", 16 << 20),
-                                       "kafka.max_partition_fetch_bytes", 1024),
+        max_partition_fetch_bytes=_int(
+            kafka.get("max_partition_fetch_bytes", 16 << 20), "kafka.max_partition_fetch_bytes", 1024
+        ),
         auto_offset_reset=reset,
         layout=layout,
         timezone=timezone,

@@ -126,8 +126,9 @@ class FileCache:
     Eviction fsyncs a dirty handle first, so bounding the handles never weakens durability.
     """
 
-    def __init__(self, root: str, max_open: int = 256, idle_s: float = 60.0,
-                 ops: FileOps | None = None) -> None:
+    def __init__(
+        self, root: str, max_open: int = 256, idle_s: float = 60.0, ops: FileOps | None = None
+    ) -> None:
         self.root = root
         self.max_open = max(1, max_open)
         self.idle_s = idle_s

@@ -67,7 +67,7 @@ def atomic_write(path: Path, payload: bytes, sync_dir: bool = True) -> None:
     try:
         view = memoryview(payload)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -117,7 +117,7 @@ class Journal:
                 fds.append(fd)
                 view = memoryview(json.dumps(state.to_json()).encode())
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             parallel(os.fsync, fds)
         finally:
             for fd in fds:
@@ -134,8 +134,12 @@ class Journal:
 
     def commit(self, files: dict[str, tuple[int, int]], states: dict[str, PartitionState]) -> None:
         """Mark the appended data as complete: from here on recovery rolls forward."""
-        body = {"consumer": self.consumer_id, "phase": "commit", "files": files,
-                "states": {name: s.to_json() for name, s in states.items()}}
+        body = {
+            "consumer": self.consumer_id,
+            "phase": "commit",
+            "files": files,
+            "states": {name: s.to_json() for name, s in states.items()},
+        }
         atomic_write(self.intent_path, json.dumps(body).encode())
 
     def finish(self, states: dict[str, PartitionState]) -> None:
@@ -214,8 +218,9 @@ class Journal:
             if size > before + length:
                 # Someone else appended after us (a file shared by partitions of two consumers):
                 # cutting would destroy their lines, so we keep ours and accept a duplicate.
-                log.error("rollback of %s skipped: it grew beyond our append (%d > %d)",
-                          rel, size, before + length)
+                log.error(
+                    "rollback of %s skipped: it grew beyond our append (%d > %d)", rel, size, before + length
+                )
                 return
             os.ftruncate(fd, before)
             os.fsync(fd)

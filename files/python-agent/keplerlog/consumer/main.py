@@ -18,8 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config (see docs/interfaces.md)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         config = load_config(args.config)

@@ -81,16 +81,21 @@ class Metrics:
             gauges = dict(self.gauges)
         out: list[str] = []
         for name, help_text in COUNTERS.items():
-            out += [f"# HELP {PREFIX}{name}_total {help_text}", f"# TYPE {PREFIX}{name}_total counter",
-                    f"{PREFIX}{name}_total {counts.get(name, 0)}"]
+            out += [
+                f"# HELP {PREFIX}{name}_total {help_text}",
+                f"# TYPE {PREFIX}{name}_total counter",
+                f"{PREFIX}{name}_total {counts.get(name, 0)}",
+            ]
         out += [f"# TYPE {PREFIX}quarantined_by_reason_total counter"]
         for reason, value in sorted(reasons.items()):
             label = reason.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
             out.append(f'{PREFIX}quarantined_by_reason_total{{reason="{label}"}} {value}')
         for name, value in sorted(gauges.items()):
             out += [f"# TYPE {PREFIX}{name} gauge", f"{PREFIX}{name} {value}"]
-        out += [f"# HELP {PREFIX}latency_seconds now - kl.ts when the data was fsynced",
-                f"# TYPE {PREFIX}latency_seconds summary"]
+        out += [
+            f"# HELP {PREFIX}latency_seconds now - kl.ts when the data was fsynced",
+            f"# TYPE {PREFIX}latency_seconds summary",
+        ]
         for q, value in self.quantiles().items():
             out.append(f'{PREFIX}latency_seconds{{quantile="{q}"}} {value:.3f}')
         return "\n".join(out) + "\n"
@@ -100,10 +105,12 @@ class Metrics:
         with self._lock:
             c = dict(self.counts)
         q = self.quantiles()
-        return (f"records={c.get('records', 0)} bytes={c.get('bytes', 0)} "
-                f"dup={c.get('duplicate_records', 0)} "
-                f"gaps={c.get('gaps', 0)}/{c.get('gap_bytes', 0)}B quarantined={c.get('quarantined', 0)} "
-                f"disk_full={c.get('disk_full', 0)} p50={q.get('0.5', 0):.3f}s p99={q.get('0.99', 0):.3f}s")
+        return (
+            f"records={c.get('records', 0)} bytes={c.get('bytes', 0)} "
+            f"dup={c.get('duplicate_records', 0)} "
+            f"gaps={c.get('gaps', 0)}/{c.get('gap_bytes', 0)}B quarantined={c.get('quarantined', 0)} "
+            f"disk_full={c.get('disk_full', 0)} p50={q.get('0.5', 0):.3f}s p99={q.get('0.99', 0):.3f}s"
+        )
 
 
 class PeriodicLog:

@@ -78,8 +78,9 @@ class RateLimitedLog:
 class Router:
     """Maps records to (file, bytes), updating a partition's dedup map in place."""
 
-    def __init__(self, layout: Layout, tz: ZoneInfo, guard: PathGuard,
-                 legacy_service: str = "legacy") -> None:
+    def __init__(
+        self, layout: Layout, tz: ZoneInfo, guard: PathGuard, legacy_service: str = "legacy"
+    ) -> None:
         self.layout = layout
         self.tz = tz
         self.guard = guard
@@ -141,12 +142,19 @@ class Router:
             if start < known_end:
                 plan.counts["partial_overlaps"] += 1
                 plan.counts["duplicate_bytes"] += known_end - start
-                value = value[known_end - start:]
+                value = value[known_end - start :]
             elif start > known_end:
                 plan.counts["gaps"] += 1
                 plan.counts["gap_bytes"] += start - known_end
-                self.limited.warning("gap", "gap of %d bytes in %s (file %s of %s) before offset %d",
-                                     start - known_end, batch.path, batch.file_id, batch.host, start)
+                self.limited.warning(
+                    "gap",
+                    "gap of %d bytes in %s (file %s of %s) before offset %d",
+                    start - known_end,
+                    batch.path,
+                    batch.file_id,
+                    batch.host,
+                    start,
+                )
         files[key] = [end, now_ms]
         plan.add(rel, value)
         plan.counts["records"] += 1
@@ -204,10 +212,13 @@ class Router:
         value out exactly even if it contains newlines.
         """
         safe_reason = reason.replace("\n", " ").replace('"', "'")
-        header = (f'#kl-quarantine reason="{safe_reason}" topic={rec.topic} partition={rec.partition} '
-                  f"offset={rec.offset} bytes={len(value)}\n").encode("utf-8", "backslashreplace")
+        header = (
+            f'#kl-quarantine reason="{safe_reason}" topic={rec.topic} partition={rec.partition} '
+            f"offset={rec.offset} bytes={len(value)}\n"
+        ).encode("utf-8", "backslashreplace")
         plan.add(quarantine_path(self.day(now_ms)), header + value + b"\n")
         plan.counts["quarantined"] += 1
         plan.quarantine_reasons[reason.split(":")[0]] += 1
-        self.limited.warning("quarantine", "quarantined record %s/%d@%d: %s",
-                             rec.topic, rec.partition, rec.offset, reason)
+        self.limited.warning(
+            "quarantine", "quarantined record %s/%d@%d: %s", rec.topic, rec.partition, rec.offset, reason
+        )

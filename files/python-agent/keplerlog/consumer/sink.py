@@ -25,8 +25,14 @@ _PRUNE_EVERY_S = 600.0
 class Sink:
     """Owns the in-memory state of the assigned partitions and writes batches durably."""
 
-    def __init__(self, router: Router, files: FileCache, journal: Journal, metrics: Metrics,
-                 state_ttl_ms: int = STATE_TTL_MS) -> None:
+    def __init__(
+        self,
+        router: Router,
+        files: FileCache,
+        journal: Journal,
+        metrics: Metrics,
+        state_ttl_ms: int = STATE_TTL_MS,
+    ) -> None:
         self.router = router
         self.files = files
         self.journal = journal
@@ -90,8 +96,9 @@ class Sink:
         return offsets
 
     def _append(self, plan: Plan, new_states: dict[str, PartitionState]) -> None:
-        data = {rel: b"".join(chunks) if len(chunks) > 1 else chunks[0]
-                for rel, chunks in plan.chunks.items()}
+        data = {
+            rel: b"".join(chunks) if len(chunks) > 1 else chunks[0] for rel, chunks in plan.chunks.items()
+        }
         sizes: dict[str, tuple[int, int]] = {}
         try:
             for rel, payload in data.items():
