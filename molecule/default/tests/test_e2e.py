@@ -142,14 +142,15 @@ def consumer_metrics() -> str:
     return host_of(CONSUMER).check_output("python3 -c %s %s", HTTP_GET, METRICS_URL)
 
 
-def agent_settled(svc: Service) -> bool:
-    """The agent has every byte of its files acknowledged by Kafka (nothing held or in flight)."""
+def agent_unacked(svc: Service) -> int:
+    """Bytes of the agent's files not acknowledged by Kafka yet (held, in flight or unread); -1 when
+    its metrics endpoint does not answer (restarting)."""
     out = host_of(svc.container).run("python3 -c %s %s", HTTP_GET, AGENT_METRICS_URL)
     if out.rc != 0:
-        return False
+        return -1
     inflight = metric_values(out.stdout, "keplerlog_agent_inflight_bytes")
     lag = metric_values(out.stdout, "keplerlog_agent_file_lag_bytes")
-    return sum(v for _, v in inflight) == 0 and sum(v for _, v in lag) == 0
+    return int(sum(v for _, v in inflight) + sum(v for _, v in lag))
 
 
 def consumer_lag() -> int:
@@ -216,25 +217,27 @@ def stop_load() -> dict[str, int]:
     return last
 
 
-def settle(windows: dict[str, tuple[int, int]], timeout: float = 150, quiet: float = 4) -> tuple[dict, float]:
-    """Wait until the agents have everything acked, the consumer lag is 0 and the central files
-    stop changing (`quiet` s); bounded by `timeout`. Returns the central stats and the wait."""
+def settle(windows: dict[str, tuple[int, int]], timeout: float = 180, quiet: float = 4, stall: float = 25):
+    """Wait until the pipeline is idle: every agent byte acked, consumer lag 0 and the central files
+    unchanged for `quiet` s. Gives up when the central files have not changed for `stall` s (or
+    after `timeout`). Returns the central stats, the wait and what was still pending."""
     t0 = time.monotonic()
-    last_key, stable_since = None, time.monotonic()
+    last_key, changed = None, t0
     while True:
         stats = {svc.module: central_stats(svc, *windows[svc.module]) for svc in SERVICES}
         key = json.dumps(stats, sort_keys=True)
         now = time.monotonic()
         if key != last_key:
-            last_key, stable_since = key, now
-        elif (
-            now - stable_since >= quiet
-            and all(agent_settled(svc) for svc in SERVICES)
-            and consumer_lag() == 0
-        ):
-            return stats, now - t0
-        if now - t0 > timeout:
-            return stats, now - t0
+            last_key, changed = key, now
+        elif now - changed >= quiet:
+            pending = {svc.module: agent_unacked(svc) for svc in SERVICES}
+            lag = consumer_lag()
+            idle = lag == 0 and not any(pending.values())
+            if idle or now - changed >= stall or now - t0 >= timeout:
+                left = "" if idle else f"not idle: agent unacked bytes {pending}, consumer lag {lag}"
+                return stats, now - t0, left
+        elif now - t0 >= timeout:
+            return stats, now - t0, "timeout"
         time.sleep(1.5)
 
 
@@ -285,16 +288,33 @@ def test_latency_p99_under_load():
     def records() -> float:
         return sum(v for _, v in metric_values(consumer_metrics(), "keplerlog_consumer_records_total"))
 
-    # The consumer keeps the 4096 most recent samples (one per record in batches below 256 records):
-    # wait until all of them come from steady load, none from the backlog it found at its start.
+    def current_p99() -> float:
+        return dict(metric_values(consumer_metrics(), "keplerlog_consumer_latency_seconds"))[
+            '{quantile="0.99"}'
+        ]
+
+    # The consumer keeps the 4096 most recent samples (one per record in batches below 256 records,
+    # ~20 records/s here). Once the steady load has run 30 s, a p99 below the 1 s target is taken
+    # as it is; a higher one may still hold samples of a backlog (the consumer starts after the
+    # agents in site.yml), so then the reservoir is left to turn over completely before judging.
+    start_load()  # running since converge; started here when the test runs on its own
+    wait_for("a steady pipeline", lambda: consumer_lag() == 0, 60, 2)
     start, t0 = records(), time.monotonic()
-    wait_for("4096 fresh latency samples", lambda: records() - start >= 4096, 180, 3)
+    wait_for(
+        "fresh latency samples",
+        lambda: time.monotonic() - t0 >= 30 and (current_p99() < 1.0 or records() - start >= 4096),
+        300,
+        5,
+    )
     text = consumer_metrics()
     q = dict(metric_values(text, "keplerlog_consumer_latency_seconds"))
     p50, p99 = q['{quantile="0.5"}'], q['{quantile="0.99"}']
-    rate = (records() - start) / (time.monotonic() - t0)
+    fresh = records() - start
+    rate = fresh / (time.monotonic() - t0)
+    assert fresh > 0, "no record written in the window: no load?"
     print(
-        f"\nend-to-end latency under load (LOG_RATE 150 + 100 lines/s, {rate:.0f} records/s): "
+        f"\nend-to-end latency under load (LOG_RATE 150 + 100 lines/s, {rate:.0f} records/s, "
+        f"{fresh:.0f} records in the window): "
         f"p50 {p50:.3f} s, p99 {p99:.3f} s (target < 1 s, limit 4 s)"
     )
     assert p99 < 4.0
@@ -410,9 +430,9 @@ def test_fault_loses_nothing(fault, dockerc, tmp_path_factory):
     time.sleep(8)  # steady load after the recovery
     last = stop_load()
     windows = {svc.module: (first[svc.module], last[svc.module]) for svc in SERVICES}
-    central, waited = settle(windows)
+    central, waited, left = settle(windows)
 
-    row = FaultRow(fault, settle_s=waited, notes=[note])
+    row = FaultRow(fault, settle_s=waited, notes=[note] + ([left] if left else []))
     for svc in SERVICES:
         lo, hi = windows[svc.module]
         src = source_stats(svc, lo, hi)
@@ -444,7 +464,9 @@ def test_every_line_exactly_once_in_the_right_file():
     windows = {}
     for svc in SERVICES:
         windows[svc.module] = (1, next_seq(svc) - 1)
-    central, _ = settle(windows)
+    central, _, left = settle(windows)
+    if left:
+        print(f"\npipeline {left}")
     for svc in SERVICES:
         lo, hi = windows[svc.module]
         src = source_stats(svc, lo, hi)
