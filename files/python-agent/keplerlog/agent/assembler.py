@@ -176,6 +176,9 @@ class Assembler:
         if tail_due:
             self._append(self._tail, 1)
             self._tail = b""
+        if tail_due or event_due:
+            # A timed-out event moved into the open record: close it too, or the last event
+            # of an idle file would wait for more bytes (or a shutdown) to be shipped.
             self._close(out, ts_ms)
         self._held_wall = wall
         return out

@@ -266,6 +266,19 @@ def test_multiline_groups_events_and_flushes_on_timeout_and_max_lines():
     assert [c.data for c in chunks] == [b"4\n a\n b\n"]
 
 
+def test_multiline_event_of_an_idle_batched_file_ships_after_timeout():
+    # Regression: with batching (not one line per record) the timed-out last event was moved
+    # into the open record but the record was never closed, so an idle file kept it forever.
+    ml = Multiline(start=re.compile(rb"^\d"), max_lines=100, timeout_ms=500)
+    a = _asm(max_record_bytes=1000, max_line_bytes=100, multiline=ml)
+    first = a.feed(b"1 a\n2 b\n at x\n", 1000.0, 1.0)
+    assert b"".join(c.data for c in first) == b"1 a\n"
+    assert a.poll(1000.0, 1.2) == []
+    (c,) = a.poll(1000.0, 1.6)
+    assert (c.offset, c.data, c.lines) == (4, b"2 b\n at x\n", 2)
+    assert a.held == 0
+
+
 def test_multiline_events_packed_without_splitting():
     ml = Multiline(start=re.compile(rb"^E"), max_lines=100, timeout_ms=500)
     a = _asm(max_record_bytes=30, max_line_bytes=10, multiline=ml)
