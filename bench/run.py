@@ -230,38 +230,76 @@ def throughput_table(merged: dict[str, Any]) -> list[str]:
     return _table(header, rows)
 
 
-def generic_table(part: dict[str, Any], name: str) -> list[str]:
-    """A part whose schema this harness does not own: its scalar fields as columns."""
-    if not part.get("ok") and not part.get("data"):
-        return [f"_{name}: failed — {part.get('error', '')}_"]
-    rows = _rows_of(part.get("data"))
-    cols: list[str] = []
-    for r in rows:
-        for key, value in r.items():
-            if isinstance(value, str | int | float | bool) and key not in cols and key != "machine":
-                cols.append(key)
-    cols = cols[:9]
-    body = [[_num(r.get(c), 2) if isinstance(r.get(c), float) else _num(r.get(c)) for c in cols]
-            for r in rows]  # fmt: skip
-    out = _table(cols, body) if cols else [f"_{name}: no rows_"]
-    if not part.get("ok"):
-        out.append(f"\n_{name}: {part.get('error', '')}_")
-    return out
-
-
 def agent_sections(part: dict[str, Any]) -> list[str]:
-    """bench_agent.py's figures, section by section (its schema belongs to the agent team)."""
+    """bench_agent.py's figures against the agent's targets (issue: ≥100k lines/s on one core,
+    ≤40 MB RSS, ≤2 % of a core at 200 lines/s, p99 ≤ 0.5 s at 10k lines/s)."""
     data = part.get("data")
     if not isinstance(data, dict):
         return [f"_agent: failed — {part.get('error', '')}_"]
-    out = []
-    for name, section in data.items():
-        if isinstance(section, dict):
-            fields = ", ".join(f"{k}={v}" for k, v in section.items() if isinstance(v, str | int | float))
-            out.append(f"- `{name}`: {fields}")
+    tp = data.get("throughput") or {}
+    cpu = data.get("cpu_200_lines_s") or {}
+    lat = data.get("latency_10k_lines_s") or {}
+    big = data.get("throughput_16mib_buffer") or {}
+
+    def row(name: str, value: Any, target: str, ok: bool | None, digits: int = 0) -> list[str]:
+        verdict = "–" if ok is None or value is None else ("yes" if ok else "**no**")
+        return [name, _num(value, digits), target, verdict]
+
+    def _le(v: Any, limit: float) -> bool | None:
+        return None if v is None else float(v) <= limit
+
+    def _ge(v: Any, limit: float) -> bool | None:
+        return None if v is None else float(v) >= limit
+
+    rows = [
+        row("lines/s, 200 B lines, one core, 3 brokers, acks=all (defaults)", tp.get("lines_per_s"),
+            ">= 100,000", _ge(tp.get("lines_per_s"), 100_000)),
+        row("peak RSS during that run (MB)", tp.get("peak_rss_mb"), "<= 40",
+            _le(tp.get("peak_rss_mb"), 40), 1),
+        row("CPU at a steady 200 lines/s (% of one core)", cpu.get("cpu_percent_of_one_core"), "<= 2",
+            _le(cpu.get("cpu_percent_of_one_core"), 2), 2),
+        row("RSS at 200 lines/s (MB)", cpu.get("rss_mb"), "<= 40", _le(cpu.get("rss_mb"), 40), 1),
+        row("p99 write → readable in Kafka at 10k lines/s (s)", lat.get("p99_s"), "<= 0.5",
+            _le(lat.get("p99_s"), 0.5), 3),
+    ]  # fmt: skip
+    if big:
+        rows.append(row("lines/s with a 16 MiB buffer (comparison)", big.get("lines_per_s"), "–", None))
+        rows.append(row("peak RSS with a 16 MiB buffer (MB)", big.get("peak_rss_mb"), "–", None, 1))
+    out = _table(["measure", "value", "target", "met"], rows)
     if not part.get("ok"):
-        out.append(f"- failed: {part.get('error', '')}")
-    return out or ["_agent: no figures_"]
+        out.append(f"\n_agent: {part.get('error', '')}_")
+    return out
+
+
+def consumer_table(part: dict[str, Any]) -> list[str]:
+    """keplerlog-consumer vs kcat consuming the same topic to one file vs dd (the disk)."""
+    data = part.get("data")
+    if not isinstance(data, dict) or "consumer" not in data:
+        return [f"_consumer: failed — {part.get('error', '')}_"]
+    runs = data.get("runs") or {}
+    cons = data.get("consumer") or {}
+    kcat = data.get("kcat") or {}
+    dd = data.get("dd") or {}
+    mine = cons.get("mb_s")
+    rows = [
+        ["keplerlog-consumer → day files (fsync, then commit), one process", _num(mine, 1), "1.00",
+         f"median of {len(runs.get('consumer_mb_s', []) or [1])} runs: {runs.get('consumer_mb_s', '')}"],
+        ["kcat -C → one file (no fsync, no commit)", _num(kcat.get("mb_s"), 1),
+         _num(kcat["mb_s"] / mine, 2) if mine and kcat.get("mb_s") else "–",
+         f"runs: {runs.get('kcat_mb_s', '')}"],
+        ["dd, sequential write with fdatasync (the disk)", _num(dd.get("mb_s"), 1),
+         _num(dd["mb_s"] / mine, 2) if mine and dd.get("mb_s") else "–", ""],
+    ]  # fmt: skip
+    params = data.get("params") or {}
+    out = _table(["writer", "MB/s", "× consumer", "notes"], rows)
+    out.append("")
+    out.append(
+        f"{params.get('mb', '?')} MB of {params.get('line_bytes', '?')}-byte lines in "
+        f"{params.get('record_kb', '?')} KB records, {params.get('modules', '?')} modules, "
+        f"{params.get('partitions', '?')} partitions, {params.get('compression', '?')}. "
+        "Targets: ≥ 100 MB/s and within 2× of kcat."
+    )
+    return out
 
 
 def latency_table(part: dict[str, Any]) -> list[str]:
@@ -303,11 +341,13 @@ def markdown(merged: dict[str, Any]) -> str:
         "",
         "**Consumer: Kafka to day files**",
         "",
-        *generic_table(merged["parts"].get("consumer", {}), "consumer"),
+        *consumer_table(merged["parts"].get("consumer", {})),
         "",
         "**End-to-end latency (file → agent → Kafka → consumer → day file)**",
         "",
         *latency_table(merged["parts"].get("latency", {})),
+        "",
+        "![throughput](bench/results/throughput.png) ![latency](bench/results/latency.png)",
     ]
     return "\n".join(lines) + "\n"
 
