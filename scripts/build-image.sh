@@ -19,7 +19,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 module=${1:-}
 if [[ -z "$module" || "$module" == -* ]]; then
-  echo "usage: $0 MODULE [docker build options...]  (modules: $(ls "$root/files/modules" | tr '\n' ' '))" >&2
+  echo "usage: $0 MODULE [docker build options...]  (modules: $(find "$root/files/modules" -mindepth 1 -maxdepth 1 -type d ! -name '_*' -printf '%f ' | sort))" >&2
   exit 2
 fi
 shift
@@ -50,7 +50,8 @@ rm -rf "$ctx"
 mkdir -p "$ctx"
 cp -a "$root/files/image" "$ctx/image"
 cp -a "$root/dist/wheelhouse" "$ctx/wheelhouse"
-cp -a "$src" "$ctx/$module"
+# -L: the demo modules link their shared start.sh, stop.sh and program; the image gets copies.
+cp -aL "$src" "$ctx/$module"
 find "$ctx" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
 
 echo "build-image: building $repo/$module:$version (service $SERVICE_NAME, base $base)"
