@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from keplerlog.agent.identity import FileIdentity, Fingerprint
+from keplerlog.durable import atomic_write
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -86,18 +86,4 @@ def save(path: Path, files: list[FileState]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"version": STATE_VERSION, "files": {f.file_id: f.to_json() for f in files}}
     data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, data, mode=0o640)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from keplerlog.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -54,15 +56,6 @@ class FileOps:
     write: Callable[[int, memoryview], int] = field(default=os.write)
     fsync: Callable[[int], None] = field(default=os.fsync)
     ftruncate: Callable[[int, int], None] = field(default=os.ftruncate)
-
-
-def fsync_dir(path: str) -> None:
-    """Make a directory entry change (create, rename, unlink) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_dirs(root: str, rel_dir: str) -> None:

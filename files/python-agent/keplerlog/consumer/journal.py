@@ -21,7 +21,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import fsync_dir, make_dirs, parallel
+from keplerlog.durable import atomic_write, fsync_dir
+
+from .files import make_dirs, parallel
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +60,6 @@ class PartitionState:
 def state_name(topic: str, partition: int) -> str:
     """File name of one partition's state (Kafka topic names are path-safe)."""
     return f"{topic}-partition-{partition}.json"
-
-
-def atomic_write(path: Path, payload: bytes, sync_dir: bool = True) -> None:
-    """Replace `path` with `payload` atomically: temp file, fsync, rename, fsync the dir."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if sync_dir:
-        fsync_dir(str(path.parent))
 
 
 class Journal:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from keplerlog.consumer.layout import QUARANTINE_DIR, STATE_DIR, Layout
+from keplerlog.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +163,7 @@ def compress(path: str, compression: str) -> str:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     os.unlink(path)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return target
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
