@@ -26,7 +26,7 @@ from keplerlog.agent.assembler import Chunk
 from keplerlog.agent.config import AgentConfig, ConfigError, InputConfig, load
 from keplerlog.agent.metrics import Counters, FileGauge, MetricsServer, render, summary
 from keplerlog.agent.sender import Sender
-from keplerlog.agent.tailer import AssemblerSettings, Stream, TailedFile
+from keplerlog.agent.tailer import AssemblerSettings, Stream, TailedFile, find_rotated_copy
 from keplerlog.agent.watch import Waker, Watcher
 from keplerlog.record import Batch
 
@@ -133,7 +133,12 @@ class Agent:
             # An idle file is read at once (the previous read is long past).
             delay = self._last_read + coalesce - time.monotonic()
             if delay > 0:
-                time.sleep(delay)
+                # But notice a truncation at once: copytruncate's copy may be compressed and
+                # removed right after it, and the unread tail is only in that copy.
+                self._check_truncations(time.monotonic())
+                delay = self._last_read + coalesce - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
 
     def _timeout(self, mono: float) -> float:
         limit = self.cfg.limits.poll_interval_ms / 1000 if not self.watcher.inotify else RESCAN_S
@@ -287,8 +292,8 @@ class Agent:
                 try:
                     grew = f.refresh(mono)
                     # Check the fingerprint before reading bytes that may belong to a new file.
-                    if f.truncated(check_fp or grew):
-                        self._truncated(f)
+                    if f.truncated(check_fp or grew) and self._truncated(f, mono):
+                        progress = True  # the rotated copy's rest is read in the next pass
                 except OSError as exc:
                     self.counters.errors += 1
                     log.error("%s: %s", f.path, exc)
@@ -315,12 +320,52 @@ class Agent:
             check_fp = False
             wall, mono = time.time(), time.monotonic()
 
-    def _truncated(self, f: TailedFile) -> None:
+    def _check_truncations(self, mono: float) -> None:
+        """Size/fingerprint check of the files that changed, without reading them."""
+        if mono < self._send_backoff_until or not self.sender.connected:
+            return
+        for f in list(self.files.values()):
+            try:
+                if f.truncated(f.refresh(mono)):
+                    self._truncated(f, mono)
+            except OSError as exc:
+                self.counters.errors += 1
+                log.error("%s: %s", f.path, exc)
+
+    def _truncated(self, f: TailedFile, mono: float) -> bool:
+        """Restart a truncated file at 0 under a new id; return True if a rotated copy was found.
+
+        The old id's unread rest (and any of its records that still fail) is then read from the
+        copy, under the old id and offsets: nothing lost, no gap, no duplicate.
+        """
         self.counters.truncations += 1
         old = f.stream
+        offset, seen = f.read_offset, f.prev_size
+        found = find_rotated_copy(f.path, old.identity.fingerprint, offset, frozenset(self.files))
+        if found is not None and found[2].st_size == offset and f.fully_acked():
+            os.close(found[1])  # nothing left to read or to re-read: the copy is not needed
+            found = None
+        if found is not None:
+            path, fd, st = found
+            self.files[(st.st_dev, st.st_ino)] = f.split_off(fd, st, self.settings, mono)
+            log.info(
+                "%s truncated; reading the rest of %s from %s (offset %d of %d)",
+                f.path,
+                old.file_id,
+                path,
+                offset,
+                st.st_size,
+            )
+            offset = max(offset, st.st_size)
         held = f.restart(self.settings)
         self._send(f, old, [c for _, c in held])
+        if seen > offset:
+            self.counters.lost_bytes += seen - offset
+            log.warning(
+                "%s: %d bytes of %s were truncated before they were read", f.path, seen - offset, old.file_id
+            )
         log.info("%s truncated; now %s from offset 0", f.path, f.stream.file_id)
+        return found is not None
 
     # -- Kafka -------------------------------------------------------------------------------
 
@@ -377,10 +422,16 @@ class Agent:
                 self._failed(f, stream, offset, size)
 
     def _failed(self, f: TailedFile, stream: Stream, offset: int, size: int) -> None:
-        """Re-read from a failed record's offset; impossible once the file was truncated."""
+        """Re-read from a failed record's offset (from the rotated copy after a truncation)."""
         if stream is not f.stream or f.fd < 0:
-            self.counters.lost_bytes += size
-            return
+            copy = next((c for c in self.files.values() if c.stream is stream and c.fd >= 0), None)
+            if copy is None:
+                self.counters.lost_bytes += size
+                log.warning(
+                    "%s: %d bytes at offset %d of %s lost (truncated)", f.path, size, offset, stream.file_id
+                )
+                return
+            f = copy
         target = max(offset, stream.acks.acked)
         if target < f.read_offset:
             f.rewind(target)

@@ -8,12 +8,15 @@ has not reopened its log yet may still append to the renamed file).
 
 Truncation (copytruncate, `> file`) is detected when the size drops below the read offset or,
 when the file has meanwhile grown back past it, when the fingerprint of its first bytes no
-longer matches. The file then gets a new identity (new `kl.file`) and is read from 0.
+longer matches. The file then gets a new identity (new `kl.file`) and is read from 0. What the
+old identity had not read yet (or not yet seen acknowledged) is finished from the rotated copy
+when one is found (`find_rotated_copy`, `split_off`).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from keplerlog.agent.acks import AckTracker
@@ -29,6 +32,66 @@ from keplerlog.agent.identity import (
 )
 
 READ_CHUNK = 256 * 1024
+ROTATED_SEPARATORS = ".-_"
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".bz2", ".xz", ".lz4")
+
+
+def is_rotated_name(name: str, candidate: str) -> bool:
+    """Tell whether `candidate` may be an uncompressed rotated copy of the file named `name`.
+
+    `name` + a separator (`.`, `-`, `_`) + a non-empty suffix: `app.log.1`, `app.log-20261124`,
+    `app.log.2026-11-24`, `app.log_0`; never a compressed one (`app.log.2.gz`).
+    """
+    return (
+        len(candidate) > len(name) + 1
+        and candidate.startswith(name)
+        and candidate[len(name)] in ROTATED_SEPARATORS
+        and not candidate.endswith(COMPRESSED_SUFFIXES)
+    )
+
+
+def find_rotated_copy(
+    path: str, fingerprint: Fingerprint, min_size: int, skip: frozenset[tuple[int, int]] = frozenset()
+) -> tuple[str, int, os.stat_result] | None:
+    """Find and open the copy copytruncate made of `path` before truncating it.
+
+    A candidate is a regular file next to `path` with a rotated name (`is_rotated_name`), at
+    least `min_size` (and 1) bytes long, not one of the `skip` (dev, inode) keys, whose first
+    bytes match `fingerprint` (the truncated identity's). Of several, the newest (ctime) wins.
+    Returns (path, open read-only descriptor, stat) or None.
+    """
+    directory, name = os.path.split(path)
+    best: tuple[str, int, os.stat_result] | None = None
+    try:
+        entries = sorted(e.name for e in os.scandir(directory or "."))
+    except OSError:
+        return None
+    for entry in entries:
+        if not is_rotated_name(name, entry):
+            continue
+        candidate = os.path.join(directory, entry)
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            ok = (
+                stat.S_ISREG(st.st_mode)
+                and st.st_size >= max(min_size, 1)
+                and (st.st_dev, st.st_ino) not in skip
+                and fingerprint.matches_fd(fd)
+                and (best is None or st.st_ctime_ns > best[2].st_ctime_ns)
+            )
+        except OSError:
+            ok = False
+        if not ok:
+            os.close(fd)
+            continue
+        if best is not None:
+            os.close(best[1])
+        best = (candidate, fd, st)
+    return best
 
 
 @dataclass(slots=True)
@@ -65,6 +128,7 @@ class TailedFile:
     stream: Stream
     assembler: Assembler
     size: int = 0
+    prev_size: int = 0
     last_growth: float = 0.0
     detached: bool = False
     finishing: bool = False
@@ -124,6 +188,7 @@ class TailedFile:
         changed = st.st_size != self.size
         if changed:
             self.last_growth = mono
+            self.prev_size = self.size
         self.size = st.st_size
         if st.st_nlink == 0:
             self.detached = True
@@ -135,6 +200,31 @@ class TailedFile:
             return True
         fp = self.stream.identity.fingerprint
         return check_fingerprint and fp.length > 0 and not fp.matches_fd(self.fd)
+
+    def split_off(self, fd: int, st: os.stat_result, settings: AssemblerSettings, mono: float) -> TailedFile:
+        """Move the current stream to its rotated copy `fd` (call `restart` next).
+
+        The returned file carries on the same `kl.file` id, acks and assembler (held bytes
+        included) at the same read offset, so the consumer sees a seamless continuation; it is
+        detached, so it is closed once read to its end, quiet and fully acknowledged. The
+        identity takes the copy's device and inode (what a restart finds it by).
+        """
+        old = self.stream
+        old.identity = FileIdentity(old.file_id, st.st_dev, st.st_ino, old.identity.fingerprint)
+        copy = TailedFile(
+            path=self.path,
+            fd=fd,
+            inp=self.inp,
+            stream=old,
+            assembler=self.assembler,
+            size=st.st_size,
+            prev_size=st.st_size,
+            last_growth=mono,
+            detached=True,
+            prefix=self.prefix,
+        )
+        self.assembler = _assembler(0, self.inp, settings)
+        return copy
 
     def restart(self, settings: AssemblerSettings) -> list[tuple[Stream, Chunk]]:
         """Start a new stream at offset 0 after truncation; return the old stream's held bytes."""
@@ -150,6 +240,7 @@ class TailedFile:
         self.truncations += 1
         self.finishing = False
         self.size = st.st_size
+        self.prev_size = st.st_size
         return held
 
     def read(self, budget: int, wall: float, mono: float) -> tuple[list[Chunk], int, int]:
