@@ -226,20 +226,6 @@ def test_truncation_without_a_copy_counts_the_unread_bytes_lost(tmp_path):
 # -- real Kafka --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def reader(kafka, topic):
-    r = TopicReader(kafka.bootstrap, topic)
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def logdir(tmp_path):
-    d = tmp_path / "logs"
-    d.mkdir()
-    return d
-
-
 def _no_duplicates(reader: TopicReader) -> None:
     for fid, recs in reader.records.items():
         offsets = [o for o, _ in recs]

@@ -8,23 +8,9 @@ import signal
 import time
 
 import pytest
-from agent_support import AgentProcess, TopicReader, append, lines, write_config
+from agent_support import AgentProcess, append, lines, write_config
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture
-def reader(kafka, topic):
-    r = TopicReader(kafka.bootstrap, topic)
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def logdir(tmp_path):
-    d = tmp_path / "logs"
-    d.mkdir()
-    return d
 
 
 def _agent(tmp_path, kafka, topic, logdir, **over) -> AgentProcess:
