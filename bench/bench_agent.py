@@ -39,7 +39,7 @@ from keplerlog.testing.kafka_node import KafkaCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = 200
-OLD_BUFFER = 16 * 1024 * 1024  # the default before 4 MiB: the comparison row
+OLD_BUFFER = 16 * 1024 * 1024  # the default before 4 MiB (now 3 MiB): the comparison row
 
 
 def replication(cluster: KafkaCluster) -> int:

@@ -19,6 +19,20 @@ from keplerlog.agent.config import AgentConfig
 log = logging.getLogger(__name__)
 
 
+def batch_size(max_record_bytes: int) -> int:
+    """kafka-python's `batch_size` for the agent: as large as one record may be.
+
+    The record key keeps a module on one partition, and the idempotent producer has at most ONE
+    batch in flight per partition (kafka-python mutes the partition until the batch is acked),
+    so a module's throughput is one batch per acks=all round trip. The agent's records (one per
+    read, <= 256 KiB) therefore queue up while a batch is in flight and go out together in the
+    next one: a batch as large as `max_record_bytes` (which is set below the broker's
+    message.max.bytes) carries 3-4 of them per round trip instead of 1, and can never be
+    refused as too large however badly the data compresses.
+    """
+    return max(256 * 1024, max_record_bytes)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """A send result: `error` None means acknowledged by all in-sync replicas."""
@@ -56,7 +70,7 @@ class Sender:
                 enable_idempotence=True,
                 compression_type=None if k.compression == "none" else k.compression,
                 linger_ms=k.linger_ms,
-                batch_size=256 * 1024,
+                batch_size=batch_size(k.max_record_bytes),
                 max_request_size=max(1024 * 1024, k.max_record_bytes + 64 * 1024),
                 max_block_ms=5000,
                 bootstrap_timeout_ms=bootstrap_timeout_ms,

@@ -61,7 +61,7 @@ def test_config_defaults_and_example_from_interfaces():
                 "multiline": {"start": r"^\d{4}-\d{2}-\d{2}", "max_lines": 500, "timeout_ms": 1000},
             }
         ],
-        "limits": {"max_buffer_bytes": 4194304, "max_line_bytes": 65536},
+        "limits": {"max_buffer_bytes": 3145728, "max_line_bytes": 65536},
         "metrics": {"port": 0, "log_interval_s": 60},
     }
     cfg = parse(doc, env={})
@@ -69,7 +69,7 @@ def test_config_defaults_and_example_from_interfaces():
     assert cfg.inputs[0].multiline is not None
     assert cfg.inputs[0].multiline.start.match(b"2024-01-01 x")
     assert cfg.kafka.compression == "lz4" and cfg.kafka.linger_ms == 0
-    assert cfg.limits.max_buffer_bytes == _cfg().limits.max_buffer_bytes == 4 * 1024 * 1024
+    assert cfg.limits.max_buffer_bytes == _cfg().limits.max_buffer_bytes == 3 * 1024 * 1024
     assert _cfg().module == "shop"
 
 
@@ -441,3 +441,27 @@ def test_prometheus_text():
     assert "keplerlog_agent_lines_split_total 1" in text
     assert 'keplerlog_agent_file_lag_bytes{path="/l/\\"a\\".log",file="id"} 60' in text
     assert "keplerlog_agent_inflight_bytes 7" in text
+
+
+def test_producer_batches_hold_a_whole_record_or_more(monkeypatch):
+    """One batch in flight per partition (idempotence): the batch must carry several reads."""
+    import kafka.producer
+
+    from keplerlog.agent import sender as sender_mod
+
+    seen: dict = {}
+
+    class FakeProducer:
+        def __init__(self, **kw):
+            seen.update(kw)
+
+    monkeypatch.setattr(kafka.producer, "KafkaProducer", FakeProducer)
+    cfg = _cfg()
+    assert sender_mod.Sender(cfg, lambda: None).connect()
+    k = cfg.kafka
+    assert seen["enable_idempotence"] is True and seen["acks"] == "all"
+    assert seen["batch_size"] == k.max_record_bytes == 900_000
+    # never larger than one record may be: a batch can't be refused as too large
+    assert seen["batch_size"] <= seen["max_request_size"]
+    assert sender_mod.batch_size(64 * 1024) == 256 * 1024
+    assert sender_mod.batch_size(2_000_000) == 2_000_000
