@@ -266,7 +266,6 @@ def test_copytruncate_ships_lines_the_agent_had_not_read_yet(tmp_path, kafka, to
 
 
 @pytest.mark.kafka
-@pytest.mark.skipif(not os.access(LOGROTATE, os.X_OK), reason="needs logrotate")
 def test_real_logrotate_copytruncate_with_delaycompress(tmp_path, kafka, topic, logdir, reader):
     log = logdir / "portal.log"
     conf = tmp_path / "logrotate.conf"
