@@ -154,22 +154,64 @@ class Agent:
         return max(0.0, min(deadlines) - mono)
 
     def _shutdown(self) -> None:
-        log.info("stopping: draining what was read")
+        """Read every followed file to its current end, ship it, wait for the acks, checkpoint.
+
+        supervisord stops the application first and the agent after it, so the application's
+        last lines (often why it stopped) were written after the agent's last wake-up: they
+        are read now, partial last lines included (shipped as they are). Whatever is not
+        acknowledged within `shutdown_timeout_s` is logged with its size and re-read from the
+        checkpoint at the next start.
+        """
+        limit = self.cfg.limits.shutdown_timeout_s
+        deadline = time.monotonic() + limit
+        log.info("stopping: reading every file to its end and shipping it (at most %.0f s)", limit)
+        self._results()
+        if self.sender.connected:
+            self._scan(time.monotonic())  # files created since the last rescan
+            self._drain_reads(deadline)
         for f in list(self.files.values()):
             self._send(f, f.stream, f.assembler.flush())
-        deadline = time.monotonic() + self.cfg.limits.shutdown_timeout_s
         if self.sender.connected and self.inflight:
             self.sender.flush(timeout=max(0.0, deadline - time.monotonic()))
         while self.inflight and time.monotonic() < deadline:
             self._results()
             if self.inflight:
-                self.watcher.wait(min(0.1, deadline - time.monotonic()))
+                self.watcher.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         self._results()
-        if self.inflight:
-            log.warning("stopping with %d bytes unacknowledged; they will be re-sent", self.inflight)
         self._checkpoint()
+        pending, unread = self._unacknowledged()
+        if pending:
+            log.warning(
+                "stopping with %d bytes not acknowledged (%d of them not read) in %d files; "
+                "they are re-read from the checkpoint at the next start",
+                sum(pending.values()),
+                unread,
+                len(pending),
+            )
         self.sender.close(timeout=1)
         log.info("stopped")
+
+    def _drain_reads(self, deadline: float) -> None:
+        """Read every file to its end before `deadline`, waiting for acks when the budget is spent."""
+        while True:
+            self._read_all(time.time(), time.monotonic(), draining=True)
+            self._results()
+            if all(f.at_eof for f in self.files.values()) or time.monotonic() >= deadline:
+                return
+            self.sender.poke()
+            self.watcher.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            self._results()
+
+    def _unacknowledged(self) -> tuple[dict[str, int], int]:
+        """Bytes per file id between the acknowledged offset and the file's end; and unread bytes."""
+        pending: dict[str, int] = {}
+        unread = 0
+        for f in self.files.values():
+            behind = max(f.size, f.read_offset) - f.stream.acks.acked
+            if behind > 0:
+                pending[f.stream.file_id] = pending.get(f.stream.file_id, 0) + behind
+                unread += max(0, f.size - f.read_offset)
+        return pending, unread
 
     # -- files -------------------------------------------------------------------------------
 
@@ -277,15 +319,18 @@ class Agent:
         held = sum(f.assembler.held for f in self.files.values())
         return self.cfg.limits.max_buffer_bytes - self.inflight - held
 
-    def _read_all(self, wall: float, mono: float) -> None:
-        """Read every file that grew, round-robin, until nothing is left or the budget is spent."""
+    def _read_all(self, wall: float, mono: float, *, draining: bool = False) -> None:
+        """Read every file that grew, round-robin, until nothing is left or the budget is spent.
+
+        A stop request ends the pass early unless `draining` (the shutdown reads to the end).
+        """
         if mono < self._send_backoff_until or not self.sender.connected:
             return
         check_fp = mono >= self._next_fp_check
         if check_fp:
             self._next_fp_check = mono + FINGERPRINT_CHECK_S
         progress = True
-        while progress and not self.stopping:
+        while progress and (draining or not self.stopping):
             progress = False
             self._results()
             for f in list(self.files.values()):

@@ -1,0 +1,217 @@
+"""SIGTERM: the agent reads every followed file to its end, ships it and checkpoints the acks.
+
+The bytes at risk are the ones written after the agent's last wake-up (supervisord stops the
+application first, so its last lines are exactly those). The tests make them certain: the agent
+is frozen with SIGSTOP, the files change, and SIGTERM is pending when it resumes, so nothing can
+be read before the stop request is seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from agent_support import AgentProcess, append, lines, write_config
+
+from keplerlog.agent.config import load
+from keplerlog.agent.main import Agent
+from keplerlog.agent.sender import Outcome
+
+
+def _state_offsets(tmp_path: Path) -> list[int]:
+    files = json.loads((tmp_path / "state" / "agent-state.json").read_text())["files"]
+    return sorted(v["offset"] for v in files.values())
+
+
+def _checkpointed(tmp_path: Path, offsets: list[int]) -> bool:
+    return (tmp_path / "state" / "agent-state.json").exists() and _state_offsets(tmp_path) == offsets
+
+
+@pytest.mark.kafka
+def test_sigterm_reads_every_file_to_its_end_first(tmp_path, kafka, topic, logdir, reader):
+    log = logdir / "app.log"
+    append(log, lines("before", 200))
+    paths = [str(logdir / "*.log")]
+    cfg = write_config(tmp_path, kafka.bootstrap, topic, paths, limits={"close_inactive_s": 30})
+    agent = AgentProcess(cfg, tmp_path / "agent.out").start()
+    try:
+        reader.wait_contents({str(log): [log.read_bytes()]})
+        time.sleep(0.5)  # idle, blocked in its wait
+        agent.signal(signal.SIGSTOP)
+        # While it cannot wake up: a burst, a rename rotation whose old file still grows, a new
+        # file, and partial last lines in both (no newline yet).
+        append(log, lines("burst", 5000))
+        rotated = logdir / "app.log.1"
+        os.rename(log, rotated)
+        append(rotated, lines("late", 50) + b"partial tail of the rotated file")
+        append(log, lines("new", 300) + b"partial tail of the new file")
+        other = logdir / "other.log"
+        append(other, lines("other", 100))
+        # The fault happened: none of these bytes reached Kafka before the stop.
+        reader.poll(timeout_ms=1000)
+        assert not [v for _, v in reader.batches if b"burst" in v or b"new" in v or b"other" in v]
+        agent.signal(signal.SIGTERM)
+        agent.signal(signal.SIGCONT)
+        assert agent.wait(30) == 0, agent.output()
+    finally:
+        agent.stop()
+    out = agent.output()
+    assert "not acknowledged" not in out, out
+    reader.wait_contents(
+        {str(log): [rotated.read_bytes(), log.read_bytes()], str(other): [other.read_bytes()]}, timeout=10
+    )
+    # the checkpoint holds every byte as acknowledged: a restart re-sends nothing
+    assert _state_offsets(tmp_path) == sorted(p.stat().st_size for p in (rotated, log, other))
+
+
+# -- in process, with a sender that acknowledges only what the test says --------------------
+
+
+class FakeSender:
+    """Stands in for `Sender`: keeps every record; acknowledges on request (or at once)."""
+
+    def __init__(self, wake, *, auto_ack: bool) -> None:
+        self.results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.sent: list[tuple[bytes, tuple]] = []
+        self.connected = False
+        self._wake = wake
+        self._auto = auto_ack
+
+    def connect(self, bootstrap_timeout_ms: int = 5000) -> bool:
+        self.connected = True
+        return True
+
+    def send(self, value: bytes, key: bytes, headers: list, token: tuple) -> None:
+        self.sent.append((value, token))
+        if self._auto:
+            self.results.put(Outcome(token, None))
+            self._wake()
+
+    def ack(self, index: int, error: BaseException | None = None) -> None:
+        self.results.put(Outcome(self.sent[index][1], error))
+        self._wake()
+
+    def poke(self) -> None:
+        pass
+
+    def flush(self, timeout: float) -> bool:
+        return not self._auto
+
+    def close(self, timeout: float = 0) -> None:
+        self.connected = False
+
+
+def _in_process(tmp_path: Path, logdir: Path, *, auto_ack: bool, **limits) -> tuple[Agent, FakeSender]:
+    cfg_path = write_config(
+        tmp_path,
+        "127.0.0.1:1",
+        "t",
+        [str(logdir / "*.log")],
+        limits={"shutdown_timeout_s": 1, "read_coalesce_ms": 0, **limits},
+        kafka={"max_record_bytes": 65536},
+    )
+    agent = Agent(load(str(cfg_path)))
+    sender = FakeSender(agent.waker.wake, auto_ack=auto_ack)
+    agent.sender = sender  # type: ignore[assignment]
+    return agent, sender
+
+
+def _stop_then(agent: Agent, change) -> None:
+    """Ask the agent to stop, make `change` once it has left its loop, then let it drain.
+
+    Whatever `change` writes comes after the agent's last wake-up: only the drain can read it.
+    """
+    gate = threading.Event()
+    drain = agent._shutdown
+
+    def gated() -> None:
+        gate.wait(10)
+        drain()
+
+    agent._shutdown = gated  # type: ignore[method-assign]
+    agent.request_stop()
+    try:
+        change()
+    finally:
+        gate.set()
+
+
+def _wait(check, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_checkpoint_is_the_acknowledged_offset_not_the_read_one(tmp_path, logdir):
+    log = logdir / "app.log"
+    data = lines("c", 3000)  # 180 KB: several 64 KiB records
+    append(log, data)
+    agent, sender = _in_process(tmp_path, logdir, auto_ack=False, max_buffer_bytes=1 << 20)
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    try:
+        _wait(lambda: sum(len(v) for v, _ in sender.sent) == len(data))
+        assert len(sender.sent) >= 3
+        sender.ack(1)  # out of order: nothing is contiguous from 0 yet
+        time.sleep(0.3)
+        assert not (tmp_path / "state" / "agent-state.json").exists() or _state_offsets(tmp_path) == [0]
+        sender.ack(0)
+        first_two = len(sender.sent[0][0]) + len(sender.sent[1][0])
+        _wait(lambda: _checkpointed(tmp_path, [first_two]))
+        assert first_two < len(data)  # read to the end, checkpointed only what was acknowledged
+    finally:
+        agent.request_stop()
+        thread.join(10)
+    assert _state_offsets(tmp_path) == [first_two]
+
+
+def test_what_is_not_acknowledged_within_the_drain_timeout_is_logged_and_left(tmp_path, logdir, caplog):
+    log = logdir / "app.log"
+    append(log, lines("d", 100))
+    agent, sender = _in_process(tmp_path, logdir, auto_ack=False)
+    thread = threading.Thread(target=agent.run)
+    caplog.set_level(logging.INFO, logger="keplerlog.agent")
+    thread.start()
+    try:
+        _wait(lambda: len(sender.sent) == 1)
+        sender.ack(0)
+        acked = len(sender.sent[0][0])
+        _wait(lambda: _checkpointed(tmp_path, [acked]))
+        t0 = time.monotonic()
+        _stop_then(agent, lambda: append(log, lines("unacked", 500) + b"no newline"))
+    finally:
+        agent.request_stop()
+        thread.join(10)
+    took = time.monotonic() - t0
+    assert not thread.is_alive()
+    assert took < 3, f"the drain took {took:.1f} s with a 1 s timeout"
+    pending = log.stat().st_size - acked
+    # read to its end (the partial line too) and sent, but never acknowledged
+    assert sum(len(v) for v, _ in sender.sent) == log.stat().st_size
+    assert f"stopping with {pending} bytes not acknowledged (0 of them not read) in 1 files" in caplog.text
+    assert _state_offsets(tmp_path) == [acked]  # left for the next start
+
+
+def test_drain_with_a_full_buffer_waits_for_acks_and_reads_on(tmp_path, logdir):
+    log = logdir / "app.log"
+    agent, sender = _in_process(tmp_path, logdir, auto_ack=True, max_buffer_bytes=65536, shutdown_timeout_s=5)
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    data = lines("big", 20_000)  # 1.2 MB: 18 times the buffer
+    try:
+        _wait(lambda: agent.sender.connected and agent._next_scan > 0)  # scanned: no file yet
+        _stop_then(agent, lambda: append(log, data))
+    finally:
+        agent.request_stop()
+        thread.join(15)
+    assert not thread.is_alive()
+    assert b"".join(v for v, _ in sender.sent) == data
+    assert _state_offsets(tmp_path) == [len(data)]
