@@ -6,7 +6,7 @@ VENV        := .venv
 BIN         := $(VENV)/bin
 PY          := $(BIN)/python
 MODULE      ?= portal
-SCENARIO    ?= --all
+SCENARIO    ?=
 AGENT_DIR   := files/python-agent
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
@@ -53,7 +53,7 @@ test-python: venv kafka-dist ## The Python suite (agent, consumer, prune) agains
 	@cd $(AGENT_DIR) && ../../scripts/timed.sh test-python ../../$(BIN)/pytest -q -p no:cacheprovider
 
 molecule: deps base-images kafka-dist wheelhouse ## Molecule scenarios (SCENARIO="-s kafka" for one)
-	@scripts/timed.sh molecule $(BIN)/molecule test $(SCENARIO)
+	@scripts/timed.sh molecule scripts/molecule-scenarios.sh $(SCENARIO)
 
 test: deps lint test-python molecule ## Everything CI runs: lint, Python tests, all Molecule scenarios
 
