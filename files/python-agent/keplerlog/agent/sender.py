@@ -33,6 +33,16 @@ def batch_size(max_record_bytes: int) -> int:
     return max(256 * 1024, max_record_bytes)
 
 
+# kafka-python gives up on a batch after `delivery_timeout_ms` (default 120 s) and fails it. The
+# agent would then re-send it, possibly after a later batch of the same file had been delivered
+# (batches expire independently), and a Kafka outage longer than the timeout would turn into a
+# storm of failures and re-sends. The agent never wants that: its own memory cap already bounds
+# what waits, and the file is the durable buffer. So a batch never expires while the agent runs
+# (Java's Integer.MAX_VALUE, about 24.8 days; retries are unlimited by default), and records
+# complete in order once Kafka is back. Only non-retriable errors still fail a record.
+DELIVERY_TIMEOUT_MS = 2**31 - 1
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """A send result: `error` None means acknowledged by all in-sync replicas."""
@@ -75,7 +85,7 @@ class Sender:
                 max_block_ms=5000,
                 bootstrap_timeout_ms=bootstrap_timeout_ms,
                 request_timeout_ms=30000,
-                delivery_timeout_ms=120000,
+                delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
                 retry_backoff_ms=200,
                 reconnect_backoff_max_ms=5000,
                 metrics_enabled=False,

@@ -1,11 +1,20 @@
-"""Kafka down, then up again: the agent stops reading at max_buffer_bytes and loses nothing."""
+"""Kafka down for longer than every client timeout, under load: nothing lost, no restart.
+
+The producer's timeouts (request 30 s; kafka-python's default delivery timeout of 120 s, which
+the agent turns off) are all shorter than the outage. While Kafka is down the agent reads up to
+`max_buffer_bytes` and then pauses; it must resume by itself within 10 s of Kafka coming back,
+and every line must arrive, in order, with no gap.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from agent_support import AgentProcess, TopicReader, append, lines, write_config
@@ -13,6 +22,10 @@ from agent_support import AgentProcess, TopicReader, append, lines, write_config
 from keplerlog.testing.kafka_node import KafkaCluster, free_port
 
 pytestmark = pytest.mark.kafka
+
+OUTAGE_S = float(os.environ.get("KEPLERLOG_TEST_OUTAGE_S", "150"))
+CAP = 1_000_000
+RESUME_S = 10
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -25,48 +38,106 @@ def _metrics(port: int) -> dict[str, float]:
     return out
 
 
-def test_kafka_down_then_up(tmp_path):
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+class Writer(threading.Thread):
+    """The application: 200 lines/s into app.log for as long as the test runs."""
+
+    def __init__(self, path) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.done = threading.Event()
+        self.n = 0
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            append(self.path, lines("live", 20, self.n, width=100))
+            self.n += 20
+            time.sleep(0.1)
+
+
+def test_kafka_down_longer_than_every_client_timeout(tmp_path):
+    assert OUTAGE_S > 120 or "KEPLERLOG_TEST_OUTAGE_S" in os.environ
     cluster = KafkaCluster(tmp_path / "kafka", size=1)
     cluster.start()
     reader = None
     agent = None
+    writer = None
     try:
         cluster.create_topic("outage", partitions=4, replication=1)
         logdir = tmp_path / "logs"
         logdir.mkdir()
         log = logdir / "app.log"
+        bulk = logdir / "bulk.log"
         port = free_port()
         cfg = write_config(
             tmp_path,
             cluster.bootstrap,
             "outage",
             [str(logdir / "*.log")],
-            limits={"max_buffer_bytes": 1_000_000},
+            limits={"max_buffer_bytes": CAP},
             metrics={"port": port},
             kafka={"max_record_bytes": 100_000},
         )
         agent = AgentProcess(cfg, tmp_path / "agent.out").start()
+        assert agent.proc is not None
+        pid = agent.proc.pid
+        writer = Writer(log)
+        writer.start()
         reader = TopicReader(cluster.bootstrap, "outage")
-        append(log, lines("up", 100))
-        reader.wait_contents({str(log): [log.read_bytes()]})
+        reader.wait_for(lambda: bool(reader.records))
         reader.close()
         reader = None
         for node in cluster.nodes:
             node.stop(signal.SIGKILL)  # a crash; also much faster than a clean shutdown
-        append(log, lines("down", 100_000, width=100))  # 10 MB while Kafka is down
-        time.sleep(4)
-        m = _metrics(port)
-        assert m["keplerlog_agent_bytes_read_total"] < 2_500_000  # stopped reading at the cap
-        assert m["keplerlog_agent_inflight_bytes"] <= 1_000_000
-        acked = json.loads((tmp_path / "state" / "agent-state.json").read_text())["files"]
-        assert [v["offset"] for v in acked.values()] == [len(lines("up", 100))]
+        down_at = time.monotonic()
+        append(bulk, lines("down", 100_000, width=100))  # 10 MB at once while Kafka is down
+        peak_inflight = peak_rss = 0.0
+        max_read = 0.0
+        while time.monotonic() - down_at < OUTAGE_S:
+            m = _metrics(port)
+            peak_inflight = max(peak_inflight, m["keplerlog_agent_inflight_bytes"])
+            max_read = m["keplerlog_agent_bytes_read_total"]
+            peak_rss = max(peak_rss, _rss_mb(pid))
+            assert agent.proc.poll() is None, agent.output()
+            time.sleep(2)
+        # the fault happened: the agent held unacknowledged bytes, and paused at its cap
+        assert peak_inflight > 0
+        assert peak_inflight <= CAP
+        assert max_read < 2.5 * CAP + writer.n * 100, "kept reading past its buffer cap"
+        assert peak_rss < 80, f"RSS {peak_rss:.0f} MB during the outage"
+        acked_before = _metrics(port)["keplerlog_agent_bytes_acked_total"]
         for node in cluster.nodes:
             node.start()
         cluster.wait_ready()
+        up_at = time.monotonic()
+        while _metrics(port)["keplerlog_agent_bytes_acked_total"] <= acked_before:
+            assert time.monotonic() - up_at < RESUME_S, "no ack within 10 s of Kafka coming back"
+            time.sleep(0.2)
+        resumed = time.monotonic() - up_at
+        time.sleep(3)  # keep writing after the outage
+        writer.done.set()
+        writer.join()
         reader = TopicReader(cluster.bootstrap, "outage")
-        reader.wait_contents({str(log): [log.read_bytes()]}, timeout=90)
+        # content() asserts no gap and that every replay equals what it replays
+        reader.wait_contents({str(log): [log.read_bytes()], str(bulk): [bulk.read_bytes()]}, timeout=120)
+        assert agent.proc.pid == pid and agent.proc.poll() is None, "the agent restarted"
         assert agent.stop() == 0, agent.output()
+        state = json.loads((tmp_path / "state" / "agent-state.json").read_text())["files"]
+        sizes = sorted([log.stat().st_size, bulk.stat().st_size])
+        assert sorted(v["offset"] for v in state.values()) == sizes
+        print(
+            f"outage {OUTAGE_S:.0f} s: peak in flight {peak_inflight:.0f} B, peak RSS {peak_rss:.1f} MB, "
+            f"first ack {resumed:.1f} s after Kafka was ready, {writer.n} live lines"
+        )
     finally:
+        if writer is not None:
+            writer.done.set()
         if agent is not None and agent.proc is not None and agent.proc.poll() is None:
             agent.proc.kill()
         if reader is not None:
