@@ -17,6 +17,9 @@ Environment (the agent applies the KEPLERLOG_* overrides of docs/interfaces.md i
   KEPLERLOG_METRICS_PORT       Prometheus text on 127.0.0.1:port when > 0 (default 0)
   KEPLERLOG_LINGER_MS          kafka.linger_ms (default: unset, the agent picks it by mode)
   KEPLERLOG_MAX_BUFFER_BYTES   limits.max_buffer_bytes (default: unset, the agent's 4 MiB)
+  KEPLERLOG_DRAIN_TIMEOUT      supervisord's stop wait for the agent (s); the agent's
+                               limits.shutdown_timeout_s is 5 s less, so it checkpoints and
+                               exits before supervisord's SIGKILL
 Unset tuning keys are left out of the file so that the agent's own defaults apply.
 """
 
@@ -64,6 +67,8 @@ def render() -> dict:
         kafka["linger_ms"] = int(env("KEPLERLOG_LINGER_MS", ""))
     if env("KEPLERLOG_MAX_BUFFER_BYTES", ""):
         limits["max_buffer_bytes"] = int(env("KEPLERLOG_MAX_BUFFER_BYTES", ""))
+    if env("KEPLERLOG_DRAIN_TIMEOUT", ""):
+        limits["shutdown_timeout_s"] = max(1, int(env("KEPLERLOG_DRAIN_TIMEOUT", "")) - 5)
     return {
         "service": service,
         "module": module,
