@@ -1,0 +1,269 @@
+"""The consumer's write protocol, killed at every step, without a broker.
+
+A batch is made durable in this order: intent `write` -> append to each day file -> fsync ->
+intent `commit` -> partition state files -> intent removed; only then does app.py commit the
+Kafka offsets. Each test kills the process at one step (an exception no `except OSError` catches,
+then the process's locks and descriptors released as a kill -9 would), recovers with a fresh Sink
+under a new consumer id, re-reads from where the recovery says to resume (the Kafka commit only
+where no state exists) and checks that the day files hold every line exactly once and that the
+state agrees with them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import namedtuple
+from zoneinfo import ZoneInfo
+
+import pytest
+from kafka import TopicPartition
+
+from keplerlog.consumer.app import ConsumerApp
+from keplerlog.consumer.config import load_config
+from keplerlog.consumer.files import FileCache, FileOps, PathGuard
+from keplerlog.consumer.journal import Journal
+from keplerlog.consumer.layout import Layout
+from keplerlog.consumer.metrics import Metrics
+from keplerlog.consumer.route import Router
+from keplerlog.consumer.sink import Sink
+from keplerlog.record import Batch
+
+Rec = namedtuple("Rec", "topic partition offset timestamp headers value")
+DAY = 1_700_000_000_000  # 2023-11-14 UTC
+P0, P1 = ("t", 0), ("t", 1)
+
+
+class Killed(BaseException):
+    """The process dies here (a BaseException: no `except OSError` or `except Exception` stops it)."""
+
+
+def make_sink(root, cid: str, ops: FileOps | None = None) -> Sink:
+    router = Router(Layout("{service}/{module}.{day}"), ZoneInfo("UTC"), PathGuard(str(root)))
+    return Sink(router, FileCache(str(root), 64, 60, ops), Journal(str(root), cid), Metrics())
+
+
+def die(sink: Sink) -> None:
+    """What a kill -9 leaves: no cleanup, but the kernel drops the flock and the descriptors."""
+    os.close(sink.journal._lock_fd)
+    for handle in list(sink.files._handles.values()):
+        os.close(handle.fd)
+    sink.files._handles.clear()
+
+
+def stream(module: str, partition: int, n: int) -> list[Rec]:
+    """n records of one source file on one partition; record i carries 3 lines."""
+    out, offset = [], 0
+    for i in range(n):
+        value = b"".join(f"{module} {i} {j}\n".encode() for j in range(3))
+        b = Batch("shop", module, "h1", f"/app/{module}.log", f"{module}-id", offset, 3, DAY)
+        out.append(Rec("t", partition, i, DAY, b.headers(), value))
+        offset += len(value)
+    return out
+
+
+PORTAL = stream("portal", 0, 9)
+BILLING = stream("billing", 1, 6)
+# Batches as polled: the first only has P0, so P1 has no state file when the second one dies.
+BATCHES = [
+    {P0: PORTAL[0:3]},
+    {P0: PORTAL[3:6], P1: BILLING[0:3]},
+    {P0: PORTAL[6:9], P1: BILLING[3:6]},
+]
+EXPECTED = {
+    "shop/portal.20231114": b"".join(r.value for r in PORTAL),
+    "shop/billing.20231114": b"".join(r.value for r in BILLING),
+}
+
+
+def run_batches(sink: Sink, batches, committed: dict) -> None:
+    for batch in batches:
+        committed.update(sink.write(batch))  # app.py commits what write() returned
+
+
+def day_files(root) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and ".keplerlog" not in p.parts
+    }
+
+
+def recover_and_finish(root, committed: dict) -> Sink:
+    """A fresh consumer takes both partitions and reads on from where recovery says."""
+    fresh = make_sink(root, "fresh")
+    resume = fresh.assign([P0, P1])
+    # the state file is authoritative; the Kafka commit counts only where there is no state
+    start = {tp: resume.get(tp, committed.get(tp, 0)) for tp in (P0, P1)}
+    for batch in BATCHES:
+        rest = {tp: [r for r in recs if r.offset >= start[tp]] for tp, recs in batch.items()}
+        rest = {tp: recs for tp, recs in rest.items() if recs}
+        if rest:
+            fresh.write(rest)
+    return fresh
+
+
+def check(root, fresh: Sink) -> None:
+    assert day_files(root) == EXPECTED  # every line exactly once, in order
+    assert not list((root / ".keplerlog/state").glob("*.intent.json"))
+    reader = Journal(str(root), "reader")
+    for tp, recs in ((P0, PORTAL), (P1, BILLING)):
+        state = reader.load(*tp)
+        assert state.next_offset == recs[-1].offset + 1
+        ((end, _),) = state.files.values()
+        assert end == len(b"".join(r.value for r in recs))  # dedup end == bytes on disk
+    reader.close()
+    assert fresh.metrics.counts["gaps"] == 0
+
+
+# (object, method) steps of Sink._append, killed before or after the step took effect
+STEPS = [
+    ("journal", "begin"),
+    ("files", "append"),
+    ("files", "sync"),
+    ("journal", "commit"),
+    ("journal", "save_states"),
+    ("journal", "clear"),
+]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize(("part", "method"), STEPS)
+@pytest.mark.parametrize("batch_no", [1, 2])
+def test_killed_at_each_step_recovers_exactly_once(tmp_path, part, method, when, batch_no):
+    sink = make_sink(tmp_path, "victim")
+    committed: dict = {}
+    run_batches(sink, BATCHES[:batch_no], committed)
+    obj = getattr(sink, part)
+    real = getattr(obj, method)
+    calls = {"n": 0}
+
+    def killed(*args, **kwargs):
+        calls["n"] += 1
+        if when == "before":
+            raise Killed
+        real(*args, **kwargs)
+        raise Killed
+
+    setattr(obj, method, killed)
+    with pytest.raises(Killed):
+        sink.write(BATCHES[batch_no])
+    assert calls["n"] == 1  # the fault happened, at this step
+    die(sink)
+    check(tmp_path, recover_and_finish(tmp_path, committed))
+
+
+@pytest.mark.parametrize("after_bytes", [0, 1, 7, 20])
+def test_killed_in_the_middle_of_an_append(tmp_path, after_bytes):
+    """A torn append (some bytes of a record on disk, the rest never written)."""
+    armed = {"on": False, "hit": 0}
+
+    def write(fd, data):
+        if armed["on"]:
+            armed["hit"] += 1
+            os.write(fd, bytes(data[:after_bytes]))
+            raise Killed
+        return os.write(fd, data)
+
+    sink = make_sink(tmp_path, "victim", FileOps(write=write))
+    committed: dict = {}
+    run_batches(sink, BATCHES[:1], committed)
+    armed["on"] = True
+    with pytest.raises(Killed):
+        sink.write(BATCHES[1])
+    assert armed["hit"] == 1
+    die(sink)
+    check(tmp_path, recover_and_finish(tmp_path, committed))
+
+
+def test_clean_run_is_the_reference(tmp_path):
+    sink = make_sink(tmp_path, "clean")
+    committed: dict = {}
+    run_batches(sink, BATCHES, committed)
+    assert committed == {P0: 9, P1: 6}
+    check(tmp_path, sink)
+
+
+# -- app.py: Kafka offsets are committed only after the batch is durable -----------------------
+
+
+class FakeConsumer:
+    """Serves BATCHES from poll(); records every commit with what was durable at that moment."""
+
+    def __init__(self, app: ConsumerApp) -> None:
+        self.app = app
+        self.listener = None
+        self.todo = [{TopicPartition(*tp): recs for tp, recs in b.items()} for b in BATCHES]
+        self.assigned = False
+        self.commits: list[tuple[dict, dict]] = []
+        self.durable: dict = {}
+        self.lock = threading.Lock()
+
+    def subscribe(self, topics, listener):
+        self.listener = listener
+
+    def poll(self, timeout_ms=0):
+        if not self.assigned:
+            self.assigned = True
+            self.listener.on_partitions_assigned([TopicPartition(*P0), TopicPartition(*P1)])
+        if self.todo:
+            return self.todo.pop(0)
+        self.app.stop()
+        return {}
+
+    def assignment(self):
+        return {TopicPartition(*P0), TopicPartition(*P1)}
+
+    def paused(self):
+        return set()
+
+    def pause(self, *tps):
+        pass
+
+    def resume(self, *tps):
+        pass
+
+    def seek(self, tp, offset):
+        pass
+
+    def commit(self, offsets):
+        with self.lock:
+            self.commits.append(
+                ({(tp.topic, tp.partition): m.offset for tp, m in offsets.items()}, dict(self.durable))
+            )
+
+    commit_async = commit
+
+    def close(self, autocommit=False):
+        pass
+
+
+def test_kafka_offsets_are_committed_only_after_the_batch_is_durable(tmp_path):
+    cfg = load_config(
+        None,
+        {
+            "KEPLERLOG_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+            "KEPLERLOG_ROOT": str(tmp_path),
+            "KEPLERLOG_METRICS_PORT": "0",
+        },
+    )
+    app = ConsumerApp(cfg)
+    fake = FakeConsumer(app)
+    write = app.sink.write
+    probe = Journal(str(tmp_path), "probe")
+
+    def durable_write(batch):
+        offsets = write(batch)
+        # what a crash from now on leaves on disk: the state files
+        with fake.lock:
+            for tp in offsets:
+                fake.durable[tp] = probe.load(*tp).next_offset
+        return offsets
+
+    app.sink.write = durable_write
+    app.run(consumer=fake)
+    assert fake.commits, "nothing was committed"
+    for offsets, durable in fake.commits:
+        for tp, offset in offsets.items():
+            assert offset <= (durable.get(tp) or 0), f"committed {tp}@{offset} while durable was {durable}"
+    assert {tp: off for c, _ in fake.commits for tp, off in c.items()} == {P0: 9, P1: 6}
