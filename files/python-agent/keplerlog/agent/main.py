@@ -348,12 +348,14 @@ class Agent:
                     return
                 if f.at_eof:
                     continue
+                split_before = f.assembler.lines_split
                 try:
                     chunks, nbytes, nlines = f.read(budget, wall, mono)
                 except OSError as exc:
                     self.counters.errors += 1
                     log.error("%s: read failed: %s", f.path, exc)
                     continue
+                self.counters.lines_split += f.assembler.lines_split - split_before
                 if nbytes:
                     progress = True
                     self._last_read = mono

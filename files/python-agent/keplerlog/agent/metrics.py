@@ -79,7 +79,13 @@ class FileGauge:
 
 
 def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    """Return a label value as valid UTF-8 (undecodable file-name bytes become U+FFFD), escaped."""
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to
+        raw = value.encode("utf-8", "replace")
+    text = raw.decode("utf-8", "replace")
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def render(counters: Counters, files: list[FileGauge], gauges: dict[str, float]) -> str:

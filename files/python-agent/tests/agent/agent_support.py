@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -14,6 +15,9 @@ from pathlib import Path
 import yaml
 from kafka import KafkaConsumer
 
+from keplerlog.agent.config import load
+from keplerlog.agent.main import Agent
+from keplerlog.agent.sender import Outcome
 from keplerlog.record import decode_headers
 
 
@@ -163,3 +167,55 @@ def append(path: Path, data: bytes) -> None:
 
 def lines(prefix: str, n: int, start: int = 0, width: int = 60) -> bytes:
     return b"".join(f"{prefix} {i:08d} ".ljust(width, "x").encode() + b"\n" for i in range(start, start + n))
+
+
+# -- the agent in process, with a sender that acknowledges only what the test says ----------
+
+
+class FakeSender:
+    """Stands in for `Sender`: keeps every record; acknowledges on request (or at once)."""
+
+    def __init__(self, wake, *, auto_ack: bool) -> None:
+        self.results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.sent: list[tuple[bytes, tuple]] = []
+        self.connected = False
+        self._wake = wake
+        self._auto = auto_ack
+
+    def connect(self, bootstrap_timeout_ms: int = 5000) -> bool:
+        self.connected = True
+        return True
+
+    def send(self, value: bytes, key: bytes, headers: list, token: tuple) -> None:
+        self.sent.append((value, token))
+        if self._auto:
+            self.results.put(Outcome(token, None))
+            self._wake()
+
+    def ack(self, index: int, error: BaseException | None = None) -> None:
+        self.results.put(Outcome(self.sent[index][1], error))
+        self._wake()
+
+    def poke(self) -> None:
+        pass
+
+    def flush(self, timeout: float) -> bool:
+        return not self._auto
+
+    def close(self, timeout: float = 0) -> None:
+        self.connected = False
+
+
+def in_process(tmp_path: Path, logdir: Path, *, auto_ack: bool, **limits) -> tuple[Agent, FakeSender]:
+    cfg_path = write_config(
+        tmp_path,
+        "127.0.0.1:1",
+        "t",
+        [str(logdir / "*.log")],
+        limits={"shutdown_timeout_s": 1, "read_coalesce_ms": 0, **limits},
+        kafka={"max_record_bytes": 65536},
+    )
+    agent = Agent(load(str(cfg_path)))
+    sender = FakeSender(agent.waker.wake, auto_ack=auto_ack)
+    agent.sender = sender  # type: ignore[assignment]
+    return agent, sender

@@ -11,18 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from agent_support import AgentProcess, append, lines, write_config
+from agent_support import AgentProcess, append, in_process, lines, write_config
 
-from keplerlog.agent.config import load
 from keplerlog.agent.main import Agent
-from keplerlog.agent.sender import Outcome
 
 
 def _state_offsets(tmp_path: Path) -> list[int]:
@@ -74,55 +71,6 @@ def test_sigterm_reads_every_file_to_its_end_first(tmp_path, kafka, topic, logdi
 # -- in process, with a sender that acknowledges only what the test says --------------------
 
 
-class FakeSender:
-    """Stands in for `Sender`: keeps every record; acknowledges on request (or at once)."""
-
-    def __init__(self, wake, *, auto_ack: bool) -> None:
-        self.results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-        self.sent: list[tuple[bytes, tuple]] = []
-        self.connected = False
-        self._wake = wake
-        self._auto = auto_ack
-
-    def connect(self, bootstrap_timeout_ms: int = 5000) -> bool:
-        self.connected = True
-        return True
-
-    def send(self, value: bytes, key: bytes, headers: list, token: tuple) -> None:
-        self.sent.append((value, token))
-        if self._auto:
-            self.results.put(Outcome(token, None))
-            self._wake()
-
-    def ack(self, index: int, error: BaseException | None = None) -> None:
-        self.results.put(Outcome(self.sent[index][1], error))
-        self._wake()
-
-    def poke(self) -> None:
-        pass
-
-    def flush(self, timeout: float) -> bool:
-        return not self._auto
-
-    def close(self, timeout: float = 0) -> None:
-        self.connected = False
-
-
-def _in_process(tmp_path: Path, logdir: Path, *, auto_ack: bool, **limits) -> tuple[Agent, FakeSender]:
-    cfg_path = write_config(
-        tmp_path,
-        "127.0.0.1:1",
-        "t",
-        [str(logdir / "*.log")],
-        limits={"shutdown_timeout_s": 1, "read_coalesce_ms": 0, **limits},
-        kafka={"max_record_bytes": 65536},
-    )
-    agent = Agent(load(str(cfg_path)))
-    sender = FakeSender(agent.waker.wake, auto_ack=auto_ack)
-    agent.sender = sender  # type: ignore[assignment]
-    return agent, sender
-
-
 def _stop_then(agent: Agent, change) -> None:
     """Ask the agent to stop, make `change` once it has left its loop, then let it drain.
 
@@ -154,7 +102,7 @@ def test_checkpoint_is_the_acknowledged_offset_not_the_read_one(tmp_path, logdir
     log = logdir / "app.log"
     data = lines("c", 3000)  # 180 KB: several 64 KiB records
     append(log, data)
-    agent, sender = _in_process(tmp_path, logdir, auto_ack=False, max_buffer_bytes=1 << 20)
+    agent, sender = in_process(tmp_path, logdir, auto_ack=False, max_buffer_bytes=1 << 20)
     thread = threading.Thread(target=agent.run)
     thread.start()
     try:
@@ -176,7 +124,7 @@ def test_checkpoint_is_the_acknowledged_offset_not_the_read_one(tmp_path, logdir
 def test_what_is_not_acknowledged_within_the_drain_timeout_is_logged_and_left(tmp_path, logdir, caplog):
     log = logdir / "app.log"
     append(log, lines("d", 100))
-    agent, sender = _in_process(tmp_path, logdir, auto_ack=False)
+    agent, sender = in_process(tmp_path, logdir, auto_ack=False)
     thread = threading.Thread(target=agent.run)
     caplog.set_level(logging.INFO, logger="keplerlog.agent")
     thread.start()
@@ -202,7 +150,7 @@ def test_what_is_not_acknowledged_within_the_drain_timeout_is_logged_and_left(tm
 
 def test_drain_with_a_full_buffer_waits_for_acks_and_reads_on(tmp_path, logdir):
     log = logdir / "app.log"
-    agent, sender = _in_process(tmp_path, logdir, auto_ack=True, max_buffer_bytes=65536, shutdown_timeout_s=5)
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True, max_buffer_bytes=65536, shutdown_timeout_s=5)
     thread = threading.Thread(target=agent.run)
     thread.start()
     data = lines("big", 20_000)  # 1.2 MB: 18 times the buffer
@@ -215,3 +163,25 @@ def test_drain_with_a_full_buffer_waits_for_acks_and_reads_on(tmp_path, logdir):
     assert not thread.is_alive()
     assert b"".join(v for v, _ in sender.sent) == data
     assert _state_offsets(tmp_path) == [len(data)]
+
+
+def test_split_lines_are_counted_and_an_undecodable_file_name_keeps_metrics_valid(tmp_path, logdir):
+    # a file name that is not UTF-8 (os.fsdecode gives lone surrogates) and a line 10x the limit
+    odd = logdir / os.fsdecode(b"caf\xe9-\xff.log")
+    long_line = b"L" * 10_240 + b"\n"
+    append(odd, b"short\n" + long_line + b"short again\n")
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True, max_line_bytes=1024)
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    try:
+        _wait(lambda: _checkpointed(tmp_path, [odd.stat().st_size]))
+        page = agent.prometheus().encode()  # what the metrics server sends: must encode
+    finally:
+        agent.request_stop()
+        thread.join(10)
+    assert agent.counters.lines_split == 1  # counted once per line, not per piece
+    assert b"keplerlog_agent_lines_split_total 1\n" in page
+    assert 'path="' + str(logdir) + '/caf\ufffd-\ufffd.log"' in page.decode()
+    assert b"".join(v for v, _ in sender.sent) == odd.read_bytes()
+    pieces = [v for v, _ in sender.sent if not v.endswith(b"\n")]
+    assert [len(v) for v in pieces] == [1024] * 10  # the rest, 1 byte + newline, ends a record
