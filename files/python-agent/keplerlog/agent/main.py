@@ -26,7 +26,14 @@ from keplerlog.agent.assembler import Chunk
 from keplerlog.agent.config import AgentConfig, ConfigError, InputConfig, load
 from keplerlog.agent.metrics import Counters, FileGauge, MetricsServer, render, summary
 from keplerlog.agent.sender import Sender
-from keplerlog.agent.tailer import AssemblerSettings, Stream, TailedFile, find_rotated_copy
+from keplerlog.agent.tailer import (
+    COMPRESSED_SUFFIXES,
+    AssemblerSettings,
+    Stream,
+    TailedFile,
+    find_rotated_copy,
+    is_rotated_name,
+)
 from keplerlog.agent.watch import Waker, Watcher
 from keplerlog.record import Batch
 
@@ -65,6 +72,12 @@ class Agent:
             partial_timeout_s=cfg.limits.partial_line_timeout_ms / 1000,
         )
         self.saved = checkpoint.load(cfg.state_file)
+        # Files shipped to their end and closed that a glob still matches (e.g. `app.log*` over
+        # rotated copies): resumed by identity when they grow, never shipped again from 0.
+        self.closed: dict[FileKey, checkpoint.FileState] = {}
+        # Copies of followed files (copytruncate's `app.log.1` matched by the glob before the
+        # truncation was noticed): their bytes are the followed file's, shipped under its id.
+        self.copies: set[FileKey] = set()
         self.fresh_start = not self.saved and not cfg.state_file.exists()
         self.stopping = False
         self.inflight = 0
@@ -218,27 +231,36 @@ class Agent:
     def _scan(self, mono: float) -> None:
         """Match the globs; open new files; mark files whose path moved on as detached."""
         self._next_scan = mono + RESCAN_S
-        found: dict[FileKey, tuple[str, InputConfig]] = {}
+        found: dict[FileKey, tuple[str, InputConfig, int]] = {}
         dirs: set[str] = set()
         for inp in self.cfg.inputs:
             for pattern in inp.paths:
                 dirs.add(_watch_dir(pattern))
                 for path in sorted(glob.glob(pattern)):
+                    if path.endswith(COMPRESSED_SUFFIXES):
+                        continue  # compressed rotations: their lines were shipped before
                     try:
                         st = os.stat(path)
                     except OSError:
                         continue
                     if stat.S_ISREG(st.st_mode):
-                        found.setdefault((st.st_dev, st.st_ino), (path, inp))
+                        found.setdefault((st.st_dev, st.st_ino), (path, inp, st.st_size))
         self.watcher.watch_dirs(dirs)
         for key, f in self.files.items():
             if key not in found and not f.detached:
                 f.detached = True
                 self.counters.rotations += 1
                 log.info("%s rotated or deleted; finishing it", f.path)
-        for key, (path, inp) in found.items():
-            if key not in self.files:
-                self._open(path, inp, mono)
+        for key in [k for k in self.closed if k not in found]:
+            del self.closed[key]  # gone (or no longer matched): nothing to resume
+        self.copies &= found.keys()
+        for key, (path, inp, size) in found.items():
+            if key in self.files or key in self.copies:
+                continue
+            done = self.closed.get(key)
+            if done is not None and size == done.offset:
+                continue  # shipped to its end and unchanged: not even opened
+            self._open(path, inp, mono)
         if self.saved:
             self._recover_rotated(mono)
             self.saved.clear()
@@ -260,16 +282,22 @@ class Agent:
             os.close(fd)
             return
         identity, offset = None, 0
-        for state in list(self.saved.values()):
-            if (state.dev, state.ino) != key:
-                continue
-            del self.saved[state.file_id]
+        known = [s for s in self.saved.values() if (s.dev, s.ino) == key][:1]
+        if not known and key in self.closed:
+            known = [self.closed[key]]
+        for state in known:
+            self.saved.pop(state.file_id, None)
+            self.closed.pop(key, None)
             ident = state.identity()
             if ident.fingerprint.matches_fd(fd) and state.offset <= st.st_size:
                 identity, offset = ident, state.offset
             else:
-                log.info("%s: inode reused or truncated since the last run; reading from 0", path)
-            break
+                log.info("%s: inode reused or truncated since it was last read; reading from 0", path)
+        if identity is None and self._copy_of_followed(path, fd):
+            os.close(fd)
+            self.copies.add(key)
+            log.info("%s is a copy of a followed file; not shipped again", path)
+            return
         if identity is None and self.fresh_start and self.cfg.start_at == "end":
             offset = st.st_size
         f = TailedFile.open(path, fd, st, inp, self.settings, identity=identity, offset=offset, mono=mono)
@@ -277,6 +305,16 @@ class Agent:
         self.files[key] = f
         self.counters.files_opened += 1
         log.info("following %s (%s) from offset %d", path, f.stream.file_id, offset)
+
+    def _copy_of_followed(self, path: str, fd: int) -> bool:
+        """Tell whether a new file is a rotated copy (by name and first bytes) of a followed one."""
+        directory, name = os.path.split(path)
+        for f in self.files.values():
+            fp = f.stream.identity.fingerprint
+            fdir, fname = os.path.split(f.path)
+            if fdir == directory and fp.length > 0 and is_rotated_name(fname, name) and fp.matches_fd(fd):
+                return True
+        return False
 
     def _recover_rotated(self, mono: float) -> None:
         """Finish files that were rotated away while the agent was down (found by inode)."""
@@ -312,6 +350,7 @@ class Agent:
             if f.fully_acked():
                 f.close()
                 del self.files[key]
+                self.closed[key] = self._state_of(f)
                 self.counters.files_closed += 1
                 log.info("finished %s (%s) at offset %d", f.path, f.stream.file_id, f.stream.acks.acked)
 
@@ -486,21 +525,23 @@ class Agent:
 
     # -- checkpoint and metrics --------------------------------------------------------------
 
+    @staticmethod
+    def _state_of(f: TailedFile) -> checkpoint.FileState:
+        ident = f.stream.identity
+        return checkpoint.FileState(
+            file_id=ident.file_id,
+            path=f.path,
+            dev=ident.dev,
+            ino=ident.ino,
+            fp_len=ident.fingerprint.length,
+            fp_hash=ident.fingerprint.digest,
+            offset=f.stream.acks.acked,
+        )
+
     def _checkpoint(self) -> None:
-        states = []
-        for f in self.files.values():
-            ident = f.stream.identity
-            states.append(
-                checkpoint.FileState(
-                    file_id=ident.file_id,
-                    path=f.path,
-                    dev=ident.dev,
-                    ino=ident.ino,
-                    fp_len=ident.fingerprint.length,
-                    fp_hash=ident.fingerprint.digest,
-                    offset=f.stream.acks.acked,
-                )
-            )
+        states = [self._state_of(f) for f in self.files.values()]
+        ids = {s.file_id for s in states}
+        states += [s for s in self.closed.values() if s.file_id not in ids]
         if states == self._last_state:
             return
         try:

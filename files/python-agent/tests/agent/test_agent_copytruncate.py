@@ -266,7 +266,11 @@ def test_copytruncate_ships_lines_the_agent_had_not_read_yet(tmp_path, kafka, to
 
 
 @pytest.mark.kafka
-def test_real_logrotate_copytruncate_with_delaycompress(tmp_path, kafka, topic, logdir, reader):
+@pytest.mark.parametrize("pattern", ["*.log", "portal.log*"])
+def test_real_logrotate_copytruncate_with_delaycompress(tmp_path, kafka, topic, logdir, reader, pattern):
+    """Real logrotate; with `portal.log*` the glob also matches the copies and the .gz files:
+    they are recognised (by name and first bytes, by identity once finished) and never shipped
+    again, not even after a restart."""
     log = logdir / "portal.log"
     conf = tmp_path / "logrotate.conf"
     conf.write_text(f"{log} {{\n  copytruncate\n  rotate 5\n  compress\n  delaycompress\n  missingok\n}}\n")
@@ -279,7 +283,7 @@ def test_real_logrotate_copytruncate_with_delaycompress(tmp_path, kafka, topic, 
             capture_output=True,
         )
 
-    cfg = write_config(tmp_path, kafka.bootstrap, topic, [str(logdir / "*.log")])
+    cfg = write_config(tmp_path, kafka.bootstrap, topic, [str(logdir / pattern)])
     agent = AgentProcess(cfg, tmp_path / "agent.out").start()
     expected: list[bytes] = []
     try:
@@ -303,3 +307,13 @@ def test_real_logrotate_copytruncate_with_delaycompress(tmp_path, kafka, topic, 
     _no_duplicates(reader)
     assert agent.output().count("reading the rest of") == 2
     assert "were truncated before they were read" not in agent.output()
+    assert set(reader.paths.values()) == {str(log)}, "a rotated copy was shipped as a file of its own"
+    # a restart ships nothing again: the finished copies are in the state file by identity
+    shipped = len(reader.batches)
+    agent = AgentProcess(cfg, tmp_path / "agent2.out").start()
+    try:
+        time.sleep(3)  # several rescans
+        reader.poll(timeout_ms=1000)
+    finally:
+        assert agent.stop() == 0, agent.output()
+    assert len(reader.batches) == shipped, [b.path for b, _ in reader.batches[shipped:]]
