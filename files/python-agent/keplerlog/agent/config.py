@@ -80,6 +80,13 @@ class Limits:
     poll_interval_ms: int = 250
     read_coalesce_ms: int = 100
     close_inactive_s: float = 5.0
+    # Descriptors: at most this many files open at once (and never closer than 64 to the
+    # process's RLIMIT_NOFILE, which Kafka's sockets share). A file that is read to its end,
+    # fully acknowledged and quiet for close_idle_s is closed and remembered by identity; it is
+    # reopened (from its acknowledged offset) when it grows. Files beyond the limit wait for a
+    # free slot; none is skipped. close_idle_s 0: live files are never closed for idleness.
+    max_open_files: int = 1024
+    close_idle_s: float = 300.0
     nice: int = 0
     ionice: str = "none"
 
@@ -131,6 +138,8 @@ _LIMIT_KEYS = {
     "poll_interval_ms",
     "read_coalesce_ms",
     "close_inactive_s",
+    "max_open_files",
+    "close_idle_s",
     "nice",
     "ionice",
 }
@@ -335,6 +344,10 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
         close_inactive_s=_float(
             lsec.get("close_inactive_s", d.close_inactive_s), "limits.close_inactive_s", 0
         ),
+        max_open_files=_int(
+            lsec.get("max_open_files", d.max_open_files), "limits.max_open_files", 1, 1_000_000
+        ),
+        close_idle_s=_float(lsec.get("close_idle_s", d.close_idle_s), "limits.close_idle_s", 0),
         nice=_int(lsec.get("nice", 0), "limits.nice", 0, 19),
         ionice=_choice(lsec.get("ionice", "none"), "limits.ionice", IONICE_CLASSES),
     )

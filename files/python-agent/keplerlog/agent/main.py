@@ -9,11 +9,13 @@ finished rotated files -> checkpoint -> block in the watcher until something hap
 from __future__ import annotations
 
 import argparse
+import errno
 import fnmatch
 import glob
 import logging
 import os
 import queue
+import resource
 import signal
 import stat
 import sys
@@ -43,6 +45,16 @@ FileKey = tuple[int, int]
 RESCAN_S = 1.0
 FINGERPRINT_CHECK_S = 1.0
 SEND_BACKOFF_S = 1.0
+FD_RESERVE = 64  # descriptors left to Kafka's sockets, the state file, inotify and metrics
+NO_FDS = (errno.EMFILE, errno.ENFILE)
+
+
+def open_file_limit(configured: int) -> int:
+    """`max_open_files`, lowered to stay FD_RESERVE below the process's RLIMIT_NOFILE."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, soft - FD_RESERVE))
 
 
 def _watch_dir(pattern: str) -> str:
@@ -78,6 +90,9 @@ class Agent:
         # Copies of followed files (copytruncate's `app.log.1` matched by the glob before the
         # truncation was noticed): their bytes are the followed file's, shipped under its id.
         self.copies: set[FileKey] = set()
+        self.open_limit = open_file_limit(cfg.limits.max_open_files)
+        self.waiting = 0  # files a glob matches that wait for a free descriptor slot
+        self._blind = False  # the last rescan could not list a directory (no descriptors)
         self.fresh_start = not self.saved and not cfg.state_file.exists()
         self.stopping = False
         self.inflight = 0
@@ -231,11 +246,13 @@ class Agent:
     def _scan(self, mono: float) -> None:
         """Match the globs; open new files; mark files whose path moved on as detached."""
         self._next_scan = mono + RESCAN_S
+        self._close_idle(mono)
+        dirs = {_watch_dir(pattern) for inp in self.cfg.inputs for pattern in inp.paths}
+        if not self._can_list(dirs):
+            return  # glob would see nothing: that must not read as "every file was deleted"
         found: dict[FileKey, tuple[str, InputConfig, int]] = {}
-        dirs: set[str] = set()
         for inp in self.cfg.inputs:
             for pattern in inp.paths:
-                dirs.add(_watch_dir(pattern))
                 for path in sorted(glob.glob(pattern)):
                     if path.endswith(COMPRESSED_SUFFIXES):
                         continue  # compressed rotations: their lines were shipped before
@@ -251,36 +268,89 @@ class Agent:
                 f.detached = True
                 self.counters.rotations += 1
                 log.info("%s rotated or deleted; finishing it", f.path)
-        for key in [k for k in self.closed if k not in found]:
-            del self.closed[key]  # gone (or no longer matched): nothing to resume
+        gone = [k for k in self.closed if k not in found]
+        if gone:
+            self._finish_moved(mono, [self.closed[k] for k in gone], "while closed")
+            for key in gone:
+                self.closed.pop(key, None)  # deleted, or moved and finished: nothing to resume
         self.copies &= found.keys()
+        waiting = 0
         for key, (path, inp, size) in found.items():
             if key in self.files or key in self.copies:
                 continue
             done = self.closed.get(key)
             if done is not None and size == done.offset:
                 continue  # shipped to its end and unchanged: not even opened
-            self._open(path, inp, mono)
+            if len(self.files) >= self.open_limit or not self._open(path, inp, mono):
+                waiting += 1
+        if waiting and not self.waiting:
+            log.warning(
+                "%d files wait for a descriptor slot (%d open, limit %d); idle files are closed "
+                "after %.0f s to make room",
+                waiting,
+                len(self.files),
+                self.open_limit,
+                self.cfg.limits.close_inactive_s,
+            )
+        self.waiting = waiting
         if self.saved:
-            self._recover_rotated(mono)
+            self._finish_moved(mono, list(self.saved.values()), "while stopped")
             self.saved.clear()
         self.fresh_start = False
 
-    def _open(self, path: str, inp: InputConfig, mono: float, *, detached: bool = False) -> None:
+    def _can_list(self, dirs: set[str]) -> bool:
+        """Tell whether the watched directories can be listed; count a lack of descriptors."""
+        for directory in sorted(dirs):
+            try:
+                with os.scandir(directory):
+                    pass
+            except OSError as exc:
+                if exc.errno not in NO_FDS:
+                    continue  # a missing directory is an ordinary empty match
+                self.counters.fd_exhausted += 1
+                if not self._blind:
+                    log.error("cannot list %s: %s; rescan skipped, nothing marked deleted", directory, exc)
+                self._blind = True
+                return False
+        self._blind = False
+        return True
+
+    def _close_idle(self, mono: float) -> None:
+        """Close live files read to their end, acknowledged and quiet; remember them by identity.
+
+        Quiet means `close_idle_s`, or `close_inactive_s` while other files wait for a slot.
+        """
+        limit = self.cfg.limits.close_inactive_s if self.waiting else self.cfg.limits.close_idle_s
+        if not limit:
+            return
+        for key, f in list(self.files.items()):
+            if f.detached or not f.at_eof or f.idle_for(mono) < limit or not f.fully_acked():
+                continue
+            f.close()
+            del self.files[key]
+            self.closed[key] = self._state_of(f)
+            self.counters.files_closed += 1
+
+    def _open(self, path: str, inp: InputConfig, mono: float, *, detached: bool = False) -> bool:
+        """Open and follow a file; False when it cannot be opened now (retried at a rescan)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
+            if exc.errno in NO_FDS:
+                self.counters.fd_exhausted += 1
+                log.debug("cannot open %s: %s; it waits for a free descriptor", path, exc.strerror)
+                return False
             if path not in self._warned:
                 self._warned.add(path)
                 self.counters.errors += 1
                 log.error("cannot open %s: %s", path, exc.strerror)
-            return
+            return True
         self._warned.discard(path)
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
         if key in self.files:
             os.close(fd)
-            return
+            return True
         identity, offset = None, 0
         known = [s for s in self.saved.values() if (s.dev, s.ino) == key][:1]
         if not known and key in self.closed:
@@ -297,7 +367,7 @@ class Agent:
             os.close(fd)
             self.copies.add(key)
             log.info("%s is a copy of a followed file; not shipped again", path)
-            return
+            return True
         if identity is None and self.fresh_start and self.cfg.start_at == "end":
             offset = st.st_size
         f = TailedFile.open(path, fd, st, inp, self.settings, identity=identity, offset=offset, mono=mono)
@@ -305,6 +375,7 @@ class Agent:
         self.files[key] = f
         self.counters.files_opened += 1
         log.info("following %s (%s) from offset %d", path, f.stream.file_id, offset)
+        return True
 
     def _copy_of_followed(self, path: str, fd: int) -> bool:
         """Tell whether a new file is a rotated copy (by name and first bytes) of a followed one."""
@@ -316,28 +387,38 @@ class Agent:
                 return True
         return False
 
-    def _recover_rotated(self, mono: float) -> None:
-        """Finish files that were rotated away while the agent was down (found by inode)."""
-        for state in list(self.saved.values()):
-            directory = os.path.dirname(state.path)
+    def _finish_moved(self, mono: float, states: list[checkpoint.FileState], why: str) -> None:
+        """Finish known files no glob matches any more: found by inode in their directory.
+
+        A file rotated away while the agent was stopped, or while it was closed for idleness,
+        may hold lines written after the agent last read it; each directory is listed once.
+        """
+        by_dir: dict[str, list[checkpoint.FileState]] = {}
+        for state in states:
+            by_dir.setdefault(os.path.dirname(state.path), []).append(state)
+        for directory, group in by_dir.items():
+            wanted = {(s.dev, s.ino): s for s in group}
             try:
                 entries = list(os.scandir(directory))
             except OSError:
                 continue
             for entry in entries:
                 try:
-                    if entry.inode() != state.ino or not entry.is_file() or entry.stat().st_dev != state.dev:
+                    if not entry.is_file(follow_symlinks=False):
                         continue
+                    st = entry.stat(follow_symlinks=False)
                 except OSError:
+                    continue
+                state = wanted.get((st.st_dev, st.st_ino))
+                if state is None or st.st_size <= state.offset:
                     continue
                 inp = next(
                     (i for i in self.cfg.inputs if any(fnmatch.fnmatchcase(state.path, p) for p in i.paths)),
                     None,
                 )
-                if inp is not None and entry.stat().st_size > state.offset:
-                    log.info("%s was rotated to %s while stopped; finishing it", state.path, entry.path)
+                if inp is not None:
+                    log.info("%s was rotated to %s %s; finishing it", state.path, entry.path, why)
                     self._open(entry.path, inp, mono, detached=True)
-                break
 
     def _finish_detached(self, mono: float) -> None:
         """Close rotated/deleted files once read to the end, quiet, and fully acknowledged."""
@@ -354,9 +435,9 @@ class Agent:
                 self.counters.files_closed += 1
                 log.info("finished %s (%s) at offset %d", f.path, f.stream.file_id, f.stream.acks.acked)
 
-    def _budget(self) -> int:
-        held = sum(f.assembler.held for f in self.files.values())
-        return self.cfg.limits.max_buffer_bytes - self.inflight - held
+    def _held(self) -> int:
+        """Bytes read but held by the assemblers (partial lines, open multiline events)."""
+        return sum(f.assembler.held for f in self.files.values())
 
     def _read_all(self, wall: float, mono: float, *, draining: bool = False) -> None:
         """Read every file that grew, round-robin, until nothing is left or the budget is spent.
@@ -372,22 +453,26 @@ class Agent:
         while progress and (draining or not self.stopping):
             progress = False
             self._results()
+            held = self._held()  # kept up to date below: O(1) per file, not O(files)
             for f in list(self.files.values()):
                 try:
                     grew = f.refresh(mono)
                     # Check the fingerprint before reading bytes that may belong to a new file.
-                    if f.truncated(check_fp or grew) and self._truncated(f, mono):
-                        progress = True  # the rotated copy's rest is read in the next pass
+                    if f.truncated(check_fp or grew):
+                        if self._truncated(f, mono):
+                            progress = True  # the rotated copy's rest is read in the next pass
+                        held = self._held()
                 except OSError as exc:
                     self.counters.errors += 1
                     log.error("%s: %s", f.path, exc)
                     continue
-                budget = self._budget()
+                budget = self.cfg.limits.max_buffer_bytes - self.inflight - held
                 if budget <= 0:
                     return
                 if f.at_eof:
                     continue
                 split_before = f.assembler.lines_split
+                held_before = f.assembler.held
                 try:
                     chunks, nbytes, nlines = f.read(budget, wall, mono)
                 except OSError as exc:
@@ -395,6 +480,7 @@ class Agent:
                     log.error("%s: read failed: %s", f.path, exc)
                     continue
                 self.counters.lines_split += f.assembler.lines_split - split_before
+                held += f.assembler.held - held_before
                 if nbytes:
                     progress = True
                     self._last_read = mono
@@ -563,6 +649,9 @@ class Agent:
         return {
             "inflight_bytes": self.inflight,
             "files_open": len(self.files),
+            "files_open_limit": self.open_limit,
+            "files_waiting": self.waiting,
+            "files_closed_known": len(self.closed),
             "kafka_connected": 1 if self.sender.connected else 0,
         }
 

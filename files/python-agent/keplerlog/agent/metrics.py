@@ -39,6 +39,7 @@ class Counters:
     files_closed: int = 0
     checkpoints: int = 0
     lost_bytes: int = 0
+    fd_exhausted: int = 0
 
 
 _HELP = {
@@ -57,7 +58,8 @@ _HELP = {
     "rotations": "Followed files that were renamed away or deleted.",
     "truncations": "Followed files that were truncated (copytruncate or rewrite).",
     "files_opened": "Files opened for following.",
-    "files_closed": "Files closed after being fully shipped.",
+    "files_closed": "Files closed after being fully shipped (rotated, deleted or idle).",
+    "fd_exhausted": "Opens or rescans refused for want of file descriptors (EMFILE/ENFILE).",
     "checkpoints": "State file writes.",
     "lost_bytes": "Bytes that failed to send after their file was truncated (cannot be re-read).",
 }

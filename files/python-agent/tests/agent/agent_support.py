@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import resource
 import signal
 import subprocess
 import sys
@@ -51,15 +52,26 @@ class AgentProcess:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *extra: str) -> AgentProcess:
+    def start(self, *extra: str, nofile: int | None = None) -> AgentProcess:
+        """Start it; `nofile` sets its RLIMIT_NOFILE (soft and hard) first."""
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "keplerlog.agent.main", "--config", str(self.config), *extra],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=limit,
             )
         return self
+
+    def open_fds(self) -> int:
+        assert self.proc is not None
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -1,0 +1,98 @@
+"""More files than descriptors: every file shipped once, deleted files released, new ones seen.
+
+The agent runs with RLIMIT_NOFILE 128, so at most 64 files are open at once (64 descriptors are
+kept for Kafka's sockets and the rest). 400 files appear at once: the ones beyond the limit wait
+for a slot, idle files are closed (remembered by identity) to make room, and none is skipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pytest
+from agent_support import AgentProcess, append, in_process, lines, write_config
+
+NOFILE = 128
+FILES = 400
+
+
+@pytest.mark.kafka
+def test_more_files_than_descriptors(tmp_path, kafka, topic, logdir, reader):
+    paths_glob = [str(logdir / "*.log")]
+    cfg = write_config(tmp_path, kafka.bootstrap, topic, paths_glob, limits={"close_inactive_s": 1})
+    agent = AgentProcess(cfg, tmp_path / "agent.out").start(nofile=NOFILE)
+    try:
+        reader.wait_for(lambda: agent.open_fds() > 0)
+        time.sleep(2)
+        baseline = agent.open_fds()
+        paths = [logdir / f"f{i:04d}.log" for i in range(FILES)]
+        for i, path in enumerate(paths):
+            append(path, lines(f"file{i}", 20))
+        expected = {str(p): [p.read_bytes()] for p in paths}
+        peak = 0
+
+        def all_there() -> bool:
+            nonlocal peak
+            peak = max(peak, agent.open_fds())
+            got = reader.by_path()
+            return all(got.get(p) == v for p, v in expected.items())
+
+        reader.wait_for(all_there, timeout=120)
+        assert peak <= NOFILE  # the fault: more files than the process can hold open at once
+        out = agent.output()
+        assert "files wait for a descriptor slot" in out
+        # deleted files are finished and closed: their space released, descriptors back
+        for path in paths:
+            path.unlink()
+        deadline = time.monotonic() + 30
+        while agent.open_fds() > baseline + 2:
+            assert time.monotonic() < deadline, f"{agent.open_fds()} fds open, baseline {baseline}"
+            time.sleep(0.5)
+        late = logdir / "late.log"
+        t0 = time.monotonic()
+        append(late, b"one late line\n")
+        reader.wait_contents({str(late): [late.read_bytes()]}, timeout=5)
+        took = time.monotonic() - t0
+        print(f"{FILES} files, RLIMIT_NOFILE {NOFILE}: peak {peak} fds, late file in {took:.2f} s")
+    finally:
+        assert agent.stop() == 0, agent.output()
+    # exactly once: one id per path, and no (id, offset) twice
+    for fid, recs in reader.records.items():
+        offsets = [o for o, _ in recs]
+        assert len(offsets) == len(set(offsets)), f"{fid}: a record arrived twice"
+    assert len(reader.paths) == FILES + 1
+
+
+def test_a_rescan_without_descriptors_marks_nothing_deleted(tmp_path, logdir, monkeypatch):
+    for i in range(3):
+        append(logdir / f"a{i}.log", lines("a", 5))
+    agent, _ = in_process(tmp_path, logdir, auto_ack=True)
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(agent.files) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        real = os.scandir
+
+        def no_fds(path="."):
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(os, "scandir", no_fds)
+        agent._next_scan = 0.0
+        agent.waker.wake()
+        deadline = time.monotonic() + 10
+        while agent.counters.fd_exhausted == 0:
+            assert time.monotonic() < deadline, "no rescan"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert agent.counters.rotations == 0
+        assert not any(f.detached for f in agent.files.values())
+        monkeypatch.setattr(os, "scandir", real)
+    finally:
+        agent.request_stop()
+        thread.join(10)
