@@ -26,6 +26,7 @@ from types import FrameType
 from keplerlog.agent import checkpoint, memory, priority
 from keplerlog.agent.assembler import Chunk
 from keplerlog.agent.config import AgentConfig, ConfigError, InputConfig, load
+from keplerlog.agent.identity import FileIdentity
 from keplerlog.agent.metrics import Counters, FileGauge, MetricsServer, render, summary
 from keplerlog.agent.sender import Sender
 from keplerlog.agent.tailer import (
@@ -363,6 +364,7 @@ class Agent:
                 identity, offset = ident, state.offset
             else:
                 log.info("%s: inode reused or truncated since it was last read; reading from 0", path)
+                self._finish_from_copy(path, inp, state, mono)
         if identity is None and self._copy_of_followed(path, fd):
             os.close(fd)
             self.copies.add(key)
@@ -376,6 +378,44 @@ class Agent:
         self.counters.files_opened += 1
         log.info("following %s (%s) from offset %d", path, f.stream.file_id, offset)
         return True
+
+    def _finish_from_copy(
+        self, path: str, inp: InputConfig, state: checkpoint.FileState, mono: float
+    ) -> None:
+        """Read the rest of a file truncated while not followed from its rotated copy.
+
+        copytruncate while the agent was stopped (or the file closed for idleness). The copy
+        continues the old `kl.file` id at the acknowledged offset (no gap, no duplicate).
+        Without a copy the rest is gone; how much is unknown (the agent never saw it), so it is
+        logged, not counted.
+        """
+        ident = state.identity()
+        found = find_rotated_copy(path, ident.fingerprint, state.offset, frozenset(self.files))
+        if found is None:
+            log.warning(
+                "%s was truncated while not followed and no rotated copy holds its rest: any bytes "
+                "of %s after offset %d were not shipped",
+                path,
+                state.file_id,
+                state.offset,
+            )
+            return
+        copy_path, fd, st = found
+        key = (st.st_dev, st.st_ino)
+        moved = FileIdentity(ident.file_id, st.st_dev, st.st_ino, ident.fingerprint)
+        f = TailedFile.open(path, fd, st, inp, self.settings, identity=moved, offset=state.offset, mono=mono)
+        f.detached = True
+        self.files[key] = f
+        self.copies.discard(key)
+        self.counters.files_opened += 1
+        log.info(
+            "%s was truncated while not followed; reading the rest of %s from %s (offset %d of %d)",
+            path,
+            state.file_id,
+            copy_path,
+            state.offset,
+            st.st_size,
+        )
 
     def _copy_of_followed(self, path: str, fd: int) -> bool:
         """Tell whether a new file is a rotated copy (by name and first bytes) of a followed one."""

@@ -317,3 +317,46 @@ def test_real_logrotate_copytruncate_with_delaycompress(tmp_path, kafka, topic, 
     finally:
         assert agent.stop() == 0, agent.output()
     assert len(reader.batches) == shipped, [b.path for b, _ in reader.batches[shipped:]]
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("copy_kept", [True, False])
+def test_copytruncate_while_the_agent_is_down(tmp_path, kafka, topic, logdir, reader, copy_kept):
+    """The agent dies with unread lines; copytruncate runs before it is back. Its rest is read
+    from the copy under the old id; without a copy that is said, not silently skipped."""
+    log = logdir / "portal.log"
+    first = lines("first", 300)
+    append(log, first)
+    cfg = write_config(tmp_path, kafka.bootstrap, topic, [str(logdir / "*.log")])
+    agent = AgentProcess(cfg, tmp_path / "agent.out").start()
+    reader.wait_contents({str(log): [first]})
+    state = tmp_path / "state" / "agent-state.json"
+    deadline = time.monotonic() + 10
+    while not (state.exists() and f'"offset":{len(first)}' in state.read_text()):
+        assert time.monotonic() < deadline, "the checkpoint never held the acknowledged lines"
+        time.sleep(0.1)
+    agent.signal(signal.SIGSTOP)
+    unread = lines("unread", 200)
+    append(log, unread)  # written after the agent's last read: it dies before reading it
+    agent.signal(signal.SIGKILL)
+    agent.wait()
+    shutil.copyfile(log, logdir / "portal.log.1")
+    os.truncate(log, 0)
+    if not copy_kept:
+        os.unlink(logdir / "portal.log.1")  # e.g. compressed at once, no delaycompress
+    second = lines("second", 50)
+    append(log, second)
+    agent = AgentProcess(cfg, tmp_path / "agent2.out").start()
+    try:
+        reader.wait_contents({str(log): [first + unread if copy_kept else first, second]})
+        time.sleep(1)
+        reader.poll()
+    finally:
+        assert agent.stop() == 0, agent.output()
+    _no_duplicates(reader)
+    out = agent.output()
+    if copy_kept:
+        assert "truncated while not followed; reading the rest of" in out, out
+    else:
+        assert "no rotated copy holds its rest" in out, out
+    assert len(reader.records) == 2  # the old id (continued) and the new one
