@@ -7,6 +7,7 @@ otherwise shows up weeks later as missing logs. Every problem is reported as one
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import socket
@@ -237,12 +238,16 @@ def _paths(raw: Any, where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _glob_base(pattern: str) -> Path:
-    """Return the deepest wildcard-free directory of a glob: the log directory to protect."""
+def glob_base(pattern: str) -> Path:
+    """Return the deepest wildcard-free directory of a glob.
+
+    It is the directory the agent watches for the glob (inotify) and the log directory that
+    the state file must stay out of.
+    """
     parts = Path(pattern).parts
     base: list[str] = []
     for part in parts[:-1]:
-        if any(ch in part for ch in "*?["):
+        if glob.has_magic(part):
             break
         base.append(part)
     return Path(*base) if base else Path("/")
@@ -395,7 +400,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
     state_dir = Path(os.path.abspath(state_file.parent))
     for inp in inputs:
         for pattern in inp.paths:
-            base = Path(os.path.abspath(_glob_base(pattern)))
+            base = Path(os.path.abspath(glob_base(pattern)))
             if base != Path("/") and (state_dir == base or base in state_dir.parents):
                 raise ConfigError(
                     f"state_file: {state_file} is inside the log directory {base}; keep it elsewhere"

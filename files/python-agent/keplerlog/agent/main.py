@@ -20,12 +20,11 @@ import signal
 import stat
 import sys
 import time
-from pathlib import Path
 from types import FrameType
 
 from keplerlog.agent import checkpoint, memory, priority
 from keplerlog.agent.assembler import Chunk
-from keplerlog.agent.config import AgentConfig, ConfigError, InputConfig, load
+from keplerlog.agent.config import AgentConfig, ConfigError, InputConfig, glob_base, load
 from keplerlog.agent.identity import FileIdentity
 from keplerlog.agent.metrics import Counters, FileGauge, MetricsServer, render, summary
 from keplerlog.agent.sender import Sender
@@ -56,17 +55,6 @@ def open_file_limit(configured: int) -> int:
     if soft == resource.RLIM_INFINITY:
         return configured
     return max(1, min(configured, soft - FD_RESERVE))
-
-
-def _watch_dir(pattern: str) -> str:
-    """Return the directory to watch for a glob: its deepest wildcard-free directory."""
-    parts = Path(pattern).parts
-    base: list[str] = []
-    for part in parts[:-1]:
-        if glob.has_magic(part):
-            break
-        base.append(part)
-    return str(Path(*base)) if base else "/"
 
 
 class Agent:
@@ -248,7 +236,7 @@ class Agent:
         """Match the globs; open new files; mark files whose path moved on as detached."""
         self._next_scan = mono + RESCAN_S
         self._close_idle(mono)
-        dirs = {_watch_dir(pattern) for inp in self.cfg.inputs for pattern in inp.paths}
+        dirs = {str(glob_base(pattern)) for inp in self.cfg.inputs for pattern in inp.paths}
         if not self._can_list(dirs):
             return  # glob would see nothing: that must not read as "every file was deleted"
         found: dict[FileKey, tuple[str, InputConfig, int]] = {}
