@@ -95,12 +95,31 @@ def wait_in_sync(host, timeout=180):
     raise AssertionError(f"partitions still under-replicated: {out.stdout if out else ''}")
 
 
+def leaders(host) -> dict[int, int]:
+    """Partition -> leader broker id of the log topic."""
+    out = kafka_tool(
+        host,
+        "org.apache.kafka.tools.TopicCommand",
+        f"--bootstrap-server {BOOTSTRAP} --describe --topic {TOPIC}",
+    ).stdout
+    return {int(p): int(b) for p, b in re.findall(r"Partition:\s*(\d+)\s+Leader:\s*(-?\d+)", out)}
+
+
 def test_every_partition_served_with_one_broker_down(host, nodes):
-    down = nodes["kl-kafka-3"]
-    bootstrap = ",".join(f"{n}:9092" for n in NODES if n != "kl-kafka-3")
+    # stop a broker that leads at least one partition (else the fault proves nothing)
+    before = leaders(host)
+    assert len(before) == 4, before
+    victim = next(n for n in NODES[::-1] if int(n.rsplit("-", 1)[1]) in before.values())
+    down = nodes[victim]
+    bootstrap = ",".join(f"{n}:9092" for n in NODES if n != victim)
     down.run("systemctl stop kafka")
     try:
         assert not down.service("kafka").is_running
+        victim_id = int(victim.rsplit("-", 1)[1])
+        deadline = time.monotonic() + 60
+        while victim_id in (now := leaders(host)).values():  # its partitions moved to a follower
+            assert time.monotonic() < deadline, f"leaders still on {victim}: {now}"
+            time.sleep(2)
         token = f"degraded-{uuid.uuid4().hex}"
         result = run_python(host, PRODUCE_CONSUME, bootstrap, TOPIC, token, "4")
         assert result.rc == 0, f"{result.stdout}\n{result.stderr}"

@@ -27,6 +27,15 @@ def test_storage_formatted_once_with_node_id(host):
     assert meta.user == "kafka"
     node_id = host.ansible.get_variables()["kafka_node_id"]
     assert f"node.id={node_id}" in meta.content_string
+    # one cluster: every node was formatted with the same cluster id (a second format, or a
+    # node formatted on its own, would have a different one)
+    first = testinfra.get_host("docker://kl-kafka-1").file("/var/lib/kafka/data/meta.properties")
+    ids = {
+        line
+        for line in (meta.content_string + first.content_string).splitlines()
+        if line.startswith("cluster.id=")
+    }
+    assert len(ids) == 1, ids
 
 
 def test_unit_limits_and_heap(host):
