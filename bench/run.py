@@ -110,6 +110,8 @@ def run_part(part: Part, quick: bool) -> dict[str, Any]:
     elif "data" not in entry and not entry["error"]:
         entry["error"] = f"wrote no {part.out.name}"
     entry["ok"] = not entry["error"]
+    entry["rerun"] = True
+    entry["measured"] = _now()
     state = "ok" if entry["ok"] else f"FAILED ({entry['error'][:200]})"
     print(f"== {part.name}: {state} in {entry['seconds']} s", flush=True)
     return entry
@@ -142,12 +144,18 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
             continue
 
 
-def previous(part: Part) -> dict[str, Any]:
-    """The part's last JSON, for parts not rerun with --only."""
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def previous(part: Part, last: dict[str, Any]) -> dict[str, Any]:
+    """The part's last JSON, for parts not rerun (--only, --render): labelled with the date of
+    the run that measured it (from the last results.json), never with this run's."""
     entry: dict[str, Any] = {
         "script": f"bench/{part.script}",
         "ok": False,
         "rerun": False,
+        "measured": (last.get("parts", {}).get(part.name) or {}).get("measured") or "an unknown date",
     }
     if part.out.exists():
         entry["data"] = json.loads(part.out.read_text())
@@ -155,6 +163,15 @@ def previous(part: Part) -> dict[str, Any]:
     else:
         entry["error"] = "not run"
     return entry
+
+
+def _when(part: dict[str, Any]) -> str:
+    """' (measured DATE)', marked when the figures come from an earlier run than this one."""
+    if not part:
+        return ""
+    if part.get("rerun"):
+        return f" (measured {part.get('measured')})"
+    return f" (**from an earlier run**, measured {part.get('measured')})"
 
 
 # --- Markdown ---------------------------------------------------------------------------------
@@ -331,19 +348,20 @@ def markdown(merged: dict[str, Any]) -> str:
         + ". Kafka: 3 local KRaft nodes, 4 partitions, RF 2, acks=all, lz4; each tool pinned "
         "to one core. Reproduce with `make bench` (see bench/README.md).",
         "",
-        "**Shipping a pre-written file into Kafka**",
+        f"**Shipping a pre-written file into Kafka**{_when(merged['parts'].get('peers', {}))}",
         "",
         *throughput_table(merged),
         "",
-        "**Agent (bench/bench_agent.py)**",
+        f"**Agent (bench/bench_agent.py)**{_when(merged['parts'].get('agent', {}))}",
         "",
         *agent_sections(merged["parts"].get("agent", {})),
         "",
-        "**Consumer: Kafka to day files**",
+        f"**Consumer: Kafka to day files**{_when(merged['parts'].get('consumer', {}))}",
         "",
         *consumer_table(merged["parts"].get("consumer", {})),
         "",
-        "**End-to-end latency (file → agent → Kafka → consumer → day file)**",
+        "**End-to-end latency (file → agent → Kafka → consumer → day file)**"
+        + _when(merged["parts"].get("latency", {})),
         "",
         *latency_table(merged["parts"].get("latency", {})),
         "",
@@ -394,11 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "parts": {},
     }
-    if args.render and last.exists():  # keep the date and machine of the runs being shown
-        merged["machine"] = json.loads(last.read_text()).get("machine", merged["machine"])
+    last_run = json.loads(last.read_text()) if last.exists() else {}
+    if args.render and last_run:  # keep the date and machine of the runs being shown
+        merged["machine"] = last_run.get("machine", merged["machine"])
     for part in PARTS:
         if args.render or (only and part.name not in only):
-            merged["parts"][part.name] = previous(part)
+            merged["parts"][part.name] = previous(part, last_run)
         else:
             merged["parts"][part.name] = run_part(part, args.quick)
 
