@@ -58,6 +58,7 @@ PARTS = [
         quick=["--lines", "20000", "--lines-2k", "2000"],
     ),
     Part("latency", "bench_latency.py", 900, quick=["--duration", "5"]),
+    Part("files", "bench_files.py", 1200, quick=["--sizes", "100,1000", "--seconds", "5"]),
 ]
 
 
@@ -288,6 +289,43 @@ def agent_sections(part: dict[str, Any]) -> list[str]:
     return out
 
 
+def files_table(part: dict[str, Any]) -> list[str]:
+    """bench_files.py: the agent with many idle files and one active one."""
+    data = part.get("data")
+    if not isinstance(data, dict):
+        return [f"_files: failed — {part.get('error', '')}_"]
+    t = data.get("targets", {})
+    rows = [
+        [
+            _num(r.get("files")),
+            _num(r.get("idle_cpu_percent"), 2),
+            _num(r.get("cpu_percent_with_200_lines_s"), 2),
+            _num(r.get("rss_mb"), 1),
+            f"{_num(r.get('new_file_delay_s_median'), 3)} / {_num(r.get('new_file_delay_s_max'), 3)}",
+            f"{_num(r.get('files_open'))} of {_num(r.get('files_open_limit'))}",
+        ]
+        for r in data.get("rows", [])
+    ]
+    out = _table(
+        ["idle files", "idle CPU %", "CPU % with 200 lines/s", "RSS MB", "new file → Kafka s (median / max)",
+         "open files"],
+        rows,
+    )  # fmt: skip
+    met = data.get("met", {})
+    out.append("")
+    out.append(
+        "Targets: idle CPU ≤ {} % of a core at the largest size ({}), RSS ≤ {} MB ({}), new-file delay ≤ {} s ({}).".format(
+            t.get("idle_cpu_percent"),
+            "met" if met.get("idle_cpu_percent") else "**missed**",
+            t.get("rss_mb"),
+            "met" if met.get("rss_mb") else "**missed**",
+            t.get("new_file_delay_s"),
+            "met" if met.get("new_file_delay_s") else "**missed**",
+        )
+    )
+    return out
+
+
 def consumer_table(part: dict[str, Any]) -> list[str]:
     """keplerlog-consumer vs kcat consuming the same topic to one file vs dd (the disk)."""
     data = part.get("data")
@@ -355,6 +393,10 @@ def markdown(merged: dict[str, Any]) -> str:
         f"**Agent (bench/bench_agent.py)**{_when(merged['parts'].get('agent', {}))}",
         "",
         *agent_sections(merged["parts"].get("agent", {})),
+        "",
+        f"**Agent with many files (bench/bench_files.py)**{_when(merged['parts'].get('files', {}))}",
+        "",
+        *files_table(merged["parts"].get("files", {})),
         "",
         f"**Consumer: Kafka to day files**{_when(merged['parts'].get('consumer', {}))}",
         "",
