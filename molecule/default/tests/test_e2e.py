@@ -18,6 +18,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,42 +284,81 @@ def test_pipeline_runs():
         )
 
 
-def test_latency_p99_under_load():
-    """p50/p99 of now - kl.ts at fsync time (consumer metrics), once all samples come from steady load."""
+# In the consumer container: wait for probe lines in the central files, print each one's delay
+# from its write time (the line carries it) to the moment it is readable in a day file.
+PROBE_WATCH = r"""
+import glob, json, os, re, sys, time
+pattern, token, count, limit = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3]), float(sys.argv[4])
+probe = re.compile(rb"kl-probe " + re.escape(token) + rb" (\d+) (\d+\.\d+)\n")
+pos = {p: os.path.getsize(p) for p in glob.glob(pattern)}
+found, rest = {}, {}
+deadline = time.time() + limit
+while len(found) < count and time.time() < deadline:
+    for path in glob.glob(pattern):
+        with open(path, "rb") as f:
+            f.seek(pos.get(path, 0))
+            data = rest.get(path, b"") + f.read()
+            pos[path] = f.tell()
+        now = time.time()
+        cut = data.rfind(b"\n") + 1
+        rest[path] = data[cut:]
+        for m in probe.finditer(data[:cut]):
+            found.setdefault(int(m.group(1)), now - float(m.group(2)))
+    time.sleep(0.01)
+print(json.dumps(found))
+"""
 
-    def records() -> float:
-        return sum(v for _, v in metric_values(consumer_metrics(), "keplerlog_consumer_records_total"))
+# In a service container: the application's side, one probe line per write, each carrying the
+# wall-clock time of its write (containers share the host's clock).
+PROBE_WRITE = r"""
+import sys, time
+path, token, count, gap = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+for i in range(count):
+    with open(path, "a") as f:
+        f.write(f"kl-probe {token} {i} {time.time():.6f}\n")
+    time.sleep(gap)
+"""
 
-    def current_p99() -> float:
-        return dict(metric_values(consumer_metrics(), "keplerlog_consumer_latency_seconds"))[
-            '{quantile="0.99"}'
-        ]
+LATENCY_LIMIT_S = 4.0  # the service requirement: end-to-end delay under 4 s
+LATENCY = {}
 
-    # The consumer keeps the 4096 most recent samples (one per record in batches below 256 records,
-    # ~20 records/s here). Once the steady load has run 30 s, a p99 below the 1 s target is taken
-    # as it is; a higher one may still hold samples of a backlog (the consumer starts after the
-    # agents in site.yml), so then the reservoir is left to turn over completely before judging.
+
+def test_latency_from_the_application_write_under_load():
+    """p50/p99 from the application's write to the line being in its central day file."""
     start_load()  # running since converge; started here when the test runs on its own
     wait_for("a steady pipeline", lambda: consumer_lag() == 0, 60, 2)
-    start, t0 = records(), time.monotonic()
-    wait_for(
-        "fresh latency samples",
-        lambda: time.monotonic() - t0 >= 30 and (current_p99() < 1.0 or records() - start >= 4096),
-        300,
-        5,
+    svc = SERVICES[0]
+    token = f"{int(time.time())}"
+    count, gap = 60, 0.25
+    result = {}
+
+    def watch() -> None:
+        out = host_of(CONSUMER).run(
+            "python3 -c %s %s %s %s %s", PROBE_WATCH, svc.central_glob, token, str(count), "120"
+        )
+        result["out"] = out
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    time.sleep(2)  # the watcher has taken the files' sizes
+    writer = host_of(svc.container).run(
+        "python3 -c %s %s %s %s %s", PROBE_WRITE, f"{svc.log_dir}/probe.log", token, str(count), str(gap)
     )
-    text = consumer_metrics()
-    q = dict(metric_values(text, "keplerlog_consumer_latency_seconds"))
-    p50, p99 = q['{quantile="0.5"}'], q['{quantile="0.99"}']
-    fresh = records() - start
-    rate = fresh / (time.monotonic() - t0)
-    assert fresh > 0, "no record written in the window: no load?"
+    assert writer.rc == 0, writer.stderr
+    watcher.join(150)
+    out = result["out"]
+    assert out.rc == 0, out.stderr
+    delays = sorted(json.loads(out.stdout).values())
+    assert len(delays) == count, f"{count - len(delays)} of {count} probe lines never arrived"
+    p50 = delays[len(delays) // 2]
+    p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+    LATENCY.update(p50=p50, p99=p99, max=delays[-1], n=count)
     print(
-        f"\nend-to-end latency under load (LOG_RATE 150 + 100 lines/s, {rate:.0f} records/s, "
-        f"{fresh:.0f} records in the window): "
-        f"p50 {p50:.3f} s, p99 {p99:.3f} s (target < 1 s, limit 4 s)"
+        f"\nend-to-end latency under load from the application's write ({count} probe lines, "
+        f"portal at LOG_RATE 150 + billing 100 lines/s): p50 {p50:.3f} s, p99 {p99:.3f} s, "
+        f"max {delays[-1]:.3f} s (limit {LATENCY_LIMIT_S} s)"
     )
-    assert p99 < 4.0
+    assert p99 < LATENCY_LIMIT_S
 
 
 def kill_broker(ctx) -> str:
@@ -560,7 +600,15 @@ def test_fault_table():
             f"{_run_stamp(project)}. Three KRaft brokers, one consumer host, portal and billing "
             "writing lines that carry a unique `seq=N`; each fault runs under load, then the "
             "pipeline settles and the window's lines are counted in the central day files. "
-            'Reproduce: `KEPLERLOG_FAULT_REPORT=1 make molecule SCENARIO="-s default"`.\n\n' + table
+            'Reproduce: `KEPLERLOG_FAULT_REPORT=1 make molecule SCENARIO="-s default"`.\n\n'
+            + table
+            + (
+                f"\nEnd-to-end latency in the same run, under load, from the application's write to the "
+                f"line in its central day file ({LATENCY['n']} probe lines): p50 {LATENCY['p50']:.3f} s, "
+                f"p99 {LATENCY['p99']:.3f} s, max {LATENCY['max']:.3f} s (asserted < {LATENCY_LIMIT_S:.0f} s).\n"
+                if LATENCY
+                else ""
+            )
         )
         print(f"written to {out}")
     assert not missing, f"faults that did not run to their count: {missing}"
