@@ -309,13 +309,17 @@ print(json.dumps(found))
 """
 
 # In a service container: the application's side, one probe line per write, each carrying the
-# wall-clock time of its write (containers share the host's clock).
+# wall-clock time of its write (containers share the host's clock). Each starts like one of the
+# application's events (a date): the image's multiline rule would otherwise make it a
+# continuation line of the previous event, held until that event's timeout.
 PROBE_WRITE = r"""
 import sys, time
 path, token, count, gap = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 for i in range(count):
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now))
     with open(path, "a") as f:
-        f.write(f"kl-probe {token} {i} {time.time():.6f}\n")
+        f.write(f"{stamp},000 INFO [probe] kl-probe {token} {i} {now:.6f}\n")
     time.sleep(gap)
 """
 
