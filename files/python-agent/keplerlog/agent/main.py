@@ -315,10 +315,14 @@ class Agent:
         for key, f in list(self.files.items()):
             if f.detached or not f.at_eof or f.idle_for(mono) < limit or not f.fully_acked():
                 continue
-            f.close()
-            del self.files[key]
-            self.closed[key] = self._state_of(f)
-            self.counters.files_closed += 1
+            self._retire(key, f)
+
+    def _retire(self, key: FileKey, f: TailedFile) -> None:
+        """Close a file shipped to its end and remember it by identity (see `closed`)."""
+        f.close()
+        del self.files[key]
+        self.closed[key] = self._state_of(f)
+        self.counters.files_closed += 1
 
     def _open(self, path: str, inp: InputConfig, mono: float, *, detached: bool = False) -> bool:
         """Open and follow a file; False when it cannot be opened now (retried at a rescan)."""
@@ -457,10 +461,7 @@ class Agent:
                 f.finishing = True
                 self._send(f, f.stream, f.assembler.flush())
             if f.fully_acked():
-                f.close()
-                del self.files[key]
-                self.closed[key] = self._state_of(f)
-                self.counters.files_closed += 1
+                self._retire(key, f)
                 log.info("finished %s (%s) at offset %d", f.path, f.stream.file_id, f.stream.acks.acked)
 
     def _held(self) -> int:
