@@ -96,3 +96,43 @@ def test_a_rescan_without_descriptors_marks_nothing_deleted(tmp_path, logdir, mo
     finally:
         agent.request_stop()
         thread.join(10)
+
+
+def test_an_idle_file_is_closed_then_resumed_from_its_offset_when_it_grows(tmp_path, logdir):
+    """close_idle_s: past it the file is closed; growing, or renamed away and grown, it is
+    resumed from its acknowledged offset under the same id: nothing shipped twice or skipped."""
+    log, other = logdir / "a.log", logdir / "b.log"
+    append(log, lines("first", 50))
+    append(other, lines("other", 50))
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True, close_idle_s=0.5)
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+
+    def wait(check, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not check():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    try:
+        wait(lambda: len(agent.closed) == 2 and not agent.files, "idle files not closed")
+        closed_before = agent.counters.files_closed
+        append(log, lines("second", 30))  # grows while closed: reopened at its offset
+        both = log.stat().st_size + other.stat().st_size
+        wait(lambda: sum(len(v) for v, _ in sender.sent) == both, "a.log not resumed")
+        os.rename(other, logdir / "b.old")  # renamed out of the glob while closed, then grows
+        with (logdir / "b.old").open("ab") as fh:
+            fh.write(lines("late", 20))
+        total = log.stat().st_size + (logdir / "b.old").stat().st_size
+        wait(lambda: sum(len(v) for v, _ in sender.sent) == total, "b.old not finished")
+    finally:
+        agent.request_stop()
+        thread.join(10)
+    assert closed_before == 2
+    by_file: dict[str, bytes] = {}
+    for value, token in sender.sent:
+        stream, offset = token[1], token[2]
+        got = by_file.setdefault(stream.file_id, b"")
+        assert offset == len(got), "a gap or a re-send"
+        by_file[stream.file_id] = got + value
+    assert sorted(by_file.values()) == sorted([log.read_bytes(), (logdir / "b.old").read_bytes()])
