@@ -26,6 +26,18 @@ H_TS = "kl.ts"
 # The original Flume agents glued `module##$$##` in front of every line.
 LEGACY_SEPARATOR = b"##$$##"
 
+# Upper bounds of label headers. Host, file id and path become replay-dedup keys kept for days,
+# so a record over a bound is rejected (the consumer quarantines it) instead of bloating state.
+# Hostnames are at most 253 bytes (DNS), paths at most PATH_MAX; agent file ids are ~30 bytes.
+MAX_NAME_BYTES = 100  # service and module names (they become path components)
+MAX_HEADER_BYTES = {
+    "kl.service": MAX_NAME_BYTES,
+    "kl.module": MAX_NAME_BYTES,
+    "kl.host": 253,
+    "kl.file": 64,
+    "kl.path": 4096,
+}
+
 
 class RecordFormatError(ValueError):
     """A record does not follow the kepler-log format (missing or malformed header)."""
@@ -99,6 +111,10 @@ def decode_headers(headers: Sequence[tuple[str, bytes]] | None) -> Batch:
     version = _int(found[H_VERSION], H_VERSION)
     if version != FORMAT_VERSION:
         raise RecordFormatError(f"unknown format version {version}")
+
+    for name, limit in MAX_HEADER_BYTES.items():
+        if len(found.get(name, b"")) > limit:
+            raise RecordFormatError(f"header {name} longer than {limit} bytes")
 
     def text(name: str) -> str:
         if name not in found:

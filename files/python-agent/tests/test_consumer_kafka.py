@@ -33,7 +33,8 @@ def config(kafka, topic, root, **kw):
             "KEPLERLOG_METRICS_PORT": "0",
         },
     )
-    return replace(cfg, session_timeout_ms=6000, **kw)
+    # The fixed 2023 timestamps are years old: a wide window keeps them on their own days.
+    return replace(cfg, session_timeout_ms=6000, ts_max_age_days=100_000, **kw)
 
 
 def send(kafka, topic, items):
@@ -140,28 +141,33 @@ def test_path_attacks_and_garbage_go_to_quarantine(kafka, topic, tmp_path):
     ok = mk(0, b"fine\n")
     v1 = ok[0].headers()
     items += [
-        (b"k", [], b"\x00\xffgarbage without prefix", DAY1),  # no headers
         (b"k", [("kl.v", b"7"), *v1[1:]], b"future\n", DAY1),  # bad version
         (b"k", [(k, b"12x" if k == "kl.offset" else v) for k, v in v1], b"x\n", DAY1),  # bad number
         (b"k", [(k, b"-5" if k == "kl.ts" else v) for k, v in v1], b"x\n", DAY1),  # negative ts
         (b"k", [("kl.v", b"1")], b"x\n", DAY1),  # missing labels
         (b"k", [], b"../../etc##$$##legacy attack\n", DAY1),  # legacy path attack
+        (b"k", [(k, b"h" * 10_000 if k == "kl.host" else v) for k, v in v1], b"x\n", DAY1),  # huge label
         ok,
     ]
-    send(kafka, topic, items)
+    garbage = (b"k", [], b"\x00\xffgarbage without prefix", DAY1)  # no headers: legacy, default module
+    send(kafka, topic, [*items, garbage])
     run = Running(config(kafka, topic, root))
     try:
-        run.wait(lambda c: c["records"] >= 1 and c["quarantined"] >= len(items) - 1)
+        run.wait(lambda c: c["records"] >= 2 and c["quarantined"] >= len(items) - 1)
     finally:
         run.stop()
     after = sorted(str(p) for p in tmp_path.rglob("*") if not str(p).startswith(str(root) + "/"))
     assert after == before  # nothing created outside the root
     files = files_under(root)
     assert files.pop("shop/portal.20231114") == b"fine\n"
+    assert files.pop("legacy/default.20231114") == b"\x00\xffgarbage without prefix\n"
     ((qname, qdata),) = files.items()
     assert qname.startswith("_quarantine/")
     assert qdata.count(b"#kl-quarantine reason=") == len(items) - 1
-    assert run.app.metrics.counts["unsafe_names"] == 2 * len(bad_names) + 1
+    assert b"header kl.host longer than 253 bytes" in qdata
+    too_long = sum(len(n.encode()) > 100 for n in bad_names)  # rejected earlier, by the label limit
+    assert run.app.metrics.counts["unsafe_names"] == 2 * (len(bad_names) - too_long) + 1
+    assert qdata.count(b"header kl.service longer than 100 bytes") == too_long
 
 
 def test_disk_full_pauses_and_retries_without_loss(kafka, topic, tmp_path):

@@ -7,6 +7,7 @@ from collections import namedtuple
 from zoneinfo import ZoneInfo
 
 import pytest
+from consumer_support import ANY_TIME
 
 from keplerlog.consumer.config import ConfigError, load_config
 from keplerlog.consumer.files import DiskFullError, FileCache, FileOps, PathGuard, UnsafePathError
@@ -33,7 +34,7 @@ def rec(kafka_offset, b, value):
 
 
 def make_sink(root, ops=None, layout="{service}/{module}.{day}", tz="UTC", max_open=256, cid="unit"):
-    router = Router(Layout(layout), ZoneInfo(tz), PathGuard(str(root)))
+    router = Router(Layout(layout), ZoneInfo(tz), PathGuard(str(root)), ts_window=ANY_TIME)
     files = FileCache(str(root), max_open, 60, ops)
     return Sink(router, files, Journal(str(root), cid), Metrics())
 
@@ -119,7 +120,7 @@ def test_route_day_split_dedup_overlap_gap(tmp_path):
     assert plan.chunks == {"portal.20231114": [a, b"l3\n"], "portal.20231115": [c]}
     assert plan.counts["duplicate_records"] == 1 and plan.counts["partial_overlaps"] == 1
     assert plan.counts["gaps"] == 1 and plan.counts["gap_bytes"] == 11
-    assert files["shop\x1fh1\x1ff1"][0] == 23
+    assert files["shop\x1fh1\x1ff1"][1:] == [0, 9, 20, 23]  # written ranges; the hole stays open
 
 
 def test_route_timezone(tmp_path):
@@ -144,12 +145,15 @@ def test_route_legacy_and_garbage(tmp_path):
     router.route(Rec("t", 0, 6, DAY1, huge_ts, b"x\n"), {}, plan, DAY1)
     assert plan.chunks["legacy/web.20231114"] == [b"hello\n", b"one\n"]
     assert plan.chunks["legacy/api.20231114"] == [b"x##$$##y\n"]
-    assert plan.chunks["legacy/default.20231114"] == [b"plain\n"]
+    # As the Flume sink did: a line without a module prefix goes to the default module.
+    assert plan.chunks["legacy/default.20231114"] == [b"plain\n", b"\xff\xfegarbage\n"]
+    # A kl.ts far in the future is filed under the receive day, not quarantined.
+    assert plan.chunks["shop/portal.20231114"] == [b"x\n"] and plan.counts["ts_out_of_range"] == 1
     quarantine = b"".join(plan.chunks["_quarantine/20231114"])
-    assert quarantine.count(b"#kl-quarantine") == 5
+    assert quarantine.count(b"#kl-quarantine") == 3
     assert b"unknown format version 2" in quarantine and b"kl.offset is not an integer" in quarantine
-    assert b"offset=2 bytes=9\n\xff\xfegarbage\n" in quarantine
-    assert plan.counts["quarantined"] == 5 and plan.counts["unsafe_names"] == 1
+    assert b"unsafe service/module" in quarantine
+    assert plan.counts["quarantined"] == 3 and plan.counts["unsafe_names"] == 1
 
 
 def test_sink_disk_full_rolls_back_and_retries(tmp_path):
@@ -265,7 +269,7 @@ def test_state_file_is_json(tmp_path):
     sink = make_sink(tmp_path)
     sink.write({TP: [rec(4, batch(0, b"x\n"), b"x\n")]})
     state = json.loads((tmp_path / ".keplerlog/state/t-partition-0.json").read_text())
-    assert state["next_offset"] == 5 and state["files"]["shop\x1fh1\x1ff1"][0] == 2
+    assert state["next_offset"] == 5 and state["files"]["shop\x1fh1\x1ff1"][1:] == [0, 2]
 
 
 def test_large_socket_reads_same_bytes_and_errors():
@@ -330,3 +334,22 @@ def test_merge_keeps_older_records_first():
     merged = _merge(failed, later)
     assert merged == {TP: [1, 2, 3], ("t", 1): [5], ("t", 2): [9]}
     assert failed == {TP: [1, 2], ("t", 1): [5]}  # inputs untouched
+
+
+def test_enospc_saving_the_state_of_a_duplicate_only_batch_is_disk_full(tmp_path, monkeypatch):
+    """A batch with nothing to append still saves state: a full disk there must back off too."""
+    sink = make_sink(tmp_path)
+    data = b"x\n"
+    sink.write({TP: [rec(0, batch(0, data), data)]})
+    real = sink.journal.save_states
+
+    def full(states):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sink.journal, "save_states", full)
+    with pytest.raises(DiskFullError):
+        sink.write({TP: [rec(1, batch(0, data), data)]})  # a replay: duplicate only
+    assert sink.states[TP].next_offset == 1  # unchanged, so the retry is the same batch
+    monkeypatch.setattr(sink.journal, "save_states", real)
+    assert sink.write({TP: [rec(1, batch(0, data), data)]}) == {TP: 2}
+    assert sink.metrics.counts["duplicate_records"] == 1

@@ -32,7 +32,7 @@ from .config import ConsumerConfig
 from .files import DiskFullError, FileCache, FileOps, PathGuard
 from .journal import Journal
 from .metrics import Metrics, PeriodicLog, serve
-from .route import Router
+from .route import Router, TsWindow
 from .sink import Sink
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,15 @@ class ConsumerApp:
         os.makedirs(config.root, exist_ok=True)
         self.files = FileCache(config.root, config.max_open_files, config.idle_close_s, ops)
         self.journal = Journal(config.root, new_consumer_id())
-        router = Router(config.layout, config.zone, PathGuard(config.root), config.legacy_service)
+        window = TsWindow(int(config.ts_max_age_days * 86_400_000), int(config.ts_max_ahead_s * 1000))
+        router = Router(config.layout, config.zone, PathGuard(config.root), config.legacy_service, window)
         self.sink = Sink(
-            router, self.files, self.journal, self.metrics, int(config.state_ttl_days * 86400 * 1000)
+            router,
+            self.files,
+            self.journal,
+            self.metrics,
+            int(config.state_ttl_days * 86400 * 1000),
+            config.max_sources_per_partition,
         )
         self.periodic = PeriodicLog(self.metrics, config.log_interval_s)
         self._stop = threading.Event()

@@ -49,6 +49,9 @@ _TOP_KEYS = {
     "metrics",
     "batch_max_bytes",
     "batch_max_wait_ms",
+    "ts_max_age_days",
+    "ts_max_ahead_s",
+    "max_sources_per_partition",
 }
 _METRICS_KEYS = {"port", "host", "log_interval_s"}
 
@@ -81,6 +84,9 @@ class ConsumerConfig:
     idle_close_s: float = 60.0
     legacy_service: str = "legacy"
     state_ttl_days: float = 30.0
+    ts_max_age_days: float = 30.0
+    ts_max_ahead_s: float = 86400.0
+    max_sources_per_partition: int = 100_000
     batch_max_bytes: int = 64 * 1024 * 1024
     batch_max_wait_ms: int = 100
     metrics_port: int = 9310
@@ -197,6 +203,11 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
         idle_close_s=_float(top.get("idle_close_s", 60), "idle_close_s"),
         legacy_service=legacy_service,
         state_ttl_days=_float(top.get("state_ttl_days", 30), "state_ttl_days"),
+        ts_max_age_days=_float(top.get("ts_max_age_days", 30), "ts_max_age_days"),
+        ts_max_ahead_s=_float(top.get("ts_max_ahead_s", 86400), "ts_max_ahead_s"),
+        max_sources_per_partition=_int(
+            top.get("max_sources_per_partition", 100_000), "max_sources_per_partition", 1
+        ),
         batch_max_bytes=_int(top.get("batch_max_bytes", 64 << 20), "batch_max_bytes", 1),
         batch_max_wait_ms=_int(top.get("batch_max_wait_ms", 100), "batch_max_wait_ms"),
         metrics_port=_int(metrics.get("port", 9310), "metrics.port"),

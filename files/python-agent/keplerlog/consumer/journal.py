@@ -23,6 +23,7 @@ from pathlib import Path
 
 from keplerlog.durable import atomic_write, fsync_dir
 
+from . import coverage
 from .files import make_dirs, parallel
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,11 @@ class PartitionState:
     """What one partition has durably written.
 
     `next_offset` is the next Kafka offset to read (authoritative over the group commit);
-    `files` maps a source file key to `[end byte offset, last seen ms]` for replay dedup.
+    `files` maps a source file key to its written byte ranges (coverage.py) for replay dedup.
     """
 
     next_offset: int | None = None
-    files: dict[str, list[int]] = field(default_factory=dict)
+    files: dict[str, coverage.Entry] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         """Return the serialisable form."""
@@ -54,7 +55,7 @@ class PartitionState:
             raise ValueError("next_offset is not an integer")
         if not isinstance(files, dict):
             raise ValueError("files is not a mapping")
-        return cls(next_offset, {str(k): [int(v[0]), int(v[1])] for k, v in files.items()})
+        return cls(next_offset, {str(k): coverage.from_state(v) for k, v in files.items()})
 
 
 def state_name(topic: str, partition: int) -> str:

@@ -7,9 +7,10 @@ the same file; a rejected record goes to quarantine with the reason, nothing is 
 
 from __future__ import annotations
 
+from keplerlog.record import MAX_NAME_BYTES
+
 from .layout import QUARANTINE_DIR
 
-MAX_NAME_BYTES = 100
 _FORBIDDEN = frozenset("/\\\x00")
 
 

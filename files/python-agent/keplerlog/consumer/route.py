@@ -15,8 +15,9 @@ from datetime import datetime
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from keplerlog.record import LEGACY_SEPARATOR, RecordFormatError, decode_headers, split_legacy
+from keplerlog.record import RecordFormatError, decode_headers, split_legacy
 
+from . import coverage
 from .files import PathGuard, UnsafePathError
 from .layout import Layout, quarantine_path
 from .names import name_problem
@@ -75,16 +76,43 @@ class RateLimitedLog:
         log.warning(msg + (f" (+{suppressed} similar suppressed)" if suppressed else ""), *args)
 
 
+@dataclass(frozen=True)
+class TsWindow:
+    """How far a record's time may be from the consumer's clock to pick its day file.
+
+    Outside the window (a wrong clock, a forged `kl.ts`, year 2100) the record is filed under
+    the day it was received and counted as `ts_out_of_range`, so every day file has a date that
+    retention will reach. Ahead: 1 day (time zones are already in the timestamp); behind: 30 days
+    (an agent replaying a longer backlog files it under the receive day).
+    """
+
+    max_age_ms: int = 30 * 86_400_000
+    max_ahead_ms: int = 86_400_000
+
+    def pick(self, ts_ms: int, now_ms: int, counts: Counter[str]) -> int:
+        """Return the timestamp that picks the day: the record's own, or now if out of range."""
+        if now_ms - self.max_age_ms <= ts_ms <= now_ms + self.max_ahead_ms:
+            return ts_ms
+        counts["ts_out_of_range"] += 1
+        return now_ms
+
+
 class Router:
     """Maps records to (file, bytes), updating a partition's dedup map in place."""
 
     def __init__(
-        self, layout: Layout, tz: ZoneInfo, guard: PathGuard, legacy_service: str = "legacy"
+        self,
+        layout: Layout,
+        tz: ZoneInfo,
+        guard: PathGuard,
+        legacy_service: str = "legacy",
+        ts_window: TsWindow | None = None,
     ) -> None:
         self.layout = layout
         self.tz = tz
         self.guard = guard
         self.legacy_service = legacy_service
+        self.ts_window = ts_window or TsWindow()
         self.limited = RateLimitedLog()
         self._days: dict[int, str] = {}
 
@@ -101,7 +129,7 @@ class Router:
             self._days[bucket] = day
         return day
 
-    def route(self, rec: RecordLike, files: dict[str, list[int]], plan: Plan, now_ms: int) -> None:
+    def route(self, rec: RecordLike, files: dict[str, coverage.Entry], plan: Plan, now_ms: int) -> None:
         """Route one record; never raises for bad input (it goes to quarantine instead)."""
         value = rec.value or b""
         if not value:
@@ -122,7 +150,7 @@ class Router:
             self.quarantine(rec, value, f"unsafe service/module: {problem}", plan, now_ms)
             return
         try:
-            day = self.day(batch.ts_ms)
+            day = self.day(self.ts_window.pick(batch.ts_ms, now_ms, plan.counts))
             rel = self.layout.render(batch.service, batch.module, day)
             self.guard.check(rel)
         except (ValueError, OverflowError, OSError) as exc:
@@ -131,46 +159,39 @@ class Router:
 
         key = f"{batch.service}\x1f{batch.host}\x1f{batch.file_id}"
         start = batch.offset
-        end = start + len(value)
-        known = files.get(key)
-        if known is not None:
-            known_end = known[0]
-            if end <= known_end:
-                plan.counts["duplicate_records"] += 1
-                plan.counts["duplicate_bytes"] += len(value)
-                return
-            if start < known_end:
-                plan.counts["partial_overlaps"] += 1
-                plan.counts["duplicate_bytes"] += known_end - start
-                value = value[known_end - start :]
-            elif start > known_end:
-                plan.counts["gaps"] += 1
-                plan.counts["gap_bytes"] += start - known_end
-                self.limited.warning(
-                    "gap",
-                    "gap of %d bytes in %s (file %s of %s) before offset %d",
-                    start - known_end,
-                    batch.path,
-                    batch.file_id,
-                    batch.host,
-                    start,
-                )
-        files[key] = [end, now_ms]
-        plan.add(rel, value)
+        gaps_before = plan.counts["gaps"]
+        decision = coverage.decide(files.get(key), start, start + len(value), now_ms, plan.counts)
+        files[key] = decision.entry
+        if plan.counts["gaps"] != gaps_before:
+            self.limited.warning(
+                "gap",
+                "gap in %s (file %s of %s) before offset %d: bytes not (yet) received",
+                batch.path,
+                batch.file_id,
+                batch.host,
+                start,
+            )
+        if not decision.write:
+            return
+        if len(decision.write) == 1 and decision.write[0] == (start, start + len(value)):
+            plan.add(rel, value)
+            written = len(value)
+        else:
+            written = 0
+            for part_start, part_end in decision.write:
+                plan.add(rel, value[part_start - start : part_end - start])
+                written += part_end - part_start
         plan.counts["records"] += 1
-        plan.counts["bytes"] += len(value)
+        plan.counts["bytes"] += written
         plan.read_ts_ms.append(batch.ts_ms)
 
     def _legacy(self, rec: RecordLike, value: bytes, plan: Plan, now_ms: int) -> None:
-        """Original Flume records: `module##$$##text` lines, filed under the legacy service."""
-        if LEGACY_SEPARATOR not in value:
-            self.quarantine(rec, value, "no kl.v header and no legacy module prefix", plan, now_ms)
-            return
+        """Original Flume records: `module##$$##text` lines, filed under the legacy service.
+
+        As the Flume file sink did, a line without the prefix goes to the `default` module.
+        """
         ts = rec.timestamp if rec.timestamp is not None and rec.timestamp > 0 else now_ms
-        try:
-            day = self.day(ts)
-        except (ValueError, OverflowError, OSError):
-            day = self.day(now_ms)
+        day = self.day(self.ts_window.pick(ts, now_ms, plan.counts))
         lines = value.split(b"\n")
         if not lines[-1]:
             lines.pop()

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
+from . import coverage
 from .files import DiskFullError, FileCache
 from .journal import Journal, PartitionState, state_name
 from .metrics import Metrics
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]  # kafka.TopicPartition is a namedtuple of (topic, partition)
 STATE_TTL_MS = 30 * 24 * 3600 * 1000
+MAX_SOURCES = 100_000  # per partition: ~10 MB of state; hundreds of hosts x files x rotations fit
 _PRUNE_EVERY_S = 600.0
 
 
@@ -32,12 +34,14 @@ class Sink:
         journal: Journal,
         metrics: Metrics,
         state_ttl_ms: int = STATE_TTL_MS,
+        max_sources: int = MAX_SOURCES,
     ) -> None:
         self.router = router
         self.files = files
         self.journal = journal
         self.metrics = metrics
         self.state_ttl_ms = state_ttl_ms
+        self.max_sources = max_sources
         self.states: dict[TopicPartition, PartitionState] = {}
         self._pruned_at: dict[TopicPartition, float] = {}
 
@@ -78,14 +82,19 @@ class Sink:
             for rec in records:
                 self.router.route(rec, files, plan, now_ms)
             self._maybe_prune(tp, files, now_ms)
+            if len(files) > self.max_sources:
+                self._evict(files, plan)
             offsets[tp] = records[-1].offset + 1
             new_states[state_name(tp[0], tp[1])] = PartitionState(offsets[tp], files)
         if not offsets:
             return {}
         if plan.chunks:
             self._append(plan, new_states)
-        else:
-            self.journal.save_states(new_states)
+        else:  # only duplicates, empties or drops: the state still moves on
+            try:
+                self.journal.save_states(new_states)
+            except OSError as exc:
+                raise _as_disk_full(exc) from exc
         for tp in offsets:
             self.states[tp] = new_states[state_name(tp[0], tp[1])]
         done_ms = int(time.time() * 1000)
@@ -142,15 +151,28 @@ class Sink:
         except OSError as exc:
             log.error("cannot remove intent: %s", exc)
 
-    def _maybe_prune(self, tp: TopicPartition, files: dict[str, list[int]], now_ms: int) -> None:
+    def _maybe_prune(self, tp: TopicPartition, files: dict[str, coverage.Entry], now_ms: int) -> None:
         """Forget source files not seen for the TTL so the state stays small (checked rarely)."""
         now = time.monotonic()
         if now - self._pruned_at.get(tp, 0.0) < _PRUNE_EVERY_S:
             return
         self._pruned_at[tp] = now
         limit = now_ms - self.state_ttl_ms
-        for key in [k for k, (_, seen) in files.items() if seen < limit]:
+        for key in [k for k, entry in files.items() if coverage.seen_ms(entry) < limit]:
             del files[key]
+
+    def _evict(self, files: dict[str, coverage.Entry], plan: Plan) -> None:
+        """Past `max_sources`, forget the least recently seen tenth (a replay of them repeats)."""
+        keep = self.max_sources * 9 // 10
+        by_age = sorted(files, key=lambda k: coverage.seen_ms(files[k]))
+        for key in by_age[: len(files) - keep]:
+            del files[key]
+        plan.counts["sources_evicted"] += len(by_age) - keep
+        log.warning(
+            "more than %d source files in one partition: forgot the %d oldest",
+            self.max_sources,
+            len(by_age) - keep,
+        )
 
 
 def _as_disk_full(exc: OSError) -> OSError:
