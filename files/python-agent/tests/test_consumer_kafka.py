@@ -2,6 +2,7 @@
 
 import errno
 import os
+import subprocess
 import threading
 import time
 import urllib.request
@@ -189,3 +190,48 @@ def test_disk_full_pauses_and_retries_without_loss(kafka, topic, tmp_path):
         run.stop()
     assert run.app.metrics.counts["disk_full"] == 3
     assert files_under(root) == {"shop/portal.20231114": b"l1\nl2\nl3\n"}
+
+
+def produce_raw_headers(kafka, topic, key: bytes, headers: list[bytes], value: bytes) -> None:
+    """Produce with kcat, which writes header keys as given bytes (kafka-python cannot)."""
+    args = [
+        b"kcat",
+        b"-P",
+        b"-b",
+        kafka.bootstrap.encode(),
+        b"-t",
+        topic.encode(),
+        b"-k",
+        key,
+        b"-D",
+        b"\x1e",
+    ]
+    for header in headers:
+        args += [b"-H", header]
+    subprocess.run(args, input=value + b"\x1e", check=True, timeout=30)  # \x1e ends the message
+
+
+def test_header_key_that_is_not_utf8_is_no_poison_pill(kafka, topic, tmp_path):
+    """Such a key made poll() raise CorruptRecordError, then hang; a restart read it again."""
+    root = tmp_path / "root"
+    first, after = mk(0, b"before\n"), mk(7, b"after\n")
+    send(kafka, topic, [first])
+    good = [f"{k}={v.decode()}".encode() for k, v in mk(20, b"x\n", file_id="f2")[0].headers()]
+    # our labels plus a foreign key that is not UTF-8: written as usual
+    produce_raw_headers(kafka, topic, b"shop/portal", [*good, b"trace\xff\xfeid=1"], b"labelled\n")
+    # only foreign keys that are not UTF-8 (no kl.v): a legacy line
+    produce_raw_headers(kafka, topic, b"shop/portal", [b"\xc3\x28=x", b"\xff=y"], b"bare\n")
+    send(kafka, topic, [after])
+    run = Running(config(kafka, topic, root))
+    try:
+        run.wait(lambda c: c["records"] >= 4)
+        assert run.thread.is_alive()
+    finally:
+        run.stop()
+    files = files_under(root)
+    lines = files["shop/portal.20231114"].splitlines(keepends=True)  # kcat's partitioner differs
+    assert sorted(lines) == [b"after\n", b"before\n", b"labelled\n"]
+    legacy = {name: data for name, data in files.items() if name.startswith("legacy/default.")}
+    assert list(legacy.values()) == [b"bare\n"]  # dated by kcat's record time: today
+    assert run.app.metrics.counts["replaced_header_keys"] == 2
+    assert run.app.metrics.counts["quarantined"] == 0

@@ -27,7 +27,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from . import netfix
+from . import headerfix, netfix
 from .config import ConsumerConfig
 from .files import DiskFullError, FileCache, FileOps, PathGuard
 from .journal import Journal
@@ -90,6 +90,8 @@ class ConsumerApp:
         # a shorter GIL switch interval so that thread is not starved by parsing (netfix.py).
         netfix.apply()
         netfix.favor_io_thread()
+        headerfix.apply()  # a non-UTF-8 header key must not be a poison pill (headerfix.py)
+        self._replaced_seen = headerfix.replaced_records()
 
     def stop(self) -> None:
         """Ask the loop to finish the current batch, commit and return."""
@@ -166,6 +168,7 @@ class ConsumerApp:
                 failed, error = self._settle()  # from here the writer is idle
                 if self.files.close_idle():
                     self.metrics.gauges["open_files"] = len(self.files)
+                self._count_replaced_keys()
                 self.periodic.tick()
                 if error is not None:
                     # Retry the failed batch (and what came after it, in order) in the
@@ -217,6 +220,16 @@ class ConsumerApp:
             batch = self._pending  # minus partitions that a rebalance took away
             self._pending = {}
         return batch
+
+    def _count_replaced_keys(self) -> None:
+        replaced = headerfix.replaced_records()
+        if replaced != self._replaced_seen:
+            self.metrics.inc("replaced_header_keys", replaced - self._replaced_seen)
+            log.warning(
+                "%d records had header keys that are not UTF-8 (read with U+FFFD)",
+                replaced - self._replaced_seen,
+            )
+            self._replaced_seen = replaced
 
     def _submit(self, batch: dict[TopicPartition, list]) -> None:
         """Hand a batch to the writer thread (the previous one must be settled)."""

@@ -29,6 +29,7 @@ COUNTERS = {
     "gaps_given_up": "Holes forgotten because a source file had more than 64 open",
     "gap_bytes_given_up": "Bytes of the holes given up (a later fill counts as duplicate)",
     "sources_evicted": "Source files forgotten because a partition tracked more than its cap",
+    "replaced_header_keys": "Records whose header keys were not UTF-8 (read with U+FFFD)",
     "ts_out_of_range": "Records whose kl.ts was too far from now: filed under the receive day",
     "quarantined": "Records written to _quarantine",
     "unsafe_names": "Records rejected for an unsafe service/module name",
