@@ -353,3 +353,26 @@ def test_enospc_saving_the_state_of_a_duplicate_only_batch_is_disk_full(tmp_path
     monkeypatch.setattr(sink.journal, "save_states", real)
     assert sink.write({TP: [rec(1, batch(0, data), data)]}) == {TP: 2}
     assert sink.metrics.counts["duplicate_records"] == 1
+
+
+@pytest.mark.parametrize("target", ["outside", "inside"])
+def test_directory_swapped_for_a_symlink_after_the_check_is_not_followed(tmp_path, target):
+    """The guard said "ok" for shop/ once; then shop/ became a symlink (out of root, or onto
+    another service's directory): the next open refuses it and the records go to quarantine."""
+    root = tmp_path / "root"
+    root.mkdir()
+    sink = make_sink(root)
+    data = b"x\n"
+    sink.write({TP: [rec(0, batch(0, data), data)]})
+    sink.files.close_all()  # as after idle_close_s: the next write opens the path again
+    dest = tmp_path / "outside" if target == "outside" else root / "other"
+    dest.mkdir()
+    (root / "shop").rename(tmp_path / "moved")
+    (root / "shop").symlink_to(dest)
+    more = b"y\n"
+    assert sink.write({TP: [rec(1, batch(2, more), more)]}) == {TP: 2}
+    assert list(dest.iterdir()) == []  # nothing written through the link
+    quarantine = (root / "_quarantine").glob("*")
+    (qfile,) = quarantine
+    assert b"is a symlink" in qfile.read_bytes() and qfile.read_bytes().endswith(b"\ny\n\n")
+    assert sink.metrics.counts["quarantined"] == 1

@@ -24,7 +24,7 @@ from pathlib import Path
 from keplerlog.durable import atomic_write, fsync_dir
 
 from . import coverage
-from .files import make_dirs, parallel
+from .files import UnsafePathError, make_dirs, open_beneath, parallel
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +193,12 @@ class Journal:
         return f"{intent.name}: rolled back"
 
     def _rollback_file(self, rel: str, before: int, length: int) -> None:
-        full = os.path.join(self.root, rel)
         try:
-            fd = os.open(full, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd, _ = open_beneath(self.root, rel, os.O_WRONLY)
         except FileNotFoundError:
+            return
+        except UnsafePathError as exc:  # an intent names only files we wrote: never follow links
+            log.error("rollback of %s skipped: %s", rel, exc)
             return
         try:
             size = os.fstat(fd).st_size

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from . import coverage
-from .files import DiskFullError, FileCache
+from .files import DiskFullError, FileCache, UnsafePathError
 from .journal import Journal, PartitionState, state_name
 from .metrics import Metrics
 from .route import Plan, RecordLike, Router
@@ -69,7 +69,18 @@ class Sink:
 
         Raises DiskFullError after rolling back (files truncated, state untouched): the same
         batch can be passed again later. Any other OSError also rolls back and propagates.
+        A path that became a symlink after the router's check (open_beneath() refused it,
+        before anything was written) is checked afresh: the batch is planned again and its
+        records go to quarantine.
         """
+        try:
+            return self._write(batch)
+        except UnsafePathError as exc:
+            log.error("%s: planning the batch again with fresh path checks", exc)
+            self.router.guard.forget()
+            return self._write(batch)
+
+    def _write(self, batch: Mapping[TopicPartition, Sequence[RecordLike]]) -> dict[TopicPartition, int]:
         now_ms = int(time.time() * 1000)
         plan = Plan()
         new_states: dict[str, PartitionState] = {}
