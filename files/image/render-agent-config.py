@@ -16,7 +16,7 @@ Environment (the agent applies the KEPLERLOG_* overrides of docs/interfaces.md i
   KEPLERLOG_STATE_FILE         default /var/lib/keplerlog/agent-state.json (never under the logs)
   KEPLERLOG_METRICS_PORT       Prometheus text on 127.0.0.1:port when > 0 (default 0)
   KEPLERLOG_LINGER_MS          kafka.linger_ms (default: unset, the agent picks it by mode)
-  KEPLERLOG_MAX_BUFFER_BYTES   limits.max_buffer_bytes (default: unset, the agent's 4 MiB)
+  KEPLERLOG_MAX_BUFFER_BYTES   limits.max_buffer_bytes (default: unset, the agent's 3 MiB)
   KEPLERLOG_DRAIN_TIMEOUT      supervisord's stop wait for the agent (s); the agent's
                                limits.shutdown_timeout_s is 5 s less, so it checkpoints and
                                exits before supervisord's SIGKILL
@@ -60,7 +60,7 @@ def render() -> dict:
         "compression": env("KEPLERLOG_COMPRESSION", "lz4"),
         "max_record_bytes": 900000,
     }
-    limits: dict = {"max_line_bytes": 65536}
+    limits: dict = {}  # max_line_bytes: the agent's default, as long as one record carries
     # Only when asked: the agent's defaults depend on the mode (linger) and were measured
     # (buffer, RSS), so a copy of them here would go stale.
     if env("KEPLERLOG_LINGER_MS", ""):

@@ -74,7 +74,9 @@ class Limits:
     # (bench/results/agent.json): one batch in flight plus the next one filling is all a
     # module's partition can use; more read-ahead only grows the heap.
     max_buffer_bytes: int = 3 * 1024 * 1024
-    max_line_bytes: int = 65536
+    # 0 = as long as one record carries (kafka.max_record_bytes): a line is cut only when it
+    # cannot travel whole; the consumer joins the pieces again (consumer/lines.py).
+    max_line_bytes: int = 0
     partial_line_timeout_ms: int = 5000
     shutdown_timeout_s: float = 10.0
     checkpoint_interval_ms: int = 1000
@@ -328,7 +330,8 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
         max_buffer_bytes=_int(
             lsec.get("max_buffer_bytes", d.max_buffer_bytes), "limits.max_buffer_bytes", 64 * 1024
         ),
-        max_line_bytes=_int(lsec.get("max_line_bytes", d.max_line_bytes), "limits.max_line_bytes", 16),
+        max_line_bytes=_int(lsec.get("max_line_bytes", d.max_line_bytes), "limits.max_line_bytes", 0)
+        or kafka.max_record_bytes,
         partial_line_timeout_ms=_int(
             lsec.get("partial_line_timeout_ms", d.partial_line_timeout_ms),
             "limits.partial_line_timeout_ms",

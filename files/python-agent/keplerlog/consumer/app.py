@@ -69,7 +69,9 @@ class ConsumerApp:
         self.files = FileCache(config.root, config.max_open_files, config.idle_close_s, ops)
         self.journal = Journal(config.root, new_consumer_id())
         window = TsWindow(int(config.ts_max_age_days * 86_400_000), int(config.ts_max_ahead_s * 1000))
-        router = Router(config.layout, config.zone, PathGuard(config.root), config.legacy_service, window)
+        router = Router(
+            config.layout, config.zone, PathGuard(config.root), config.legacy_service, window, config.lines
+        )
         self.sink = Sink(
             router,
             self.files,
@@ -174,8 +176,8 @@ class ConsumerApp:
                     # Retry the failed batch (and what came after it, in order) in the
                     # foreground with the disk-full backoff; nothing of it is committed yet.
                     self._process(_merge(failed, batch), error)
-                elif batch:
-                    self._submit(batch)
+                elif batch or self.sink.has_expired_holds():
+                    self._submit(batch)  # an empty batch writes held line ends that are due
         finally:
             try:
                 if self._settle()[1] is not None:

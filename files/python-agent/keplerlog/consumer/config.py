@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from .layout import DEFAULT_LAYOUT, Layout, LayoutError
+from .lines import LinePolicy
 from .names import name_problem
 
 ENV_OVERRIDES = {
@@ -52,11 +53,14 @@ _TOP_KEYS = {
     "ts_max_age_days",
     "ts_max_ahead_s",
     "max_sources_per_partition",
+    "lines",
 }
+_LINES_KEYS = {"max_line_bytes", "hold_s", "max_held_bytes"}
 _METRICS_KEYS = {"port", "host", "log_interval_s"}
 
 
 _DEFAULT = Layout(DEFAULT_LAYOUT)
+_LINES = LinePolicy()
 
 
 class ConfigError(ValueError):
@@ -87,6 +91,7 @@ class ConsumerConfig:
     ts_max_age_days: float = 30.0
     ts_max_ahead_s: float = 86400.0
     max_sources_per_partition: int = 100_000
+    lines: LinePolicy = _LINES
     batch_max_bytes: int = 64 * 1024 * 1024
     batch_max_wait_ms: int = 100
     metrics_port: int = 9310
@@ -150,6 +155,7 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
         raise ConfigError(f"unknown keys {sorted(unknown)}")
     kafka = dict(_section(data, "kafka", _KAFKA_KEYS))
     metrics = dict(_section(data, "metrics", _METRICS_KEYS))
+    lsec = _section(data, "lines", _LINES_KEYS)
     top = dict(data)
     for var, keys in ENV_OVERRIDES.items():
         if env.get(var):
@@ -205,6 +211,11 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
         state_ttl_days=_float(top.get("state_ttl_days", 30), "state_ttl_days"),
         ts_max_age_days=_float(top.get("ts_max_age_days", 30), "ts_max_age_days"),
         ts_max_ahead_s=_float(top.get("ts_max_ahead_s", 86400), "ts_max_ahead_s"),
+        lines=LinePolicy(
+            max_line_bytes=_int(lsec.get("max_line_bytes", 16 << 20), "lines.max_line_bytes", 1024),
+            hold_s=_float(lsec.get("hold_s", 60), "lines.hold_s"),
+            max_held_bytes=_int(lsec.get("max_held_bytes", 64 << 20), "lines.max_held_bytes", 1024),
+        ),
         max_sources_per_partition=_int(
             top.get("max_sources_per_partition", 100_000), "max_sources_per_partition", 1
         ),

@@ -71,6 +71,11 @@ def decide(
     return Decision(_bound([now_ms, *merged], counts, max_ranges), parts)
 
 
+def covered(entry: Entry | None, start: int, end: int) -> bool:
+    """Tell whether every byte of [start, end) is already written."""
+    return entry is not None and not _uncovered(entry[1:], start, end)
+
+
 def _uncovered(ranges: list[int], start: int, end: int) -> list[tuple[int, int]]:
     """Parts of [start, end) that no range covers, in order."""
     out: list[tuple[int, int]] = []

@@ -20,6 +20,7 @@ from keplerlog.record import RecordFormatError, decode_headers, split_legacy
 from . import coverage
 from .files import PathGuard, UnsafePathError
 from .layout import Layout, quarantine_path
+from .lines import MARKER, Held, Holds, LinePolicy
 from .names import name_problem
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,21 @@ class Plan:
             self.chunks[rel] = [data]
         else:
             chunks.append(data)
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """One source file as the router files it: dedup key, target day file, labels for logs."""
+
+    key: str
+    rel: str
+    path: str
+    host: str
+    file_id: str
+
+    def moved(self, rel: str) -> _Source:
+        """Return this source filed into another day file (a joined line keeps its first day)."""
+        return _Source(self.key, rel, self.path, self.host, self.file_id)
 
 
 class RateLimitedLog:
@@ -107,12 +123,14 @@ class Router:
         guard: PathGuard,
         legacy_service: str = "legacy",
         ts_window: TsWindow | None = None,
+        lines: LinePolicy | None = None,
     ) -> None:
         self.layout = layout
         self.tz = tz
         self.guard = guard
         self.legacy_service = legacy_service
         self.ts_window = ts_window or TsWindow()
+        self.lines = lines or LinePolicy()
         self.limited = RateLimitedLog()
         self._days: dict[int, str] = {}
 
@@ -129,8 +147,22 @@ class Router:
             self._days[bucket] = day
         return day
 
-    def route(self, rec: RecordLike, files: dict[str, coverage.Entry], plan: Plan, now_ms: int) -> None:
-        """Route one record; never raises for bad input (it goes to quarantine instead)."""
+    def route(
+        self,
+        rec: RecordLike,
+        files: dict[str, coverage.Entry],
+        plan: Plan,
+        now_ms: int,
+        holds: Holds | None = None,
+    ) -> None:
+        """Route one record; never raises for bad input (it goes to quarantine instead).
+
+        `files` (written ranges) and `holds` (incomplete line ends) are the partition's, changed
+        in place; the caller passes copies and keeps them only once the batch is durable.
+        Without `holds`, an incomplete end is held only until the end of this call's record.
+        """
+        if holds is None:
+            holds = {}
         value = rec.value or b""
         if not value:
             plan.counts["empty_records"] += 1
@@ -158,32 +190,112 @@ class Router:
             return
 
         key = f"{batch.service}\x1f{batch.host}\x1f{batch.file_id}"
-        start = batch.offset
+        source = _Source(key, rel, batch.path, batch.host, batch.file_id)
+        self._accept(source, batch.offset, value, batch.ts_ms, rec.offset, files, holds, plan, now_ms)
+
+    def _accept(
+        self,
+        src: _Source,
+        start: int,
+        value: bytes,
+        ts_ms: int,
+        kafka_offset: int,
+        files: dict[str, coverage.Entry],
+        holds: Holds,
+        plan: Plan,
+        now_ms: int,
+    ) -> None:
+        """Join a record with its source's held bytes, hold its incomplete end, write the rest."""
+        held = holds.get(src.key)
+        end = start + len(value)
+        if held is not None and end > held.start:
+            if held.start <= start <= held.end < end:  # the continuation (or a re-send of it)
+                del holds[src.key]
+                if b"\n" in value:  # this record ends the held line
+                    plan.counts["lines_joined"] += 1
+                value = held.data[: start - held.start] + value
+                start, ts_ms, kafka_offset = held.start, held.ts_ms, held.kafka_offset
+                src = src.moved(held.rel)
+            elif start < held.start and end >= held.end:  # a re-send that carries all of it
+                del holds[src.key]
+            elif held.start <= start and end <= held.end:  # a replay of bytes already held
+                plan.counts["duplicate_records"] += 1
+                plan.counts["duplicate_bytes"] += len(value)
+                return
+            elif start < held.start:  # a re-send ending inside the held bytes: keep its head
+                value, end = value[: held.start - start], held.start
+            else:  # the source went on elsewhere (a gap): the held line will not be completed
+                self.flush(src.key, holds, files, plan, now_ms, cut=False)
+        if value[-1:] != b"\n":
+            cut = value.rfind(b"\n") + 1
+            if not coverage.covered(files.get(src.key), start + cut, end):
+                tail = value[cut:]
+                holds[src.key] = Held(
+                    src.rel, start + cut, tail, ts_ms, kafka_offset, time.monotonic(), src.path
+                )
+                if len(tail) >= self.lines.max_line_bytes:
+                    self.flush(src.key, holds, files, plan, now_ms, cut=True)
+                value = value[:cut]
+        if value:
+            self._write(src, start, value, ts_ms, files, plan, now_ms)
+
+    def flush(
+        self,
+        key: str,
+        holds: Holds,
+        files: dict[str, coverage.Entry],
+        plan: Plan,
+        now_ms: int,
+        cut: bool,
+    ) -> None:
+        """Write a source's held bytes now, marked as a piece (`cut`) or with a newline added.
+
+        A piece: the line reached max_line_bytes. A newline: its end did not come in time.
+        """
+        held = holds.pop(key)
+        src = _Source(key, held.rel, held.path, "", "")
+        if self._write(src, held.start, held.data, held.ts_ms, files, plan, now_ms):
+            plan.add(held.rel, MARKER if cut else b"\n")
+            plan.counts["lines_cut" if cut else "newlines_added"] += 1
+            plan.counts["bytes"] += len(MARKER) if cut else 1
+
+    def _write(
+        self,
+        src: _Source,
+        start: int,
+        value: bytes,
+        ts_ms: int,
+        files: dict[str, coverage.Entry],
+        plan: Plan,
+        now_ms: int,
+    ) -> int:
+        """Append the parts of [start, start + len(value)) not written yet; returns their size."""
         gaps_before = plan.counts["gaps"]
-        decision = coverage.decide(files.get(key), start, start + len(value), now_ms, plan.counts)
-        files[key] = decision.entry
+        decision = coverage.decide(files.get(src.key), start, start + len(value), now_ms, plan.counts)
+        files[src.key] = decision.entry
         if plan.counts["gaps"] != gaps_before:
             self.limited.warning(
                 "gap",
                 "gap in %s (file %s of %s) before offset %d: bytes not (yet) received",
-                batch.path,
-                batch.file_id,
-                batch.host,
+                src.path,
+                src.file_id,
+                src.host,
                 start,
             )
         if not decision.write:
-            return
+            return 0
         if len(decision.write) == 1 and decision.write[0] == (start, start + len(value)):
-            plan.add(rel, value)
+            plan.add(src.rel, value)
             written = len(value)
         else:
             written = 0
             for part_start, part_end in decision.write:
-                plan.add(rel, value[part_start - start : part_end - start])
+                plan.add(src.rel, value[part_start - start : part_end - start])
                 written += part_end - part_start
         plan.counts["records"] += 1
         plan.counts["bytes"] += written
-        plan.read_ts_ms.append(batch.ts_ms)
+        plan.read_ts_ms.append(ts_ms)
+        return written
 
     def _legacy(self, rec: RecordLike, value: bytes, plan: Plan, now_ms: int) -> None:
         """Original Flume records: `module##$$##text` lines, filed under the legacy service.

@@ -10,9 +10,10 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
-from . import coverage
+from . import coverage, lines
 from .files import DiskFullError, FileCache, UnsafePathError
 from .journal import Journal, PartitionState, state_name
+from .lines import Holds
 from .metrics import Metrics
 from .route import Plan, RecordLike, Router
 
@@ -43,6 +44,10 @@ class Sink:
         self.state_ttl_ms = state_ttl_ms
         self.max_sources = max_sources
         self.states: dict[TopicPartition, PartitionState] = {}
+        # Incomplete line ends per partition (lines.py) and the next offset to read, in memory
+        # only: after a restart they are rebuilt by reading from the state's next_offset.
+        self.holds: dict[TopicPartition, Holds] = {}
+        self.consumed: dict[TopicPartition, int] = {}
         self._pruned_at: dict[TopicPartition, float] = {}
 
     def assign(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
@@ -55,14 +60,21 @@ class Sink:
             topic, partition = tp[0], tp[1]
             state = self.journal.load(topic, partition)
             self.states[tp] = state
+            self.holds.pop(tp, None)  # read again from next_offset: held lines come back
             if state.next_offset is not None:
                 resume[tp] = state.next_offset
         return resume
+
+    def has_expired_holds(self) -> bool:
+        """Tell whether a held line end is due to be written although no record came."""
+        return any(lines.expired(holds, self.router.lines) for holds in self.holds.values())
 
     def revoke(self, partitions: Iterable[TopicPartition]) -> None:
         """Forget partitions given up (everything written is already durable)."""
         for tp in partitions:
             self.states.pop(tp, None)
+            self.holds.pop(tp, None)
+            self.consumed.pop(tp, None)
 
     def write(self, batch: Mapping[TopicPartition, Sequence[RecordLike]]) -> dict[TopicPartition, int]:
         """Make a polled batch durable; returns the next offset per partition to commit.
@@ -84,19 +96,30 @@ class Sink:
         now_ms = int(time.time() * 1000)
         plan = Plan()
         new_states: dict[str, PartitionState] = {}
+        new_holds: dict[TopicPartition, Holds] = {}
         offsets: dict[TopicPartition, int] = {}
-        for tp, records in batch.items():
-            if not records:
+        policy = self.router.lines
+        for tp in [*batch, *(tp for tp in self.holds if tp not in batch)]:
+            records = batch.get(tp) or ()
+            holds = self.holds.get(tp, {})
+            if not records and not lines.expired(holds, policy):
                 continue
             state = self.states.setdefault(tp, PartitionState())
             files = dict(state.files)
+            holds = dict(holds)
             for rec in records:
-                self.router.route(rec, files, plan, now_ms)
+                self.router.route(rec, files, plan, now_ms, holds)
+            for key in lines.expired(holds, policy):
+                self.router.flush(key, holds, files, plan, now_ms, cut=False)
             self._maybe_prune(tp, files, now_ms)
             if len(files) > self.max_sources:
                 self._evict(files, plan)
-            offsets[tp] = records[-1].offset + 1
+            consumed = records[-1].offset + 1 if records else self.consumed[tp]
+            pinned = lines.pin(holds)  # a held line's first record must be read again after a crash
+            offsets[tp] = consumed if pinned is None else min(pinned, consumed)
             new_states[state_name(tp[0], tp[1])] = PartitionState(offsets[tp], files)
+            new_holds[tp] = holds
+            self.consumed[tp] = consumed
         if not offsets:
             return {}
         if plan.chunks:
@@ -108,6 +131,10 @@ class Sink:
                 raise _as_disk_full(exc) from exc
         for tp in offsets:
             self.states[tp] = new_states[state_name(tp[0], tp[1])]
+            self.holds[tp] = new_holds[tp]
+        self.metrics.gauges["held_bytes"] = sum(
+            len(h.data) for hs in self.holds.values() for h in hs.values()
+        )
         done_ms = int(time.time() * 1000)
         self.metrics.observe_latency(done_ms, plan.read_ts_ms)
         plan.counts["batches"] += 1

@@ -1,0 +1,170 @@
+"""Whole lines in a day file that merges many source files (lines.py), through the real Sink.
+
+A long line reaches the consumer as several records (the agent cuts it), with other files'
+records of the same module in between; a partial line arrives before its end. The day file
+must still hold every line whole, exactly once, also across a crash between the pieces.
+"""
+
+import time
+from collections import namedtuple
+from zoneinfo import ZoneInfo
+
+from consumer_support import ANY_TIME
+
+from keplerlog.consumer.files import FileCache, PathGuard
+from keplerlog.consumer.journal import Journal
+from keplerlog.consumer.layout import Layout
+from keplerlog.consumer.lines import MARKER, LinePolicy
+from keplerlog.consumer.metrics import Metrics
+from keplerlog.consumer.route import Router
+from keplerlog.consumer.sink import Sink
+from keplerlog.record import Batch
+
+Rec = namedtuple("Rec", "topic partition offset timestamp headers value")
+NOW = 1_700_000_000_000
+TP = ("t", 0)
+DAY_FILE = "shop/portal.20231114"
+
+
+class Source:
+    """One source file of module portal: cuts its bytes into records at given offsets."""
+
+    def __init__(self, file_id: str) -> None:
+        self.file_id = file_id
+        self.offset = 0
+
+    def record(self, kafka_offset: int, value: bytes) -> Rec:
+        b = Batch("shop", "portal", "h1", f"/app/{self.file_id}.log", self.file_id, self.offset, 1, NOW)
+        self.offset += len(value)
+        return Rec("t", 0, kafka_offset, NOW, b.headers(), value)
+
+
+def make_sink(root, cid="lines", policy=None):
+    router = Router(
+        Layout("{service}/{module}.{day}"),
+        ZoneInfo("UTC"),
+        PathGuard(str(root)),
+        ts_window=ANY_TIME,
+        lines=policy,
+    )
+    return Sink(router, FileCache(str(root), 16, 60), Journal(str(root), cid), Metrics())
+
+
+def pieces(line: bytes, size: int) -> list[bytes]:
+    return [line[i : i + size] for i in range(0, len(line), size)]
+
+
+def interleaved(long_line: bytes, piece: int, busy_lines: int = 3):
+    """Records of a long line (cut every `piece` bytes) with a busy file's records in between."""
+    long_src, busy_src = Source("long"), Source("busy")
+    recs, busy = [], []
+    for n, part in enumerate(pieces(long_line, piece)):
+        recs.append(long_src.record(len(recs), part))
+        for i in range(busy_lines):
+            text = f"2026-12-02 10:00:{n:02d},{i:03d} DEBUG busy line {n}.{i}\n".encode()
+            busy.append(text)
+            recs.append(busy_src.record(len(recs), text))
+    return recs, busy
+
+
+def test_a_long_line_between_other_files_records_is_written_whole(tmp_path):
+    long_line = b"L" * 10_000 + b"\n"
+    recs, busy = interleaved(long_line, 900)
+    sink = make_sink(tmp_path)
+    assert sink.write({TP: recs}) == {TP: len(recs)}
+    lines = (tmp_path / DAY_FILE).read_bytes().splitlines(keepends=True)
+    assert sorted(lines) == sorted([long_line, *busy])  # whole, once each
+    assert sink.metrics.counts["lines_joined"] == 1 and sink.metrics.counts["lines_cut"] == 0
+
+
+def test_pieces_in_separate_batches_pin_the_commit_to_the_first_piece(tmp_path):
+    long_line = b"M" * 5000 + b"\n"
+    recs, busy = interleaved(long_line, 1000)
+    sink = make_sink(tmp_path)
+    committed = [sink.write({TP: recs[i : i + 2]})[TP] for i in range(0, len(recs), 2)]
+    last_piece = max(i for i, r in enumerate(recs) if r.value[:1] == b"M" or r.value == b"\n")
+    # until the line's last piece is in, the partition may not commit past its first record
+    assert committed[: last_piece // 2] == [0] * (last_piece // 2)
+    assert committed[last_piece // 2 :] == list(range(last_piece // 2 * 2 + 2, len(recs) + 1, 2))
+    lines = (tmp_path / DAY_FILE).read_bytes().splitlines(keepends=True)
+    assert sorted(lines) == sorted([long_line, *busy])
+
+
+def test_crash_between_pieces_loses_nothing_and_writes_nothing_twice(tmp_path):
+    """kill -9 after some pieces: a new process reads from the state's offset; exact result."""
+    long_line = b"N" * 7000 + b"\n"
+    recs, busy = interleaved(long_line, 1000)
+    first = make_sink(tmp_path, "first")
+    half = len(recs) // 2
+    first.write({TP: recs[:half]})
+    busy_written = (tmp_path / DAY_FILE).read_bytes()
+    assert b"N" not in busy_written and busy_written  # the busy file's lines are on disk already
+    # the process dies here (no close): its held pieces are gone with it
+    second = make_sink(tmp_path, "second")
+    resume = second.assign([TP])[TP]
+    assert resume == 0  # the first piece's record
+    assert second.write({TP: recs[resume:]}) == {TP: len(recs)}
+    lines = (tmp_path / DAY_FILE).read_bytes().splitlines(keepends=True)
+    assert sorted(lines) == sorted([long_line, *busy])
+    c = second.metrics.counts
+    assert c["duplicate_records"] == len([r for r in recs[:half] if b"busy" in r.value])
+
+
+def test_a_line_ten_times_the_cap_is_written_in_marked_pieces(tmp_path):
+    cap = 4096
+    long_line = bytes(range(97, 123)) * 1600 + b"\n"  # 41,601 bytes: over 10x the cap
+    recs, busy = interleaved(long_line, 1000)
+    sink = make_sink(tmp_path, policy=LinePolicy(max_line_bytes=cap))
+    sink.write({TP: recs})
+    data = (tmp_path / DAY_FILE).read_bytes()
+    lines = data.splitlines(keepends=True)
+    marked = [line for line in lines if line.endswith(MARKER)]
+    plain = [line for line in lines if not line.endswith(MARKER)]
+    held_at_cut = -(-cap // 1000) * 1000  # the held bytes grow by one 1000-byte piece at a time
+    assert len(marked) == sink.metrics.counts["lines_cut"] == len(long_line) // held_at_cut == 8
+    assert all(len(line) - len(MARKER) >= cap for line in marked)  # each piece is one cap or more
+    assert all(len(line) - len(MARKER) < cap + 1000 for line in marked)  # ... at most one record more
+    # the pieces are in order, nothing else is glued to them, and they restore the line
+    (last,) = [p for p in plain if b"busy" not in p]
+    rebuilt = b"".join(line[: -len(MARKER)] for line in marked) + last
+    assert rebuilt == long_line
+    assert sorted(p for p in plain if b"busy" in p) == sorted(busy)
+
+
+def test_a_line_end_that_does_not_come_is_written_with_a_newline_after_hold_s(tmp_path):
+    src, other = Source("slow"), Source("other")
+    sink = make_sink(tmp_path, policy=LinePolicy(hold_s=0.3))
+    assert sink.write({TP: [src.record(0, b"first\npartial wri"), other.record(1, b"o1\n")]}) == {TP: 0}
+    assert not sink.has_expired_holds()
+    time.sleep(0.35)
+    assert sink.has_expired_holds()
+    assert sink.write({}) == {TP: 2}  # the empty batch the app submits when idle
+    assert (tmp_path / DAY_FILE).read_bytes() == b"first\no1\npartial wri\n"
+    assert sink.metrics.counts["newlines_added"] == 1
+    # the writer finishes its line later: the rest is its own line, not glued to another
+    sink.write({TP: [src.record(2, b"te done\n"), other.record(3, b"o2\n")]})
+    assert (tmp_path / DAY_FILE).read_bytes() == b"first\no1\npartial wri\nte done\no2\n"
+
+
+def test_a_slow_writer_within_hold_s_gets_its_line_whole(tmp_path):
+    src, other = Source("slow"), Source("other")
+    sink = make_sink(tmp_path, policy=LinePolicy(hold_s=30))
+    sink.write({TP: [src.record(0, b"2026-12-02 slow")]})
+    for n in range(5):
+        sink.write({TP: [other.record(1 + 2 * n, f"o{n}\n".encode()), src.record(2 + 2 * n, b" ..")]})
+    sink.write({TP: [src.record(11, b" done\n")]})
+    lines = (tmp_path / DAY_FILE).read_bytes().splitlines(keepends=True)
+    assert sorted(lines) == sorted(
+        [b"2026-12-02 slow .. .. .. .. .. done\n", *(f"o{n}\n".encode() for n in range(5))]
+    )
+    assert sink.metrics.counts["lines_joined"] == 1 and sink.metrics.counts["newlines_added"] == 0
+
+
+def test_a_gap_after_held_bytes_ends_the_held_line(tmp_path):
+    src = Source("g")
+    sink = make_sink(tmp_path)
+    sink.write({TP: [src.record(0, b"head")]})
+    src.offset += 100  # bytes lost upstream
+    sink.write({TP: [src.record(1, b"after the gap\n")]})
+    assert (tmp_path / DAY_FILE).read_bytes() == b"head\nafter the gap\n"
+    assert sink.metrics.counts["newlines_added"] == 1 and sink.metrics.counts["gaps"] == 1
