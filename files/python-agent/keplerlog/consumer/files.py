@@ -16,12 +16,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from keplerlog import daylock
 from keplerlog.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+# Read-write although only appended to: the shared flock (daylock.py) needs read access on NFS.
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
@@ -198,9 +200,19 @@ class FileCache:
         while len(self._handles) >= self.max_open:
             _, old = self._handles.popitem(last=False)
             self._close(old)
-        fd, created = open_beneath(self.root, rel, _OPEN_FLAGS)
+        full = os.path.join(self.root, rel)
+        created = False
+
+        def opener() -> int:
+            nonlocal created
+            fd, new = open_beneath(self.root, rel, _OPEN_FLAGS)
+            created = created or new
+            return fd
+
+        # Held while the handle is open: retention leaves the file alone (daylock.py).
+        fd = daylock.open_locked_shared(opener, full)
         if created:
-            self._new_dirs.add(os.path.dirname(os.path.join(self.root, rel)))
+            self._new_dirs.add(os.path.dirname(full))
         handle = _Handle(fd, time.monotonic())
         self._handles[rel] = handle
         return handle

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
+from keplerlog import daylock
 from keplerlog.consumer.layout import QUARANTINE_DIR, STATE_DIR, Layout
 from keplerlog.durable import fsync_dir
 
@@ -69,6 +70,7 @@ class Report:
     deleted: int = 0
     compressed: int = 0
     kept: int = 0
+    busy: int = 0  # due, but a consumer holds it open: retried on the next run
     errors: int = 0
 
 
@@ -92,6 +94,8 @@ def run(
 
     A file dated D is deleted when D < today - days (today - days itself is kept), whether
     compressed or not; it is compressed when D < today - compress_after (and D < today).
+    Either happens only under retention's exclusive lock (daylock.py): a file a consumer still
+    holds open for appending is skipped and counted as busy.
     """
     current = now or today(tz or ZoneInfo("UTC"))
     delete_before = current - dt.timedelta(days=days)
@@ -101,8 +105,25 @@ def run(
     report = Report()
     for item in sorted(scan(root, layout), key=lambda f: f.rel):
         full = os.path.join(root, item.rel)
+        delete = item.day < delete_before
+        squeeze = compress_before is not None and not item.ext and item.day < compress_before
+        if not delete and not squeeze:
+            report.kept += 1
+            continue
         try:
-            if item.day < delete_before:
+            lock = daylock.try_lock_exclusive(full)
+        except FileNotFoundError:
+            continue  # removed meanwhile (another prune run, or compressed and unlinked)
+        except OSError as exc:
+            log.error("cannot lock %s: %s", item.rel, exc)
+            report.errors += 1
+            continue
+        if lock is None:
+            log.info("%s: a consumer has it open for appending; left for the next run", item.rel)
+            report.busy += 1
+            continue
+        try:
+            if delete:
                 log.info(
                     "%s %s (day %s older than %d days)",
                     "would delete" if dry_run else "deleted",
@@ -113,7 +134,7 @@ def run(
                 if not dry_run:
                     os.unlink(full)
                 report.deleted += 1
-            elif compress_before is not None and not item.ext and item.day < compress_before:
+            else:
                 log.info(
                     "%s %s -> %s%s",
                     "would compress" if dry_run else "compressed",
@@ -124,11 +145,11 @@ def run(
                 if not dry_run:
                     compress(full, compression)
                 report.compressed += 1
-            else:
-                report.kept += 1
         except OSError as exc:
             log.error("cannot process %s: %s", item.rel, exc)
             report.errors += 1
+        finally:
+            os.close(lock)
     return report
 
 
