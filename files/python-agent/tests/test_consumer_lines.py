@@ -9,7 +9,7 @@ import time
 from collections import namedtuple
 from zoneinfo import ZoneInfo
 
-from consumer_support import ANY_TIME
+from consumer_support import ANY_TIME, die
 
 from keplerlog.consumer.files import FileCache, PathGuard
 from keplerlog.consumer.journal import Journal
@@ -99,7 +99,7 @@ def test_crash_between_pieces_loses_nothing_and_writes_nothing_twice(tmp_path):
     first.write({TP: recs[:half]})
     busy_written = (tmp_path / DAY_FILE).read_bytes()
     assert b"N" not in busy_written and busy_written  # the busy file's lines are on disk already
-    # the process dies here (no close): its held pieces are gone with it
+    die(first)  # kill -9: its held pieces are gone with it
     second = make_sink(tmp_path, "second")
     resume = second.assign([TP])[TP]
     assert resume == 0  # the first piece's record

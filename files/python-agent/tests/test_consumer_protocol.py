@@ -17,7 +17,7 @@ from collections import namedtuple
 from zoneinfo import ZoneInfo
 
 import pytest
-from consumer_support import ANY_TIME
+from consumer_support import ANY_TIME, die
 from kafka import TopicPartition
 
 from keplerlog.consumer.app import ConsumerApp
@@ -44,14 +44,6 @@ def make_sink(root, cid: str, ops: FileOps | None = None) -> Sink:
         Layout("{service}/{module}.{day}"), ZoneInfo("UTC"), PathGuard(str(root)), ts_window=ANY_TIME
     )
     return Sink(router, FileCache(str(root), 64, 60, ops), Journal(str(root), cid), Metrics())
-
-
-def die(sink: Sink) -> None:
-    """What a kill -9 leaves: no cleanup, but the kernel drops the flock and the descriptors."""
-    os.close(sink.journal._lock_fd)
-    for handle in list(sink.files._handles.values()):
-        os.close(handle.fd)
-    sink.files._handles.clear()
 
 
 def stream(module: str, partition: int, n: int) -> list[Rec]:

@@ -204,6 +204,8 @@ def test_journal_recovery_rollback_and_roll_forward(tmp_path):
     sink = make_sink(tmp_path)
     data = b"x\n" * 5
     sink.write({TP: [rec(0, batch(0, data), data)]})
+    state = sink.states[TP]
+    sink.revoke([TP])  # a rebalance: the partition moves to `other` below
     target = tmp_path / "shop" / "portal.20231114"
     # A dead consumer appended 4 bytes after recording its intent, then died (no lock held).
     dead = Journal(str(tmp_path), "dead")
@@ -216,7 +218,6 @@ def test_journal_recovery_rollback_and_roll_forward(tmp_path):
     assert target.read_bytes() == data
     # Roll forward: committed intent whose states were not applied yet.
     dead2 = Journal(str(tmp_path), "dead2")
-    state = sink.states[TP]
     state.next_offset = 7
     dead2.commit({}, {"t-partition-0.json": state})
     dead2.close()

@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from keplerlog.durable import atomic_write, fsync_dir
 
 from . import coverage
 from .files import UnsafePathError, make_dirs, open_beneath, parallel
+from .locks import Locks
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,11 @@ class Journal:
         lock = self.dir / f"{consumer_id}.lock"
         self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.locks = Locks(root)
 
     def close(self) -> None:
         """Release the liveness lock (the intent, if any, stays for recovery)."""
+        self.locks.close()
         with contextlib.suppress(OSError):
             os.unlink(self.dir / f"{self.consumer_id}.lock")
         os.close(self._lock_fd)
@@ -141,6 +145,26 @@ class Journal:
         fsync_dir(str(self.dir))
 
     # -- recovery ----------------------------------------------------------------------------
+    def dead_write_intent_for(self, rels: Iterable[str]) -> bool:
+        """Tell whether a dead consumer's intent in phase `write` names one of these files.
+
+        Called with their file locks held, before appending: such an intent means torn bytes
+        at the end of a file that must be undone first (locks.py).
+        """
+        wanted = set(rels)
+        for intent in self.dir.glob("*.intent.json"):
+            if intent.name == self.intent_path.name:
+                continue
+            try:
+                body = json.loads(intent.read_bytes())
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                return True  # unreadable: let recover() deal with it
+            if body.get("phase") == "write" and wanted & set(body.get("files") or ()):
+                return True
+        return False
+
     def recover(self) -> list[str]:
         """Finish or undo the intents of dead consumer processes (and of our predecessors).
 
@@ -187,8 +211,12 @@ class Journal:
             self.save_states(states)
             log.warning("recovered intent %s: rolled forward %d partition states", intent.name, len(states))
             return f"{intent.name}: rolled forward"
-        for rel, (before, length) in files.items():
-            self._rollback_file(rel, before, length)
+        self.locks.lock_files(files)  # nobody appends to these files while we undo
+        try:
+            for rel, (before, length) in files.items():
+                self._rollback_file(rel, before, length)
+        finally:
+            self.locks.unlock_files()
         log.warning("recovered intent %s: rolled back %d files", intent.name, len(files))
         return f"{intent.name}: rolled back"
 

@@ -32,6 +32,7 @@ COUNTERS = {
     "lines_joined": "Lines written whole after being carried by more than one record",
     "lines_cut": "Pieces of lines over lines.max_line_bytes, written with the kl-cut marker",
     "newlines_added": "Line ends that did not come within lines.hold_s: written with a newline",
+    "unowned_records": "Records of a partition another consumer had locked: not written, not committed",
     "replaced_header_keys": "Records whose header keys were not UTF-8 (read with U+FFFD)",
     "ts_out_of_range": "Records whose kl.ts was too far from now: filed under the receive day",
     "quarantined": "Records written to _quarantine",

@@ -58,6 +58,7 @@ class Sink:
         resume: dict[TopicPartition, int] = {}
         for tp in partitions:
             topic, partition = tp[0], tp[1]
+            self.journal.locks.wait_partition(topic, partition)  # a stalled old owner lets go first
             state = self.journal.load(topic, partition)
             self.states[tp] = state
             self.holds.pop(tp, None)  # read again from next_offset: held lines come back
@@ -75,6 +76,7 @@ class Sink:
             self.states.pop(tp, None)
             self.holds.pop(tp, None)
             self.consumed.pop(tp, None)
+            self.journal.locks.release_partition(tp[0], tp[1])
 
     def write(self, batch: Mapping[TopicPartition, Sequence[RecordLike]]) -> dict[TopicPartition, int]:
         """Make a polled batch durable; returns the next offset per partition to commit.
@@ -101,6 +103,17 @@ class Sink:
         policy = self.router.lines
         for tp in [*batch, *(tp for tp in self.holds if tp not in batch)]:
             records = batch.get(tp) or ()
+            if records and not self.journal.locks.try_partition(tp[0], tp[1]):
+                # Another consumer owns it now (we lost it while stalled): not ours to write.
+                plan.counts["unowned_records"] += len(records)
+                log.warning(
+                    "partition %s-%d is locked by its new owner: %d records not written",
+                    tp[0],
+                    tp[1],
+                    len(records),
+                )
+                self.states.pop(tp, None)
+                continue
             holds = self.holds.get(tp, {})
             if not records and not lines.expired(holds, policy):
                 continue
@@ -121,6 +134,7 @@ class Sink:
             new_holds[tp] = holds
             self.consumed[tp] = consumed
         if not offsets:
+            self.metrics.add(plan.counts, plan.quarantine_reasons)  # e.g. unowned_records
             return {}
         if plan.chunks:
             self._append(plan, new_states)
@@ -146,22 +160,30 @@ class Sink:
         data = {
             rel: b"".join(chunks) if len(chunks) > 1 else chunks[0] for rel, chunks in plan.chunks.items()
         }
+        self._lock_files(list(data))
+        locked = True
         sizes: dict[str, tuple[int, int]] = {}
         try:
-            for rel, payload in data.items():
-                sizes[rel] = (self.files.size(rel), len(payload))
-            self.journal.begin(sizes)
-        except OSError as exc:
-            self._clear_quietly()
-            raise _as_disk_full(exc) from exc
-        try:
-            for rel, payload in data.items():
-                self.files.append(rel, payload)
-            self.files.sync()
-            self.journal.commit(sizes, new_states)
-        except OSError as exc:
-            self._rollback(sizes)
-            raise _as_disk_full(exc) from exc
+            try:
+                for rel, payload in data.items():
+                    sizes[rel] = (self.files.size(rel), len(payload))
+                self.journal.begin(sizes)
+            except OSError as exc:
+                self._clear_quietly()
+                raise _as_disk_full(exc) from exc
+            try:
+                for rel, payload in data.items():
+                    self.files.append(rel, payload)
+                self.files.sync()
+                self.journal.commit(sizes, new_states)
+            except OSError as exc:
+                locked = False  # if the rollback fails, the locks stay until the process exits
+                self._rollback(sizes)
+                locked = True
+                raise _as_disk_full(exc) from exc
+        finally:
+            if locked:
+                self.journal.locks.unlock_files()
         # Past this point the batch is committed: finishing must succeed, retry until it does.
         delay = 0.1
         while True:
@@ -172,6 +194,19 @@ class Sink:
                 log.error("cannot apply committed state (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    def _lock_files(self, rels: list[str]) -> None:
+        """Take the batch's file locks; first undo torn appends of dead peers to these files."""
+        while True:
+            self.journal.locks.lock_files(rels)
+            if not self.journal.dead_write_intent_for(rels):
+                return
+            self.journal.locks.unlock_files()
+            recovered = self.journal.recover()
+            if recovered:
+                self.metrics.inc("recovered_intents", len(recovered))
+            else:  # its owner is still finishing (or just died): look again shortly
+                time.sleep(0.1)
 
     def _rollback(self, sizes: dict[str, tuple[int, int]]) -> None:
         """Undo an append that did not complete; keep the intent if even that fails."""
