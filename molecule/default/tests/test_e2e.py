@@ -27,7 +27,8 @@ import docker
 import pytest
 import testinfra
 
-CONSUMER = "kl-e2e-consumer"
+CONSUMER = "kl-e2e-consumer"  # reads the shared data root for the counts
+CONSUMERS = [CONSUMER, "kl-e2e-consumer-2"]  # one group, one shared data root
 BROKERS = ["kl-e2e-kafka-1", "kl-e2e-kafka-2", "kl-e2e-kafka-3"]
 BOOTSTRAP = ",".join(f"{b}:9092" for b in BROKERS)
 NETWORK = "kl-e2e-net"
@@ -140,7 +141,19 @@ def metric_values(text: str, name: str) -> list[tuple[str, float]]:
 
 
 def consumer_metrics() -> str:
-    return host_of(CONSUMER).check_output("python3 -c %s %s", HTTP_GET, METRICS_URL)
+    """Both consumers' metrics in one text (counters are summed by metric_values' callers)."""
+    out = [host_of(name).run("python3 -c %s %s", HTTP_GET, METRICS_URL) for name in CONSUMERS]
+    return "\n".join(o.stdout for o in out if o.rc == 0)
+
+
+def assignments_since(name: str, since: float) -> list[list[int]]:
+    """The partition lists a consumer logged as assigned since a wall-clock time (journald)."""
+    out = host_of(name).check_output("journalctl -u keplerlog-consumer -o cat --since @%s", str(int(since)))
+    return [json.loads(m.group(1)) for m in re.finditer(r"assigned (\[[0-9, ]*\])", out)]
+
+
+def consumer_active(name: str) -> bool:
+    return host_of(name).run("systemctl is-active keplerlog-consumer").stdout.strip() == "active"
 
 
 def agent_unacked(svc: Service) -> int:
@@ -261,8 +274,15 @@ def dockerc():
 
 
 def test_pipeline_runs():
-    consumer = host_of(CONSUMER)
-    assert consumer.service("keplerlog-consumer").is_running
+    for name in CONSUMERS:
+        assert host_of(name).service("keplerlog-consumer").is_running, name
+    # both hosts share the work: each one got partitions at its last assignment
+    wait_for(
+        "both consumers own partitions",
+        lambda: all((a := assignments_since(name, 0)) and a[-1] for name in CONSUMERS),
+        90,
+        2,
+    )
     for broker in BROKERS:
         assert host_of(broker).service("kafka").is_running
     for svc in SERVICES:
@@ -401,6 +421,67 @@ def kill_consumer(ctx) -> str:
     return f"systemd restarted it after {time.monotonic() - t0:.0f} s"
 
 
+def docker_kill_consumer_host(ctx) -> str:
+    """`docker kill` one of the two consumer hosts under load; the other takes its partitions."""
+    victim, survivor = CONSUMERS[1], CONSUMERS[0]
+    container = ctx["docker"].containers.get(victim)
+    t0, wall = time.monotonic(), time.time()
+    container.kill()
+    wait_for(
+        f"{survivor} takes all partitions",
+        lambda: [0, 1, 2, 3] in assignments_since(survivor, wall),
+        90,
+        1,
+    )
+    took = time.monotonic() - t0
+    container.start()
+    restarted = time.time()
+    wait_for(f"{victim} booted, its consumer active", lambda: consumer_active(victim), 120, 2)
+    wait_for(
+        f"{victim} owns partitions again",
+        lambda: any(assignments_since(victim, restarted - 5)),
+        120,
+        2,
+    )
+    return f"docker kill {victim}: {survivor} owned all 4 partitions after {took:.0f} s; {victim} back"
+
+
+def kill_both_consumers(ctx) -> str:
+    """kill -9 both consumers at once; systemd restarts both."""
+    pids = {}
+    for name in CONSUMERS:
+        pids[name] = (
+            host_of(name).check_output("systemctl show -p MainPID --value keplerlog-consumer").strip()
+        )
+        assert pids[name] != "0"
+    for name in CONSUMERS:
+        host_of(name).check_output(f"kill -9 {pids[name]}")
+    t0 = time.monotonic()
+    for name in CONSUMERS:
+        wait_for(
+            f"{name} restarted by systemd",
+            lambda name=name: (
+                host_of(name).check_output("systemctl show -p MainPID --value keplerlog-consumer").strip()
+                not in ("0", pids[name])
+            ),
+            60,
+        )
+    return f"both killed within a second; systemd restarted both after {time.monotonic() - t0:.0f} s"
+
+
+def rebalance_storm(ctx) -> str:
+    """Six restarts in a row, alternating hosts, two seconds apart: rebalance after rebalance."""
+    wall = time.time()
+    for i in range(6):
+        host_of(CONSUMERS[i % 2]).check_output("systemctl restart keplerlog-consumer")
+        time.sleep(2)
+    for name in CONSUMERS:
+        wait_for(f"{name} active", lambda name=name: consumer_active(name), 60)
+    count = sum(len(assignments_since(name, wall)) for name in CONSUMERS)
+    assert count >= 6, f"only {count} assignments logged: the storm did not happen"
+    return f"6 restarts alternating the two hosts; {count} assignments logged"
+
+
 def kill_agent(ctx) -> str:
     svc = SERVICES[0]
     app = host_of(svc.container)
@@ -478,6 +559,9 @@ def disconnect_services(ctx) -> str:
 FAULTS = {
     "broker kill -9 + restart": kill_broker,
     "consumer kill -9 + restart": kill_consumer,
+    "consumer host docker kill (1 of 2)": docker_kill_consumer_host,
+    "both consumers kill -9 at once": kill_both_consumers,
+    "consumer rebalance storm": rebalance_storm,
     "agent kill -9 (portal)": kill_agent,
     "logrotate create": lambda ctx: logrotate(ctx, "create"),
     "logrotate copytruncate": lambda ctx: logrotate(ctx, "copytruncate"),
@@ -601,7 +685,7 @@ def test_fault_table():
         out.write_text(
             "# kepler-log end to end: faults under load (molecule/default)\n\n"
             f"Written by `molecule/default/tests/test_e2e.py::test_fault_table` from one run: "
-            f"{_run_stamp(project)}. Three KRaft brokers, one consumer host, portal and billing "
+            f"{_run_stamp(project)}. Three KRaft brokers, two consumer hosts sharing one data root, portal and billing "
             "writing lines that carry a unique `seq=N`; each fault runs under load, then the "
             "pipeline settles and the window's lines are counted in the central day files. "
             'Reproduce: `KEPLERLOG_FAULT_REPORT=1 make molecule SCENARIO="-s default"`.\n\n'
