@@ -13,12 +13,13 @@ import pytest
 from consumer_support import ANY_TIME
 
 from keplerlog.consumer import coverage
-from keplerlog.consumer.files import FileCache, PathGuard
+from keplerlog.consumer.files import FileCache
 from keplerlog.consumer.journal import Journal, PartitionState
-from keplerlog.consumer.layout import Layout
 from keplerlog.consumer.metrics import Metrics
 from keplerlog.consumer.route import Plan, Router, TsWindow
 from keplerlog.consumer.sink import Sink
+from keplerlog.layout import Layout
+from keplerlog.paths import PathGuard
 from keplerlog.record import MAX_HEADER_BYTES, Batch
 
 Rec = namedtuple("Rec", "topic partition offset timestamp headers value")

@@ -14,7 +14,7 @@ from kafka import KafkaProducer
 from keplerlog.consumer.app import ConsumerApp
 from keplerlog.consumer.config import load_config
 from keplerlog.consumer.files import FileOps
-from keplerlog.consumer.layout import Layout
+from keplerlog.layout import Layout
 from keplerlog.record import Batch
 from keplerlog.testing.kafka_node import free_port
 

@@ -11,13 +11,14 @@ from zoneinfo import ZoneInfo
 
 from consumer_support import ANY_TIME, die
 
-from keplerlog.consumer.files import FileCache, PathGuard
+from keplerlog.consumer.files import FileCache
 from keplerlog.consumer.journal import Journal
-from keplerlog.consumer.layout import Layout
 from keplerlog.consumer.lines import MARKER, LinePolicy
 from keplerlog.consumer.metrics import Metrics
 from keplerlog.consumer.route import Router
 from keplerlog.consumer.sink import Sink
+from keplerlog.layout import Layout
+from keplerlog.paths import PathGuard
 from keplerlog.record import Batch
 
 Rec = namedtuple("Rec", "topic partition offset timestamp headers value")

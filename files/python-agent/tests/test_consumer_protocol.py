@@ -22,12 +22,13 @@ from kafka import TopicPartition
 
 from keplerlog.consumer.app import ConsumerApp
 from keplerlog.consumer.config import load_config
-from keplerlog.consumer.files import FileCache, FileOps, PathGuard
+from keplerlog.consumer.files import FileCache, FileOps
 from keplerlog.consumer.journal import Journal
-from keplerlog.consumer.layout import Layout
 from keplerlog.consumer.metrics import Metrics
 from keplerlog.consumer.route import Router
 from keplerlog.consumer.sink import Sink
+from keplerlog.layout import Layout
+from keplerlog.paths import PathGuard
 from keplerlog.record import Batch
 
 Rec = namedtuple("Rec", "topic partition offset timestamp headers value")

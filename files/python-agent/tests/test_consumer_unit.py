@@ -10,14 +10,15 @@ import pytest
 from consumer_support import ANY_TIME
 
 from keplerlog.consumer.config import ConfigError, load_config
-from keplerlog.consumer.files import DiskFullError, FileCache, FileOps, PathGuard, UnsafePathError
+from keplerlog.consumer.files import DiskFullError, FileCache, FileOps
 from keplerlog.consumer.journal import Journal
-from keplerlog.consumer.layout import Layout, LayoutError
 from keplerlog.consumer.main import main
 from keplerlog.consumer.metrics import Metrics
-from keplerlog.consumer.names import name_problem
 from keplerlog.consumer.route import Plan, Router
 from keplerlog.consumer.sink import Sink
+from keplerlog.layout import Layout, LayoutError
+from keplerlog.names import name_problem
+from keplerlog.paths import PathGuard, UnsafePathError
 from keplerlog.record import Batch
 
 Rec = namedtuple("Rec", "topic partition offset timestamp headers value")

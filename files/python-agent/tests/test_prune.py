@@ -7,7 +7,7 @@ import os
 import pytest
 import zstandard
 
-from keplerlog.consumer.layout import Layout
+from keplerlog.layout import Layout
 from keplerlog.prune.main import main
 from keplerlog.prune.retention import compress, run
 

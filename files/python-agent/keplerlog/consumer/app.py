@@ -27,9 +27,11 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from keplerlog.paths import PathGuard
+
 from . import headerfix, netfix
 from .config import ConsumerConfig
-from .files import DiskFullError, FileCache, FileOps, PathGuard
+from .files import DiskFullError, FileCache, FileOps
 from .journal import Journal
 from .metrics import Metrics, PeriodicLog, serve
 from .route import Router, TsWindow

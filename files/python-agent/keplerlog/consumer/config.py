@@ -14,9 +14,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from .layout import DEFAULT_LAYOUT, Layout, LayoutError
+from keplerlog.layout import DEFAULT_LAYOUT, Layout, LayoutError
+from keplerlog.names import name_problem
+
 from .lines import LinePolicy
-from .names import name_problem
 
 ENV_OVERRIDES = {
     "KEPLERLOG_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
@@ -136,9 +137,8 @@ def _float(value: Any, key: str) -> float:
     return number
 
 
-def load_config(path: str | None, env: dict[str, str] | None = None) -> ConsumerConfig:
-    """Read the YAML file (optional), apply KEPLERLOG_* overrides, validate everything."""
-    env = dict(os.environ if env is None else env)
+def _read(path: str | None) -> dict[str, Any]:
+    """Read the YAML file into a mapping (empty without a file) and check its top-level keys."""
     data: dict[str, Any] = {}
     if path:
         try:
@@ -153,6 +153,39 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"unknown keys {sorted(unknown)}")
+    return data
+
+
+def _storage(top: dict[str, Any]) -> tuple[str, Layout, str]:
+    """Root, layout and time zone: what the consumer writes and retention must recognise."""
+    root = top.get("root")
+    if not root or not isinstance(root, str) or not os.path.isabs(root):
+        raise ConfigError("root: required, an absolute path (or KEPLERLOG_ROOT)")
+    try:
+        layout = Layout(str(top.get("layout", DEFAULT_LAYOUT)))
+    except LayoutError as exc:
+        raise ConfigError(f"layout: {exc}") from None
+    timezone = str(top.get("timezone", "UTC"))
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"timezone: unknown time zone {timezone!r}") from None
+    return os.path.normpath(root), layout, timezone
+
+
+def load_storage(path: str | None, env: dict[str, str] | None = None) -> tuple[str, Layout, str]:
+    """Root, layout and time zone of a consumer.yml, for keplerlog-prune (no Kafka settings needed)."""
+    env = dict(os.environ if env is None else env)
+    top = dict(_read(path))
+    if env.get("KEPLERLOG_ROOT"):
+        top["root"] = env["KEPLERLOG_ROOT"]
+    return _storage(top)
+
+
+def load_config(path: str | None, env: dict[str, str] | None = None) -> ConsumerConfig:
+    """Read the YAML file (optional), apply KEPLERLOG_* overrides, validate everything."""
+    env = dict(os.environ if env is None else env)
+    data = _read(path)
     kafka = dict(_section(data, "kafka", _KAFKA_KEYS))
     metrics = dict(_section(data, "metrics", _METRICS_KEYS))
     lsec = _section(data, "lines", _LINES_KEYS)
@@ -167,18 +200,7 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
         bootstrap = ",".join(str(b) for b in bootstrap)
     if not bootstrap or not isinstance(bootstrap, str):
         raise ConfigError("kafka.bootstrap_servers: required (or KEPLERLOG_BOOTSTRAP_SERVERS)")
-    root = top.get("root")
-    if not root or not isinstance(root, str) or not os.path.isabs(root):
-        raise ConfigError("root: required, an absolute path (or KEPLERLOG_ROOT)")
-    try:
-        layout = Layout(str(top.get("layout", DEFAULT_LAYOUT)))
-    except LayoutError as exc:
-        raise ConfigError(f"layout: {exc}") from None
-    timezone = str(top.get("timezone", "UTC"))
-    try:
-        ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"timezone: unknown time zone {timezone!r}") from None
+    root, layout, timezone = _storage(top)
     legacy_service = str(top.get("legacy_service", "legacy"))
     problem = name_problem(legacy_service)
     if problem:
@@ -191,7 +213,7 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
             raise ConfigError(f"kafka.{key}: must be a non-empty string")
     return ConsumerConfig(
         bootstrap_servers=bootstrap,
-        root=os.path.normpath(root),
+        root=root,
         topic=kafka.get("topic", "keplerlog"),
         group_id=kafka.get("group_id", "keplerlog-consumer"),
         client_id=kafka.get("client_id", "keplerlog-consumer"),

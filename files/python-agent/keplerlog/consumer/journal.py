@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keplerlog.durable import atomic_write, fsync_dir
+from keplerlog.paths import UnsafePathError, make_dirs, open_beneath
 
 from . import coverage
-from .files import UnsafePathError, make_dirs, open_beneath, parallel
+from .files import parallel
 from .locks import Locks
 
 log = logging.getLogger(__name__)

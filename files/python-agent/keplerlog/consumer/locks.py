@@ -29,7 +29,7 @@ import time
 import zlib
 from collections.abc import Iterable
 
-from .files import make_dirs
+from keplerlog.paths import make_dirs
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from datetime import datetime
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
+from keplerlog.layout import Layout, quarantine_path
+from keplerlog.names import name_problem
+from keplerlog.paths import PathGuard, UnsafePathError
 from keplerlog.record import RecordFormatError, decode_headers, split_legacy
 
 from . import coverage
-from .files import PathGuard, UnsafePathError
-from .layout import Layout, quarantine_path
 from .lines import MARKER, Held, Holds, LinePolicy
-from .names import name_problem
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,10 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
+from keplerlog.paths import UnsafePathError
+
 from . import coverage, lines
-from .files import DiskFullError, FileCache, UnsafePathError
+from .files import DiskFullError, FileCache
 from .journal import Journal, PartitionState, state_name
 from .lines import Holds
 from .metrics import Metrics

@@ -8,7 +8,7 @@ import os
 import sys
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from keplerlog.consumer.layout import DEFAULT_LAYOUT, Layout, LayoutError
+from keplerlog.layout import DEFAULT_LAYOUT, Layout, LayoutError
 
 from .retention import run
 
@@ -38,19 +38,15 @@ def main(argv: list[str] | None = None) -> int:
 
     root, layout_text, zone = args.root, args.layout, args.timezone
     if args.config:
-        from keplerlog.consumer.config import ConfigError, load_config
+        from keplerlog.consumer.config import ConfigError, load_storage
 
         try:
-            config = load_config(
-                args.config,
-                {k: v for k, v in os.environ.items() if k == "KEPLERLOG_ROOT"}
-                | {"KEPLERLOG_BOOTSTRAP_SERVERS": "unused"},
-            )
+            config_root, config_layout, config_zone = load_storage(args.config)
         except ConfigError as exc:
             return fail(f"config error: {exc}")
-        root = root or config.root
-        layout_text = layout_text or config.layout.template
-        zone = zone or config.timezone
+        root = root or config_root
+        layout_text = layout_text or config_layout.template
+        zone = zone or config_zone
     if not root or not os.path.isdir(root):
         return fail(f"--root {root!r} is not a directory")
     if args.days < 0 or (args.compress_after is not None and args.compress_after < 1):

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from keplerlog import daylock
-from keplerlog.consumer.layout import QUARANTINE_DIR, STATE_DIR, Layout
 from keplerlog.durable import fsync_dir
+from keplerlog.layout import QUARANTINE_DIR, STATE_DIR, Layout
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,8 @@ the same file; a rejected record goes to quarantine with the reason, nothing is 
 
 from __future__ import annotations
 
+from keplerlog.layout import QUARANTINE_DIR
 from keplerlog.record import MAX_NAME_BYTES
-
-from .layout import QUARANTINE_DIR
 
 _FORBIDDEN = frozenset("/\\\x00")
 
