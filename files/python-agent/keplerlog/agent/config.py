@@ -16,7 +16,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
+from keplerlog.confkit import (
+    ConfigError,
+    overlay,
+    read_yaml,
+)
+from keplerlog.confkit import boolean as _bool
+from keplerlog.confkit import choice as _choice
+from keplerlog.confkit import integer as _int
+from keplerlog.confkit import number as _float
+from keplerlog.confkit import section as _section
+from keplerlog.confkit import string as _str
 
 COMPRESSIONS = ("lz4", "zstd", "gzip", "none")
 IONICE_CLASSES = ("none", "best-effort", "idle")
@@ -29,10 +39,6 @@ START_AT = ("beginning", "end")
 # batching is what keeps requests (and CPU) per line down, so it lingers there.
 LINGER_MS_BATCHED = 0
 LINGER_MS_ONE_LINE_PER_RECORD = 20
-
-
-class ConfigError(ValueError):
-    """The configuration is unusable; the message says what and where, on one line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,66 +155,6 @@ _LIMIT_KEYS = {
 _METRIC_KEYS = {"port", "log_interval_s"}
 
 
-def _section(raw: Any, where: str, allowed: set[str]) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a mapping")
-    unknown = sorted(str(k) for k in raw if k not in allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
-    return dict(raw)
-
-
-def _str(value: Any, where: str, *, empty: bool = False) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ConfigError(f"{where}: expected a string")
-    text = str(value)
-    if not empty and not text.strip():
-        raise ConfigError(f"{where}: must not be empty")
-    return text
-
-
-def _int(value: Any, where: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected an integer")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-    if isinstance(value, float) and number != value:
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if number < low or (high is not None and number > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ConfigError(f"{where}: must be {bound}, got {number}")
-    return number
-
-
-def _float(value: Any, where: str, low: float) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if number < low:
-        raise ConfigError(f"{where}: must be >= {low}, got {number}")
-    return number
-
-
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false")
-    return value
-
-
-def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
-    text = _str(value, where).lower()
-    if text not in choices:
-        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {text!r}")
-    return text
-
-
 def _multiline(raw: Any, where: str) -> Multiline | None:
     if raw is None:
         return None
@@ -255,34 +201,26 @@ def glob_base(pattern: str) -> Path:
     return Path(*base) if base else Path("/")
 
 
+ENV_OVERRIDES = {
+    "KEPLERLOG_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
+    "KEPLERLOG_TOPIC": ("kafka", "topic"),
+    "KEPLERLOG_SERVICE": ("service",),
+    "KEPLERLOG_MODULE": ("module",),
+    "KEPLERLOG_HOST": ("host",),
+    "KEPLERLOG_STATE_FILE": ("state_file",),
+    "KEPLERLOG_METRICS_PORT": ("metrics", "port"),
+}
+
+
 def apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay the KEPLERLOG_* environment variables (docs/interfaces.md) on the raw YAML."""
-    raw = dict(raw)
-    kafka = dict(raw.get("kafka") or {}) if isinstance(raw.get("kafka"), Mapping | None) else raw["kafka"]
-    metrics = (
-        dict(raw.get("metrics") or {}) if isinstance(raw.get("metrics"), Mapping | None) else raw["metrics"]
-    )
-    if "KEPLERLOG_BOOTSTRAP_SERVERS" in env:
-        kafka["bootstrap_servers"] = env["KEPLERLOG_BOOTSTRAP_SERVERS"]
-    if "KEPLERLOG_TOPIC" in env:
-        kafka["topic"] = env["KEPLERLOG_TOPIC"]
-    for var, key in (
-        ("KEPLERLOG_SERVICE", "service"),
-        ("KEPLERLOG_MODULE", "module"),
-        ("KEPLERLOG_HOST", "host"),
-        ("KEPLERLOG_STATE_FILE", "state_file"),
-    ):
-        if var in env:
-            raw[key] = env[var]
-    if "KEPLERLOG_INPUTS" in env:
-        globs = [g.strip() for g in env["KEPLERLOG_INPUTS"].split(",") if g.strip()]
+    """Overlay the KEPLERLOG_* environment variables (docs/interfaces.md) on the raw YAML.
+
+    Empty variables are ignored; KEPLERLOG_INPUTS (comma-separated globs) replaces the inputs.
+    """
+    raw = overlay(raw, env, ENV_OVERRIDES)
+    globs = [g.strip() for g in env.get("KEPLERLOG_INPUTS", "").split(",") if g.strip()]
+    if globs:
         raw["inputs"] = [{"paths": globs}]
-    if "KEPLERLOG_METRICS_PORT" in env:
-        metrics["port"] = env["KEPLERLOG_METRICS_PORT"]
-    if kafka or "kafka" in raw:
-        raw["kafka"] = kafka
-    if metrics or "metrics" in raw:
-        raw["metrics"] = metrics
     return raw
 
 
@@ -435,15 +373,4 @@ def default_linger_ms(inputs: Sequence[InputConfig]) -> int:
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> AgentConfig:
     """Read and validate the YAML file at `path`; every failure is a one-line ConfigError."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
-    return parse(raw, env)
+    return parse(read_yaml(path), env)

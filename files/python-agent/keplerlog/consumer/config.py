@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
-
+from keplerlog.confkit import ConfigError, integer, number, overlay, read_yaml, section
 from keplerlog.layout import DEFAULT_LAYOUT, Layout, LayoutError
 from keplerlog.names import name_problem
 
@@ -64,10 +62,6 @@ _DEFAULT = Layout(DEFAULT_LAYOUT)
 _LINES = LinePolicy()
 
 
-class ConfigError(ValueError):
-    """The configuration is unusable; the message names the offending key."""
-
-
 @dataclass(frozen=True)
 class ConsumerConfig:
     """Validated consumer settings (defaults match docs/interfaces.md)."""
@@ -105,51 +99,12 @@ class ConsumerConfig:
         return ZoneInfo(self.timezone)
 
 
-def _section(data: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
-    value = data.get(key) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key}: must be a mapping")
-    unknown = set(value) - allowed
-    if unknown:
-        raise ConfigError(f"{key}: unknown keys {sorted(unknown)}")
-    return value
-
-
-def _int(value: Any, key: str, minimum: int = 0) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: must be an integer")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise ConfigError(f"{key}: must be >= {minimum}")
-    return number
-
-
-def _float(value: Any, key: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: must be a number, got {value!r}") from None
-    if number < 0:
-        raise ConfigError(f"{key}: must be >= 0")
-    return number
-
-
 def _read(path: str | None) -> dict[str, Any]:
     """Read the YAML file into a mapping (empty without a file) and check its top-level keys."""
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = loaded or {}
+    loaded = read_yaml(path) if path else None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    data = loaded or {}
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"unknown keys {sorted(unknown)}")
@@ -176,24 +131,16 @@ def _storage(top: dict[str, Any]) -> tuple[str, Layout, str]:
 def load_storage(path: str | None, env: dict[str, str] | None = None) -> tuple[str, Layout, str]:
     """Root, layout and time zone of a consumer.yml, for keplerlog-prune (no Kafka settings needed)."""
     env = dict(os.environ if env is None else env)
-    top = dict(_read(path))
-    if env.get("KEPLERLOG_ROOT"):
-        top["root"] = env["KEPLERLOG_ROOT"]
-    return _storage(top)
+    return _storage(overlay(_read(path), env, {"KEPLERLOG_ROOT": ("root",)}))
 
 
 def load_config(path: str | None, env: dict[str, str] | None = None) -> ConsumerConfig:
     """Read the YAML file (optional), apply KEPLERLOG_* overrides, validate everything."""
     env = dict(os.environ if env is None else env)
-    data = _read(path)
-    kafka = dict(_section(data, "kafka", _KAFKA_KEYS))
-    metrics = dict(_section(data, "metrics", _METRICS_KEYS))
-    lsec = _section(data, "lines", _LINES_KEYS)
-    top = dict(data)
-    for var, keys in ENV_OVERRIDES.items():
-        if env.get(var):
-            target = {"kafka": kafka, "metrics": metrics}.get(keys[0], top) if len(keys) > 1 else top
-            target[keys[-1]] = env[var]
+    top = overlay(_read(path), env, ENV_OVERRIDES)
+    kafka = section(top.get("kafka"), "kafka", _KAFKA_KEYS)
+    metrics = section(top.get("metrics"), "metrics", _METRICS_KEYS)
+    lsec = section(top.get("lines"), "lines", _LINES_KEYS)
 
     bootstrap = kafka.get("bootstrap_servers")
     if isinstance(bootstrap, list):
@@ -218,32 +165,32 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
         group_id=kafka.get("group_id", "keplerlog-consumer"),
         client_id=kafka.get("client_id", "keplerlog-consumer"),
         group_instance_id=str(kafka["group_instance_id"]) if kafka.get("group_instance_id") else None,
-        session_timeout_ms=_int(kafka.get("session_timeout_ms", 10000), "kafka.session_timeout_ms", 1000),
-        max_poll_records=_int(kafka.get("max_poll_records", 100000), "kafka.max_poll_records", 1),
-        fetch_max_bytes=_int(kafka.get("fetch_max_bytes", 64 << 20), "kafka.fetch_max_bytes", 1024),
-        max_partition_fetch_bytes=_int(
+        session_timeout_ms=integer(kafka.get("session_timeout_ms", 10000), "kafka.session_timeout_ms", 1000),
+        max_poll_records=integer(kafka.get("max_poll_records", 100000), "kafka.max_poll_records", 1),
+        fetch_max_bytes=integer(kafka.get("fetch_max_bytes", 64 << 20), "kafka.fetch_max_bytes", 1024),
+        max_partition_fetch_bytes=integer(
             kafka.get("max_partition_fetch_bytes", 16 << 20), "kafka.max_partition_fetch_bytes", 1024
         ),
         auto_offset_reset=reset,
         layout=layout,
         timezone=timezone,
-        max_open_files=_int(top.get("max_open_files", 256), "max_open_files", 1),
-        idle_close_s=_float(top.get("idle_close_s", 60), "idle_close_s"),
+        max_open_files=integer(top.get("max_open_files", 256), "max_open_files", 1),
+        idle_close_s=number(top.get("idle_close_s", 60), "idle_close_s", 0),
         legacy_service=legacy_service,
-        state_ttl_days=_float(top.get("state_ttl_days", 30), "state_ttl_days"),
-        ts_max_age_days=_float(top.get("ts_max_age_days", 30), "ts_max_age_days"),
-        ts_max_ahead_s=_float(top.get("ts_max_ahead_s", 86400), "ts_max_ahead_s"),
+        state_ttl_days=number(top.get("state_ttl_days", 30), "state_ttl_days", 0),
+        ts_max_age_days=number(top.get("ts_max_age_days", 30), "ts_max_age_days", 0),
+        ts_max_ahead_s=number(top.get("ts_max_ahead_s", 86400), "ts_max_ahead_s", 0),
         lines=LinePolicy(
-            max_line_bytes=_int(lsec.get("max_line_bytes", 16 << 20), "lines.max_line_bytes", 1024),
-            hold_s=_float(lsec.get("hold_s", 60), "lines.hold_s"),
-            max_held_bytes=_int(lsec.get("max_held_bytes", 64 << 20), "lines.max_held_bytes", 1024),
+            max_line_bytes=integer(lsec.get("max_line_bytes", 16 << 20), "lines.max_line_bytes", 1024),
+            hold_s=number(lsec.get("hold_s", 60), "lines.hold_s", 0),
+            max_held_bytes=integer(lsec.get("max_held_bytes", 64 << 20), "lines.max_held_bytes", 1024),
         ),
-        max_sources_per_partition=_int(
+        max_sources_per_partition=integer(
             top.get("max_sources_per_partition", 100_000), "max_sources_per_partition", 1
         ),
-        batch_max_bytes=_int(top.get("batch_max_bytes", 64 << 20), "batch_max_bytes", 1),
-        batch_max_wait_ms=_int(top.get("batch_max_wait_ms", 100), "batch_max_wait_ms"),
-        metrics_port=_int(metrics.get("port", 9310), "metrics.port"),
+        batch_max_bytes=integer(top.get("batch_max_bytes", 64 << 20), "batch_max_bytes", 1),
+        batch_max_wait_ms=integer(top.get("batch_max_wait_ms", 100), "batch_max_wait_ms", 0),
+        metrics_port=integer(metrics.get("port", 9310), "metrics.port", 0, 65535),
         metrics_host=str(metrics.get("host", "127.0.0.1")),
-        log_interval_s=_float(metrics.get("log_interval_s", 60), "metrics.log_interval_s"),
+        log_interval_s=number(metrics.get("log_interval_s", 60), "metrics.log_interval_s", 0),
     )
