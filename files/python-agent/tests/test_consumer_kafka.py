@@ -1,6 +1,7 @@
 """Consumer against a real broker, run in-process: layout, day split, legacy, attacks, dedup."""
 
 import errno
+import json
 import os
 import subprocess
 import threading
@@ -235,3 +236,48 @@ def test_header_key_that_is_not_utf8_is_no_poison_pill(kafka, topic, tmp_path):
     assert list(legacy.values()) == [b"bare\n"]  # dated by kcat's record time: today
     assert run.app.metrics.counts["replaced_header_keys"] == 2
     assert run.app.metrics.counts["quarantined"] == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 1 MiB file system (tmpfs) as the consumer's data root; needs root, as CI has."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=200", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_real_full_disk_pauses_commits_nothing_and_resumes_when_freed(kafka, topic, small_fs):
+    """Fill a real file system under load: no torn line, nothing committed past the disk, then
+    every line exactly once after space is freed (the consumer resumes by itself)."""
+    filler = small_fs / "filler"
+    filler.write_bytes(b"\0" * (600 * 1024))  # leaves ~400 KiB for 800 KiB of lines
+    items, offset = [], 0
+    for n in range(400):
+        value = b"".join(f"seq={n * 4 + i:05d} {'d' * 490}\n".encode() for i in range(4))  # 2 KiB
+        items.append(mk(offset, value))
+        offset += len(value)
+    send(kafka, topic, items)
+    run = Running(config(kafka, topic, small_fs, batch_max_bytes=32 * 1024, max_poll_records=16))
+    day = small_fs / "shop" / "portal.20231114"
+    try:
+        run.wait(lambda c: c["disk_full"] >= 2, timeout=60)  # the fault happened, for real
+        on_disk = day.read_bytes()
+        assert on_disk.endswith(b"\n") and len(on_disk) < offset  # whole lines only, not all yet
+        assert all(len(line) == 501 for line in on_disk.splitlines(keepends=True))
+        states = [
+            json.loads(p.read_text()) for p in (small_fs / ".keplerlog/state").glob("*-partition-*.json")
+        ]
+        (written,) = [st["files"]["shop\x1fh1\x1ff1"] for st in states if st["files"]]
+        assert written[1:] == [0, len(on_disk)]  # the durable state is exactly what is on disk
+        filler.unlink()  # free the space (what the retention job does)
+        run.wait(lambda c: c["bytes"] >= offset, timeout=90)
+    finally:
+        run.stop()
+    data = day.read_bytes()
+    seqs = [int(line[4:9]) for line in data.splitlines()]
+    assert sorted(seqs) == list(range(1600)) and len(data) == offset  # each line once, none torn
+    assert run.app.metrics.counts["disk_full"] >= 2
