@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The local lab: `demo.sh up` creates (or reuses) systemd containers for three Kafka nodes and
-# a consumer host on the docker network kl-lab-net, deploys the whole pipeline onto them with
+# two consumer hosts sharing one data root (.lab/central) on the docker network kl-lab-net, deploys the whole pipeline onto them with
 # `ansible-playbook site.yml -i inventories/local` (the docker host being this machine, which
 # builds the service images and runs the two demo services), then shows the result.
 # `demo.sh down` removes the lab. Central files land in .lab/central on this machine.
@@ -9,7 +9,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 NET=kl-lab-net
 IMAGE=${SYSTEMD_IMAGE:-keplerlog/debian-systemd:12}
-HOSTS=(kl-lab-kafka-1 kl-lab-kafka-2 kl-lab-kafka-3 kl-lab-consumer)
+HOSTS=(kl-lab-kafka-1 kl-lab-kafka-2 kl-lab-kafka-3 kl-lab-consumer kl-lab-consumer-2)
 SERVICES=(kl-lab-portal kl-lab-billing)
 CENTRAL="$root/.lab/central"
 export ANSIBLE_CONFIG="$root/ansible.cfg"
@@ -41,14 +41,28 @@ wait_systemd() {
 }
 
 metric() {
-  # One value from the consumer's Prometheus endpoint, read from inside its container.
-  docker exec kl-lab-consumer python3 -c '
+  # One value from the consumers' Prometheus endpoints (summed over both hosts; latency: the
+  # larger), read from inside their containers.
+  local host values=()
+  for host in kl-lab-consumer kl-lab-consumer-2; do
+    values+=("$(docker exec "$host" python3 -c '
 import sys, urllib.request
 text = urllib.request.urlopen("http://127.0.0.1:9310/metrics", timeout=5).read().decode()
 for line in text.splitlines():
     if line.startswith(sys.argv[1] + " "):
         print(line.split()[-1])
-' "$1" 2>/dev/null || echo "?"
+' "$1" 2>/dev/null || true)")
+  done
+  python3 -c '
+import sys
+name, vals = sys.argv[1], [float(v) for v in sys.argv[2:] if v.strip()]
+if not vals:
+    print("?")
+elif "latency" in name:
+    print(f"{max(vals):.3f}")
+else:
+    print(int(sum(vals)))
+' "$1" "${values[@]}"
 }
 
 central_lines() {
@@ -59,7 +73,7 @@ central_lines() {
 show() {
   echo
   echo "== kepler-log lab is up"
-  echo "central files (host): $CENTRAL   (consumer host: kl-lab-consumer:/srv/keplerlog)"
+  echo "central files (host): $CENTRAL   (consumer hosts kl-lab-consumer{,-2}:/srv/keplerlog, shared)"
   find "$CENTRAL" -type f -not -path '*/.keplerlog/*' -printf '   %P  %s bytes\n' 2>/dev/null | sort | head -20
   local f
   for f in $(find "$CENTRAL" -type f -not -path '*/.keplerlog/*' -not -path '*/_quarantine/*' 2>/dev/null | sort | head -4); do
@@ -91,6 +105,7 @@ up() {
   mkdir -p "$CENTRAL"
   for h in kl-lab-kafka-1 kl-lab-kafka-2 kl-lab-kafka-3; do start_host "$h"; done
   start_host kl-lab-consumer -v "$CENTRAL:/srv/keplerlog"
+  start_host kl-lab-consumer-2 -v "$CENTRAL:/srv/keplerlog"  # same root: one group, shared files
   wait_systemd
   ansible-playbook site.yml -i inventories/local
   sleep 10
