@@ -248,38 +248,76 @@ def throughput_table(merged: dict[str, Any]) -> list[str]:
     return _table(header, rows)
 
 
+def _le(v: Any, limit: float) -> bool | None:
+    return None if v is None else float(v) <= limit
+
+
+def _ge(v: Any, limit: float) -> bool | None:
+    return None if v is None else float(v) >= limit
+
+
+def agent_checks(data: dict[str, Any]) -> list[tuple[str, Any, str, bool | None, int]]:
+    """(measure, value, target, met, digits) of bench_agent.py's figures."""
+    tp = data.get("throughput") or {}
+    cpu = data.get("cpu_200_lines_s") or {}
+    lat = data.get("latency_10k_lines_s") or {}
+    return [
+        ("lines/s, 200 B lines, one core, 3 brokers, acks=all (defaults)", tp.get("lines_per_s"),
+         ">= 100,000", _ge(tp.get("lines_per_s"), 100_000), 0),
+        ("peak RSS during that run (MB)", tp.get("peak_rss_mb"), "<= 40", _le(tp.get("peak_rss_mb"), 40), 1),
+        ("CPU at a steady 200 lines/s (% of one core)", cpu.get("cpu_percent_of_one_core"), "<= 2",
+         _le(cpu.get("cpu_percent_of_one_core"), 2), 2),
+        ("RSS at 200 lines/s (MB)", cpu.get("rss_mb"), "<= 40", _le(cpu.get("rss_mb"), 40), 1),
+        ("p99 write → readable in Kafka at 10k lines/s (s)", lat.get("p99_s"), "<= 0.5",
+         _le(lat.get("p99_s"), 0.5), 3),
+    ]  # fmt: skip
+
+
+def consumer_checks(data: dict[str, Any]) -> list[tuple[str, bool | None]]:
+    """(target, met) of bench_consumer.py's figures: >= 100 MB/s and within 2x of kcat."""
+    mine = (data.get("consumer") or {}).get("mb_s")
+    kcat = (data.get("kcat") or {}).get("mb_s")
+    return [
+        (">= 100 MB/s", _ge(mine, 100)),
+        ("within 2x of kcat", None if not mine or not kcat else kcat / mine <= 2),
+    ]
+
+
+def missed_targets(merged: dict[str, Any]) -> list[str]:
+    """Every target a part shown in this result missed (stale parts are marked as such)."""
+    out: list[str] = []
+    for name, part in merged["parts"].items():
+        data = part.get("data")
+        if not isinstance(data, dict):
+            continue
+        stale = "" if part.get("rerun") else " (from an earlier run)"
+        if name == "agent":
+            out += [f"agent: {m} {t}{stale}" for m, _, t, ok, _ in agent_checks(data) if ok is False]
+        elif name == "files":
+            targets = data.get("targets", {})
+            out += [
+                f"files: {key} <= {targets.get(key)}{stale}"
+                for key, ok in (data.get("met") or {}).items()
+                if not ok
+            ]
+        elif name == "consumer" and "consumer" in data:
+            out += [f"consumer: {t}{stale}" for t, ok in consumer_checks(data) if ok is False]
+    return out
+
+
 def agent_sections(part: dict[str, Any]) -> list[str]:
     """bench_agent.py's figures against the agent's targets (issue: ≥100k lines/s on one core,
     ≤40 MB RSS, ≤2 % of a core at 200 lines/s, p99 ≤ 0.5 s at 10k lines/s)."""
     data = part.get("data")
     if not isinstance(data, dict):
         return [f"_agent: failed — {part.get('error', '')}_"]
-    tp = data.get("throughput") or {}
-    cpu = data.get("cpu_200_lines_s") or {}
-    lat = data.get("latency_10k_lines_s") or {}
     big = data.get("throughput_16mib_buffer") or {}
 
     def row(name: str, value: Any, target: str, ok: bool | None, digits: int = 0) -> list[str]:
         verdict = "–" if ok is None or value is None else ("yes" if ok else "**no**")
         return [name, _num(value, digits), target, verdict]
 
-    def _le(v: Any, limit: float) -> bool | None:
-        return None if v is None else float(v) <= limit
-
-    def _ge(v: Any, limit: float) -> bool | None:
-        return None if v is None else float(v) >= limit
-
-    rows = [
-        row("lines/s, 200 B lines, one core, 3 brokers, acks=all (defaults)", tp.get("lines_per_s"),
-            ">= 100,000", _ge(tp.get("lines_per_s"), 100_000)),
-        row("peak RSS during that run (MB)", tp.get("peak_rss_mb"), "<= 40",
-            _le(tp.get("peak_rss_mb"), 40), 1),
-        row("CPU at a steady 200 lines/s (% of one core)", cpu.get("cpu_percent_of_one_core"), "<= 2",
-            _le(cpu.get("cpu_percent_of_one_core"), 2), 2),
-        row("RSS at 200 lines/s (MB)", cpu.get("rss_mb"), "<= 40", _le(cpu.get("rss_mb"), 40), 1),
-        row("p99 write → readable in Kafka at 10k lines/s (s)", lat.get("p99_s"), "<= 0.5",
-            _le(lat.get("p99_s"), 0.5), 3),
-    ]  # fmt: skip
+    rows = [row(name, value, target, ok, digits) for name, value, target, ok, digits in agent_checks(data)]
     if big:
         rows.append(row("lines/s with a 16 MiB buffer (comparison)", big.get("lines_per_s"), "–", None))
         rows.append(row("peak RSS with a 16 MiB buffer (MB)", big.get("peak_rss_mb"), "–", None, 1))
@@ -351,8 +389,12 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
     out.append(
         f"{params.get('mb', '?')} MB of {params.get('line_bytes', '?')}-byte lines in "
         f"{params.get('record_kb', '?')} KB records, {params.get('modules', '?')} modules, "
-        f"{params.get('partitions', '?')} partitions, {params.get('compression', '?')}. "
-        "Targets: ≥ 100 MB/s and within 2× of kcat."
+        f"{params.get('partitions', '?')} partitions, {params.get('compression', '?')}. Targets: "
+        + ", ".join(
+            f"{target} ({'–' if ok is None else 'met' if ok else '**missed**'})"
+            for target, ok in consumer_checks(data)
+        )
+        + "."
     )
     return out
 
@@ -408,8 +450,16 @@ def markdown(merged: dict[str, Any]) -> str:
         *latency_table(merged["parts"].get("latency", {})),
         "",
         "![throughput](bench/results/throughput.png) ![latency](bench/results/latency.png)",
+        "",
+        _missed_line(missed_targets(merged)),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _missed_line(missed: list[str]) -> str:
+    if not missed:
+        return "**Targets**: every target shown above is met."
+    return "**Targets missed**: " + "; ".join(missed) + "."
 
 
 def update_readme(readme: Path, block: str) -> bool:
@@ -478,7 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         update_readme(args.readme, table)
     failed = [name for name, p in merged["parts"].items() if not p.get("ok")]
     print("failed parts: " + (", ".join(failed) if failed else "none"))
-    return 1 if failed else 0
+    missed = missed_targets(merged)
+    print("targets missed: " + ("; ".join(missed) if missed else "none"))
+    # 1: a part failed to run; 3: everything ran but a target was missed
+    return 1 if failed else 3 if missed else 0
 
 
 if __name__ == "__main__":
