@@ -7,16 +7,15 @@ import subprocess
 import threading
 import time
 import urllib.request
-from dataclasses import replace
 
 import pytest
 from kafka import KafkaProducer
 
 from keplerlog.consumer.app import ConsumerApp
-from keplerlog.consumer.config import load_config
 from keplerlog.consumer.files import FileOps
 from keplerlog.layout import Layout
 from keplerlog.record import Batch
+from keplerlog.testing.consumer import consumer_config
 from keplerlog.testing.kafka_node import free_port
 
 pytestmark = pytest.mark.kafka
@@ -25,18 +24,8 @@ DAY2 = DAY1 + 86_400_000
 
 
 def config(kafka, topic, root, **kw):
-    cfg = load_config(
-        None,
-        {
-            "KEPLERLOG_BOOTSTRAP_SERVERS": kafka.bootstrap,
-            "KEPLERLOG_TOPIC": topic,
-            "KEPLERLOG_GROUP_ID": f"g-{topic}",
-            "KEPLERLOG_ROOT": str(root),
-            "KEPLERLOG_METRICS_PORT": "0",
-        },
-    )
     # The fixed 2023 timestamps are years old: a wide window keeps them on their own days.
-    return replace(cfg, session_timeout_ms=6000, ts_max_age_days=100_000, **kw)
+    return consumer_config(kafka.bootstrap, topic, root, **{"ts_max_age_days": 100_000, **kw})
 
 
 def send(kafka, topic, items):

@@ -11,14 +11,13 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import replace
 
 import pytest
 from agent_support import AgentProcess, write_config
 
 from keplerlog.consumer.app import ConsumerApp
-from keplerlog.consumer.config import load_config
 from keplerlog.consumer.lines import MARKER, LinePolicy
+from keplerlog.testing.consumer import consumer_config
 
 pytestmark = pytest.mark.kafka
 MiB = 1024 * 1024
@@ -40,17 +39,7 @@ def busy_writer(path, stop: threading.Event, written: list[bytes]) -> None:
 
 
 def consumer(kafka, topic, root, cap):
-    cfg = load_config(
-        None,
-        {
-            "KEPLERLOG_BOOTSTRAP_SERVERS": kafka.bootstrap,
-            "KEPLERLOG_TOPIC": topic,
-            "KEPLERLOG_GROUP_ID": f"g-{topic}",
-            "KEPLERLOG_ROOT": str(root),
-            "KEPLERLOG_METRICS_PORT": "0",
-        },
-    )
-    return ConsumerApp(replace(cfg, session_timeout_ms=6000, lines=LinePolicy(max_line_bytes=cap)))
+    return ConsumerApp(consumer_config(kafka.bootstrap, topic, root, lines=LinePolicy(max_line_bytes=cap)))
 
 
 @pytest.mark.parametrize(("size_mib", "cap_mib"), [(10, 16), (100, 16)])
