@@ -20,6 +20,7 @@ import signal
 import stat
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
 from keplerlog.agent import checkpoint, memory, priority
@@ -30,6 +31,7 @@ from keplerlog.agent.metrics import Counters, FileGauge, MetricsServer, render, 
 from keplerlog.agent.sender import Sender
 from keplerlog.agent.tailer import (
     COMPRESSED_SUFFIXES,
+    ROTATED_SEPARATORS,
     AssemblerSettings,
     Stream,
     TailedFile,
@@ -44,6 +46,11 @@ log = logging.getLogger("keplerlog.agent")
 FileKey = tuple[int, int]
 RESCAN_S = 1.0
 FINGERPRINT_CHECK_S = 1.0
+# With inotify reporting every create, move and write in the log directories by name, the
+# periodic full rescan and fingerprint sweep are only a safety net: thousands of idle files
+# must not cost a glob, a stat and a read of each one every second.
+RESCAN_WATCHED_S = 10.0
+FINGERPRINT_SWEEP_WATCHED_S = 10.0
 SEND_BACKOFF_S = 1.0
 FD_RESERVE = 64  # descriptors left to Kafka's sockets, the state file, inotify and metrics
 NO_FDS = (errno.EMFILE, errno.ENFILE)
@@ -73,6 +80,15 @@ class Agent:
             partial_timeout_s=cfg.limits.partial_line_timeout_ms / 1000,
         )
         self.saved = checkpoint.load(cfg.state_file)
+        self._saved_ids = {(st.dev, st.ino): file_id for file_id, st in self.saved.items()}
+        self._by_path: dict[str, TailedFile] | None = None  # followed files by path, during a scan
+        # inotify names the files written (`_dirty`); a sweep looks at every open file instead
+        # (no inotify, lost events, a file outside a watched directory, the periodic check).
+        self._dirty: set[str] = set()
+        self._sweep = True
+        self._watched_all = False  # every glob's files sit directly in a watched directory
+        self._flat_globs = all(glob_base(p) == Path(p).parent for inp in cfg.inputs for p in inp.paths)
+        self._dir_of: dict[str, tuple[str, str]] = {}
         # Files shipped to their end and closed that a glob still matches (e.g. `app.log*` over
         # rotated copies): resumed by identity when they grow, never shipped again from 0.
         self.closed: dict[FileKey, checkpoint.FileState] = {}
@@ -141,6 +157,8 @@ class Agent:
             log.info("stats %s", summary(self.counters, self._gauges(), self._global_gauges()))
             self._next_log = mono + self.cfg.metrics.log_interval_s
         woke = self.watcher.wait(self._timeout(time.monotonic()))
+        self._dirty |= woke.paths
+        self._sweep = self._sweep or woke.overflow
         if woke.changed:
             self._next_scan = 0.0
         coalesce = self.cfg.limits.read_coalesce_ms / 1000
@@ -159,7 +177,13 @@ class Agent:
 
     def _timeout(self, mono: float) -> float:
         limit = self.cfg.limits.poll_interval_ms / 1000 if not self.watcher.inotify else RESCAN_S
-        deadlines = [mono + limit, self._next_scan]
+        deadlines = [self._next_scan, self._next_fp_check]
+        # Idle with every file watched by name, nothing else needs a look: sleep until an event
+        # or one of the deadlines. Otherwise (polling, bytes in flight, Kafka away, a send
+        # backing off) look again within a second, as always.
+        quiet = self._watched_all and not self.inflight and self.sender.connected
+        if not quiet or mono < self._send_backoff_until:
+            deadlines.append(mono + limit)
         if self.inflight or self._last_state is None:
             deadlines.append(self._next_checkpoint)
         for f in self.files.values():
@@ -239,6 +263,7 @@ class Agent:
         dirs = {str(glob_base(pattern)) for inp in self.cfg.inputs for pattern in inp.paths}
         if not self._can_list(dirs):
             return  # glob would see nothing: that must not read as "every file was deleted"
+        self._watched_all = self.watcher.watch_dirs(dirs) and self._flat_globs
         found: dict[FileKey, tuple[str, InputConfig, int]] = {}
         for inp in self.cfg.inputs:
             for pattern in inp.paths:
@@ -251,7 +276,6 @@ class Agent:
                         continue
                     if stat.S_ISREG(st.st_mode):
                         found.setdefault((st.st_dev, st.st_ino), (path, inp, st.st_size))
-        self.watcher.watch_dirs(dirs)
         for key, f in self.files.items():
             if key not in found and not f.detached:
                 f.detached = True
@@ -264,14 +288,18 @@ class Agent:
                 self.closed.pop(key, None)  # deleted, or moved and finished: nothing to resume
         self.copies &= found.keys()
         waiting = 0
-        for key, (path, inp, size) in found.items():
-            if key in self.files or key in self.copies:
-                continue
-            done = self.closed.get(key)
-            if done is not None and size == done.offset:
-                continue  # shipped to its end and unchanged: not even opened
-            if len(self.files) >= self.open_limit or not self._open(path, inp, mono):
-                waiting += 1
+        self._by_path = {f.path: f for f in self.files.values()}  # kept up to date by _open()
+        try:
+            for key, (path, inp, size) in found.items():
+                if key in self.files or key in self.copies:
+                    continue
+                done = self.closed.get(key)
+                if done is not None and size == done.offset:
+                    continue  # shipped to its end and unchanged: not even opened
+                if len(self.files) >= self.open_limit or not self._open(path, inp, mono):
+                    waiting += 1
+        finally:
+            self._by_path = None
         if waiting and not self.waiting:
             log.warning(
                 "%d files wait for a descriptor slot (%d open, limit %d); idle files are closed "
@@ -282,9 +310,12 @@ class Agent:
                 self.cfg.limits.close_inactive_s,
             )
         self.waiting = waiting
+        if self._watched_all and not waiting:
+            self._next_scan = mono + RESCAN_WATCHED_S
         if self.saved:
             self._finish_moved(mono, list(self.saved.values()), "while stopped")
             self.saved.clear()
+            self._saved_ids.clear()
         self.fresh_start = False
 
     def _can_list(self, dirs: set[str]) -> bool:
@@ -345,11 +376,12 @@ class Agent:
             os.close(fd)
             return True
         identity, offset = None, 0
-        known = [s for s in self.saved.values() if (s.dev, s.ino) == key][:1]
+        known = [self.saved[self._saved_ids[key]]] if key in self._saved_ids else []
         if not known and key in self.closed:
             known = [self.closed[key]]
         for state in known:
             self.saved.pop(state.file_id, None)
+            self._saved_ids.pop(key, None)
             self.closed.pop(key, None)
             ident = state.identity()
             if ident.fingerprint.matches_fd(fd) and state.offset <= st.st_size:
@@ -367,6 +399,8 @@ class Agent:
         f = TailedFile.open(path, fd, st, inp, self.settings, identity=identity, offset=offset, mono=mono)
         f.detached = detached
         self.files[key] = f
+        if self._by_path is not None:
+            self._by_path[path] = f
         self.counters.files_opened += 1
         log.info("following %s (%s) from offset %d", path, f.stream.file_id, offset)
         return True
@@ -410,12 +444,21 @@ class Agent:
         )
 
     def _copy_of_followed(self, path: str, fd: int) -> bool:
-        """Tell whether a new file is a rotated copy (by name and first bytes) of a followed one."""
+        """Tell whether a new file is a rotated copy (by name and first bytes) of a followed one.
+
+        Looked up by the names it could be a copy of (`app.log.1` -> `app.log`), not by walking
+        every followed file: opening thousands of files must not cost files x files.
+        """
         directory, name = os.path.split(path)
-        for f in self.files.values():
+        by_path = self._by_path if self._by_path is not None else {f.path: f for f in self.files.values()}
+        for i, char in enumerate(name):
+            if char not in ROTATED_SEPARATORS or i == 0:
+                continue
+            f = by_path.get(os.path.join(directory, name[:i]))
+            if f is None or not is_rotated_name(name[:i], name):
+                continue
             fp = f.stream.identity.fingerprint
-            fdir, fname = os.path.split(f.path)
-            if fdir == directory and fp.length > 0 and is_rotated_name(fname, name) and fp.matches_fd(fd):
+            if fp.length > 0 and fp.matches_fd(fd):
                 return True
         return False
 
@@ -477,13 +520,18 @@ class Agent:
             return
         check_fp = mono >= self._next_fp_check
         if check_fp:
-            self._next_fp_check = mono + FINGERPRINT_CHECK_S
+            sweep_s = FINGERPRINT_SWEEP_WATCHED_S if self._watched_all else FINGERPRINT_CHECK_S
+            self._next_fp_check = mono + sweep_s
+        sweep = draining or check_fp or self._sweep or not self._watched_all
+        dirty, self._dirty, self._sweep = self._dirty, set(), False
         progress = True
         while progress and (draining or not self.stopping):
             progress = False
             self._results()
             held = self._held()  # kept up to date below: O(1) per file, not O(files)
             for f in list(self.files.values()):
+                if not sweep and f.at_eof and not f.detached and not self._written(f.path, dirty):
+                    continue  # read to its end and inotify reported no write since
                 try:
                     grew = f.refresh(mono)
                     # Check the fingerprint before reading bytes that may belong to a new file.
@@ -518,14 +566,27 @@ class Agent:
                     self._send(f, f.stream, chunks)
                 if time.monotonic() >= self._send_backoff_until > mono:
                     return
-            check_fp = False
+            check_fp = sweep = False
             wall, mono = time.time(), time.monotonic()
+
+    def _written(self, path: str, dirty: set[str]) -> bool:
+        """Tell whether inotify reported a write to `path` (or cannot, outside its directories)."""
+        cached = self._dir_of.get(path)
+        if cached is None:
+            norm = os.path.normpath(path)
+            cached = (norm, os.path.dirname(norm))
+            if len(self._dir_of) > 4 * self.open_limit:
+                self._dir_of.clear()
+            self._dir_of[path] = cached
+        return cached[0] in dirty or not self.watcher.watches(cached[1])
 
     def _check_truncations(self, mono: float) -> None:
         """Size/fingerprint check of the files that changed, without reading them."""
         if mono < self._send_backoff_until or not self.sender.connected:
             return
         for f in list(self.files.values()):
+            if self._watched_all and not self._sweep and not self._written(f.path, self._dirty):
+                continue
             try:
                 if f.truncated(f.refresh(mono)):
                     self._truncated(f, mono)

@@ -16,7 +16,7 @@ import logging
 import os
 import select
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,16 @@ class Waker:
 class Wakeup:
     """Why a wait ended; nothing set means the timeout expired.
 
-    `modified`: files may have been written; `changed`: directory entries changed (rescan the
-    globs); `woken`: the waker fired.
+    `modified`: files may have been written, `paths` says which (inotify names them; empty
+    with `overflow`, when events were lost and every file must be looked at); `changed`:
+    directory entries changed (rescan the globs); `woken`: the waker fired.
     """
 
     modified: bool = False
     changed: bool = False
     woken: bool = False
+    overflow: bool = False
+    paths: set[str] = field(default_factory=set)
 
 
 class _Inotify:
@@ -112,9 +115,9 @@ class _Inotify:
             raise OSError(err, os.strerror(err), path)
         return int(wd)
 
-    def read(self) -> list[tuple[int, int]]:
-        """Pending events as (watch descriptor, mask)."""
-        out: list[tuple[int, int]] = []
+    def read(self) -> list[tuple[int, int, bytes]]:
+        """Pending events as (watch descriptor, mask, name in the watched directory or b"")."""
+        out: list[tuple[int, int, bytes]] = []
         while True:
             try:
                 buf = os.read(self.fd, 65536)
@@ -125,8 +128,9 @@ class _Inotify:
             pos = 0
             while pos + _EVENT.size <= len(buf):
                 wd, mask, _cookie, length = _EVENT.unpack_from(buf, pos)
-                out.append((wd, mask))
-                pos += _EVENT.size + length
+                start = pos + _EVENT.size
+                out.append((wd, mask, buf[start : start + length].rstrip(b"\0")))
+                pos = start + length
 
 
 class Watcher:
@@ -171,6 +175,10 @@ class Watcher:
             self._wds[wd] = path
         return ok
 
+    def watches(self, directory: str) -> bool:
+        """Tell whether writes to files directly in `directory` are reported by name."""
+        return directory in self._dirs
+
     def wait(self, timeout: float | None) -> Wakeup:
         """Wait up to `timeout` seconds (None: forever) for file activity or a wake-up."""
         result = Wakeup()
@@ -184,9 +192,9 @@ class Watcher:
                 self.waker.drain()
                 result.woken = True
             elif self._ino is not None and fd == self._ino.fd:
-                for wd, mask in self._ino.read():
+                for wd, mask, name in self._ino.read():
                     if mask & IN_Q_OVERFLOW:
-                        result.changed = result.modified = True
+                        result.changed = result.modified = result.overflow = True
                     if mask & IN_IGNORED:
                         path = self._wds.pop(wd, None)
                         if path is not None:
@@ -196,6 +204,9 @@ class Watcher:
                         result.changed = True
                     if mask & (IN_MODIFY | IN_CLOSE_WRITE):
                         result.modified = True
+                        directory = self._wds.get(wd)
+                        if directory is not None and name:
+                            result.paths.add(os.path.join(directory, os.fsdecode(name)))
         return result
 
     def close(self) -> None:
