@@ -663,20 +663,19 @@ def test_every_line_exactly_once_in_the_right_file():
     assert counters["gaps"] == 0 and counters["gap_bytes"] == 0, counters
 
 
-def _run_stamp(project: Path) -> str:
-    """When, where and from which commit this run was made (for the published table)."""
+def _run_stamp() -> str:
+    """When, where and from which code this run was made (for the published table).
 
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", str(project), *args], capture_output=True, text=True, check=False)
-        return out.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    The code is what prepare snapshotted (its `git describe --dirty`), not the checkout's
+    state when the table is written: the checkout may have moved on during the run.
+    """
+    source = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/nonexistent")) / "files" / "source.txt"
+    code = source.read_text().strip() if source.exists() else "unknown (no snapshot record)"
+    if code.endswith("-dirty"):
+        code = code[: -len("-dirty")] + " with local changes"
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     host = os.uname()
-    return f"{when} on {host.nodename} ({host.machine}, Linux {host.release}), commit {commit or '?'}" + (
-        " with local changes" if dirty else ""
-    )
+    return f"{when} on {host.nodename} ({host.machine}, Linux {host.release}), commit {code}"
 
 
 def test_fault_table():
@@ -702,7 +701,7 @@ def test_fault_table():
         out.write_text(
             "# kepler-log end to end: faults under load (molecule/default)\n\n"
             f"Written by `molecule/default/tests/test_e2e.py::test_fault_table` from one run: "
-            f"{_run_stamp(project)}. Three KRaft brokers, two consumer hosts sharing one data root, portal and billing "
+            f"{_run_stamp()}. Three KRaft brokers, two consumer hosts sharing one data root, portal and billing "
             "writing lines that carry a unique `seq=N`; each fault runs under load, then the "
             "pipeline settles and the window's lines are counted in the central day files. "
             'Reproduce: `KEPLERLOG_FAULT_REPORT=1 make molecule SCENARIO="-s default"`.\n\n'
