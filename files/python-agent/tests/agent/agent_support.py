@@ -218,12 +218,14 @@ class FakeSender:
         self.connected = False
 
 
-def in_process(tmp_path: Path, logdir: Path, *, auto_ack: bool, **limits) -> tuple[Agent, FakeSender]:
+def in_process(
+    tmp_path: Path, logdir: Path, *, auto_ack: bool, paths: list[str] | None = None, **limits
+) -> tuple[Agent, FakeSender]:
     cfg_path = write_config(
         tmp_path,
         "127.0.0.1:1",
         "t",
-        [str(logdir / "*.log")],
+        paths or [str(logdir / "*.log")],
         limits={"shutdown_timeout_s": 1, "read_coalesce_ms": 0, **limits},
         kafka={"max_record_bytes": 65536},
     )

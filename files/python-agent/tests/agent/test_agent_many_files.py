@@ -136,3 +136,76 @@ def test_an_idle_file_is_closed_then_resumed_from_its_offset_when_it_grows(tmp_p
         assert offset == len(got), "a gap or a re-send"
         by_file[stream.file_id] = got + value
     assert sorted(by_file.values()) == sorted([log.read_bytes(), (logdir / "b.old").read_bytes()])
+
+
+def _run(agent):
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    return thread
+
+
+def _wait(check, what: str, timeout: float = 10) -> float:
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout, what
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_only_files_inotify_names_are_looked_at(tmp_path, logdir, monkeypatch):
+    """300 quiet files next to one busy one: a write costs a look at that file, not at all 301.
+
+    Before, every wake-up re-stat'ed every open file and every second re-read each one's first
+    bytes: at 10,000 files that was 10 % of a core with nothing written.
+    """
+    from keplerlog.agent.tailer import TailedFile
+
+    for i in range(300):
+        append(logdir / f"quiet-{i:03d}.log", lines(f"q{i}", 2))
+    busy = logdir / "busy.log"
+    append(busy, lines("busy", 1))
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True, read_coalesce_ms=20)
+    thread = _run(agent)
+    looks = {"n": 0}
+    real = TailedFile.refresh
+
+    def counted(self, mono):
+        looks["n"] += 1
+        return real(self, mono)
+
+    try:
+        total = sum(p.stat().st_size for p in logdir.iterdir())
+        _wait(lambda: sum(len(v) for v, _ in sender.sent) == total, "initial files not shipped")
+        time.sleep(1.5)  # past the first rescan and sweep
+        monkeypatch.setattr(TailedFile, "refresh", counted)
+        for n in range(40):  # 40 writes, 50 ms apart: about 40 wake-ups
+            append(busy, lines(f"more{n}", 1))
+            time.sleep(0.05)
+        total = sum(p.stat().st_size for p in logdir.iterdir())
+        _wait(lambda: sum(len(v) for v, _ in sender.sent) == total, "busy file not shipped")
+    finally:
+        agent.request_stop()
+        thread.join(10)
+    assert agent._watched_all  # the fault condition: every file is in a watched directory
+    # every-file looks would be ~40 x 301 = 12,000; one periodic sweep of 301 may fall inside
+    assert looks["n"] < 1000, f"{looks['n']} file looks for 40 writes to one file"
+
+
+def test_a_glob_through_subdirectories_is_still_looked_at_every_second(tmp_path, logdir):
+    """Writes to files in subdirectories are not named by the base directory's inotify watch."""
+    sub = logdir / "svc"
+    sub.mkdir()
+    log = sub / "app.log"
+    append(log, lines("first", 5))
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True, paths=[str(logdir / "*" / "app.log")])
+    thread = _run(agent)
+    try:
+        _wait(lambda: sum(len(v) for v, _ in sender.sent) == log.stat().st_size, "first lines")
+        time.sleep(1.5)
+        append(log, lines("later", 5))
+        took = _wait(lambda: sum(len(v) for v, _ in sender.sent) == log.stat().st_size, "later lines")
+    finally:
+        agent.request_stop()
+        thread.join(10)
+    assert not agent._watched_all
+    assert took < 3.0, f"a write in a subdirectory took {took:.1f} s to be shipped"
