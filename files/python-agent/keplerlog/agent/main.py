@@ -524,13 +524,17 @@ class Agent:
             self._next_fp_check = mono + sweep_s
         sweep = draining or check_fp or self._sweep or not self._watched_all
         dirty, self._dirty, self._sweep = self._dirty, set(), False
+        named: set[str] = set()
         progress = True
         while progress and (draining or not self.stopping):
             progress = False
             self._results()
             held = self._held()  # kept up to date below: O(1) per file, not O(files)
             for f in list(self.files.values()):
-                if not sweep and f.at_eof and not f.detached and not self._written(f.path, dirty):
+                norm, directory = self._norm_dir(f.path)
+                if norm in dirty:
+                    named.add(norm)
+                elif not sweep and f.at_eof and not f.detached and self.watcher.watches(directory):
                     continue  # read to its end and inotify reported no write since
                 try:
                     grew = f.refresh(mono)
@@ -545,6 +549,7 @@ class Agent:
                     continue
                 budget = self.cfg.limits.max_buffer_bytes - self.inflight - held
                 if budget <= 0:
+                    self._sweep = True  # files not looked at yet may have had write events
                     return
                 if f.at_eof:
                     continue
@@ -565,12 +570,16 @@ class Agent:
                     self.counters.lines_read += nlines
                     self._send(f, f.stream, chunks)
                 if time.monotonic() >= self._send_backoff_until > mono:
+                    self._sweep = True
                     return
+            if dirty - named:
+                self._next_scan = 0.0
+            dirty = named = set()
             check_fp = sweep = False
             wall, mono = time.time(), time.monotonic()
 
-    def _written(self, path: str, dirty: set[str]) -> bool:
-        """Tell whether inotify reported a write to `path` (or cannot, outside its directories)."""
+    def _norm_dir(self, path: str) -> tuple[str, str]:
+        """Return a followed path as inotify names it, and its directory (cached per path)."""
         cached = self._dir_of.get(path)
         if cached is None:
             norm = os.path.normpath(path)
@@ -578,7 +587,12 @@ class Agent:
             if len(self._dir_of) > 4 * self.open_limit:
                 self._dir_of.clear()
             self._dir_of[path] = cached
-        return cached[0] in dirty or not self.watcher.watches(cached[1])
+        return cached
+
+    def _written(self, path: str, dirty: set[str]) -> bool:
+        """Tell whether inotify reported a write to `path` (or cannot, outside its directories)."""
+        norm, directory = self._norm_dir(path)
+        return norm in dirty or not self.watcher.watches(directory)
 
     def _check_truncations(self, mono: float) -> None:
         """Size/fingerprint check of the files that changed, without reading them."""

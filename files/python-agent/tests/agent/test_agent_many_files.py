@@ -209,3 +209,22 @@ def test_a_glob_through_subdirectories_is_still_looked_at_every_second(tmp_path,
         thread.join(10)
     assert not agent._watched_all
     assert took < 3.0, f"a write in a subdirectory took {took:.1f} s to be shipped"
+
+
+def test_a_file_closed_for_idleness_is_reopened_at_once_when_written(tmp_path, logdir):
+    """The periodic rescan is 10 s when inotify covers every file; a write to a closed file must
+    not wait for it (the end-to-end delay target is 4 s)."""
+    log = logdir / "a.log"
+    append(log, lines("first", 5))
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True, close_idle_s=0.3)
+    thread = _run(agent)
+    try:
+        _wait(lambda: len(agent.closed) == 1 and not agent.files, "idle file not closed")
+        time.sleep(1.5)  # the rescan after closing it is past: the next periodic one is 10 s away
+        assert agent._watched_all
+        append(log, lines("second", 5))
+        took = _wait(lambda: sum(len(v) for v, _ in sender.sent) == log.stat().st_size, "not resumed")
+    finally:
+        agent.request_stop()
+        thread.join(10)
+    assert took < 2.0, f"a write to an idle-closed file took {took:.1f} s to be shipped"
