@@ -489,14 +489,23 @@ def kill_both_consumers(ctx) -> str:
 def rebalance_storm(ctx) -> str:
     """Six restarts in a row, alternating hosts, two seconds apart: rebalance after rebalance."""
     wall = time.time()
+    restarted = 0
     for i in range(6):
-        host_of(CONSUMERS[i % 2]).check_output("systemctl restart keplerlog-consumer")
+        host = host_of(CONSUMERS[i % 2])
+        before = host.check_output("systemctl show -p MainPID --value keplerlog-consumer").strip()
+        host.check_output("systemctl restart keplerlog-consumer")
+        after = host.check_output("systemctl show -p MainPID --value keplerlog-consumer").strip()
+        restarted += after not in ("0", before)
         time.sleep(2)
+    # the storm happened: six new processes; then both hosts own partitions again
+    assert restarted == 6, f"only {restarted} of 6 restarts started a new process"
     for name in CONSUMERS:
         wait_for(f"{name} active", lambda name=name: consumer_active(name), 60)
-    count = sum(len(assignments_since(name, wall)) for name in CONSUMERS)
-    assert count >= 6, f"only {count} assignments logged: the storm did not happen"
-    return f"6 restarts alternating the two hosts; {count} assignments logged"
+        wait_for(
+            f"{name} assigned after the storm", lambda name=name: any(assignments_since(name, wall)), 90, 2
+        )
+    counts = {name: len(assignments_since(name, wall)) for name in CONSUMERS}
+    return f"6 restarts alternating the two hosts; assignments logged {counts}"
 
 
 def kill_agent(ctx) -> str:
