@@ -50,7 +50,8 @@ class Part:
 
 PARTS = [
     Part("agent", "bench_agent.py", 1200, quick=["--lines", "100000"]),
-    Part("consumer", "bench_consumer.py", 1200),
+    # three alternating consumer / kcat runs: medians and their spread, not one sample
+    Part("consumer", "bench_consumer.py", 2400, args=["--runs", "3"], quick=["--runs", "1", "--mb", "100"]),
     Part(
         "peers",
         "bench_peers.py",
@@ -364,6 +365,13 @@ def files_table(part: dict[str, Any]) -> list[str]:
     return out
 
 
+def _runs_note(runs: list[float] | None) -> str:
+    """'median of N runs (min-max): [...]', or 'one run (no spread)'."""
+    if not runs or len(runs) < 2:
+        return "one run (no spread)"
+    return f"median of {len(runs)} alternating runs, {min(runs)}-{max(runs)}: {runs}"
+
+
 def consumer_table(part: dict[str, Any]) -> list[str]:
     """keplerlog-consumer vs kcat consuming the same topic to one file vs dd (the disk)."""
     data = part.get("data")
@@ -376,10 +384,10 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
     mine = cons.get("mb_s")
     rows = [
         ["keplerlog-consumer → day files (fsync, then commit), one process", _num(mine, 1), "1.00",
-         f"median of {len(runs.get('consumer_mb_s', []) or [1])} runs: {runs.get('consumer_mb_s', '')}"],
+         _runs_note(runs.get("consumer_mb_s"))],
         ["kcat -C → one file (no fsync, no commit)", _num(kcat.get("mb_s"), 1),
          _num(kcat["mb_s"] / mine, 2) if mine and kcat.get("mb_s") else "–",
-         f"runs: {runs.get('kcat_mb_s', '')}"],
+         _runs_note(runs.get("kcat_mb_s"))],
         ["dd, sequential write with fdatasync (the disk)", _num(dd.get("mb_s"), 1),
          _num(dd["mb_s"] / mine, 2) if mine and dd.get("mb_s") else "–", ""],
     ]  # fmt: skip
