@@ -169,3 +169,15 @@ def test_a_gap_after_held_bytes_ends_the_held_line(tmp_path):
     sink.write({TP: [src.record(1, b"after the gap\n")]})
     assert (tmp_path / DAY_FILE).read_bytes() == b"head\nafter the gap\n"
     assert sink.metrics.counts["newlines_added"] == 1 and sink.metrics.counts["gaps"] == 1
+
+
+def test_lines_before_an_over_long_end_come_first_and_open_no_gap(tmp_path):
+    """One record: a whole line, then an incomplete line already past the cap. The whole line is
+    written before the marked piece (file order), and no hole is counted between them."""
+    src = Source("mixed")
+    sink = make_sink(tmp_path, policy=LinePolicy(max_line_bytes=1024))
+    tail = b"T" * 3000
+    sink.write({TP: [src.record(0, b"head line\n" + tail), src.record(1, b"end\n")]})
+    assert (tmp_path / DAY_FILE).read_bytes() == b"head line\n" + tail + MARKER + b"end\n"
+    c = sink.metrics.counts
+    assert c["lines_cut"] == 1 and c["gaps"] == 0 and c["gap_fills"] == 0

@@ -226,18 +226,16 @@ class Router:
                 value, end = value[: held.start - start], held.start
             else:  # the source went on elsewhere (a gap): the held line will not be completed
                 self.flush(src.key, holds, files, plan, now_ms, cut=False)
-        if value[-1:] != b"\n":
-            cut = value.rfind(b"\n") + 1
-            if not coverage.covered(files.get(src.key), start + cut, end):
-                tail = value[cut:]
-                holds[src.key] = Held(
-                    src.rel, start + cut, tail, ts_ms, kafka_offset, time.monotonic(), src.path
-                )
-                if len(tail) >= self.lines.max_line_bytes:
-                    self.flush(src.key, holds, files, plan, now_ms, cut=True)
-                value = value[:cut]
-        if value:
-            self._write(src, start, value, ts_ms, files, plan, now_ms)
+        cut = value.rfind(b"\n") + 1
+        if cut < len(value) and not coverage.covered(files.get(src.key), start + cut, end):
+            if cut:  # the whole lines first, then the incomplete end (file order kept)
+                self._write(src, start, value[:cut], ts_ms, files, plan, now_ms)
+            tail = value[cut:]
+            holds[src.key] = Held(src.rel, start + cut, tail, ts_ms, kafka_offset, time.monotonic(), src.path)
+            if len(tail) >= self.lines.max_line_bytes:
+                self.flush(src.key, holds, files, plan, now_ms, cut=True)
+            return
+        self._write(src, start, value, ts_ms, files, plan, now_ms)
 
     def flush(
         self,
