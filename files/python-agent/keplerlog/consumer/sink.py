@@ -101,6 +101,7 @@ class Sink:
         plan = Plan()
         new_states: dict[str, PartitionState] = {}
         new_holds: dict[TopicPartition, Holds] = {}
+        new_consumed: dict[TopicPartition, int] = {}
         offsets: dict[TopicPartition, int] = {}
         policy = self.router.lines
         for tp in [*batch, *(tp for tp in self.holds if tp not in batch)]:
@@ -134,7 +135,7 @@ class Sink:
             offsets[tp] = consumed if pinned is None else min(pinned, consumed)
             new_states[state_name(tp[0], tp[1])] = PartitionState(offsets[tp], files)
             new_holds[tp] = holds
-            self.consumed[tp] = consumed
+            new_consumed[tp] = consumed
         if not offsets:
             self.metrics.add(plan.counts, plan.quarantine_reasons)  # e.g. unowned_records
             return {}
@@ -148,6 +149,7 @@ class Sink:
         for tp in offsets:
             self.states[tp] = new_states[state_name(tp[0], tp[1])]
             self.holds[tp] = new_holds[tp]
+            self.consumed[tp] = new_consumed[tp]
         self.metrics.gauges["held_bytes"] = sum(
             len(h.data) for hs in self.holds.values() for h in hs.values()
         )
