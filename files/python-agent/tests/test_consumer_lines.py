@@ -181,3 +181,18 @@ def test_lines_before_an_over_long_end_come_first_and_open_no_gap(tmp_path):
     assert (tmp_path / DAY_FILE).read_bytes() == b"head line\n" + tail + MARKER + b"end\n"
     c = sink.metrics.counts
     assert c["lines_cut"] == 1 and c["gaps"] == 0 and c["gap_fills"] == 0
+
+
+def test_held_bytes_past_max_held_bytes_are_written_oldest_first(tmp_path):
+    """Ten sources each holding 1 KiB against a 4 KiB partition budget: the oldest go first
+    (with a newline added) until the rest fit; nothing past hold_s is needed for that."""
+    policy = LinePolicy(hold_s=3600, max_held_bytes=4096)
+    sources = [Source(f"s{i}") for i in range(10)]
+    sink = make_sink(tmp_path, policy=policy)
+    sink.write({TP: [src.record(i, b"x" * 1024) for i, src in enumerate(sources)]})
+    # the expiry runs when the partition is written: all ten were held at once, six went out
+    held = sink.holds[TP]
+    assert sum(len(h.data) for h in held.values()) <= 4096 and len(held) == 4
+    assert sorted(k.split("\x1f")[2] for k in held) == ["s6", "s7", "s8", "s9"]
+    assert sink.metrics.counts["newlines_added"] == 6
+    assert (tmp_path / DAY_FILE).read_bytes() == (b"x" * 1024 + b"\n") * 6
