@@ -254,6 +254,7 @@ def test_a_real_full_disk_pauses_commits_nothing_and_resumes_when_freed(kafka, t
     day = small_fs / "shop" / "portal.20231114"
     try:
         run.wait(lambda c: c["disk_full"] >= 2, timeout=60)  # the fault happened, for real
+        assert run.app.metrics.gauges["disk_full_paused"] == 1  # exported while it lasts
         on_disk = day.read_bytes()
         assert on_disk.endswith(b"\n") and len(on_disk) < offset  # whole lines only, not all yet
         assert all(len(line) == 501 for line in on_disk.splitlines(keepends=True))
@@ -263,7 +264,7 @@ def test_a_real_full_disk_pauses_commits_nothing_and_resumes_when_freed(kafka, t
         (written,) = [st["files"]["shop\x1fh1\x1ff1"] for st in states if st["files"]]
         assert written[1:] == [0, len(on_disk)]  # the durable state is exactly what is on disk
         filler.unlink()  # free the space (what the retention job does)
-        run.wait(lambda c: c["bytes"] >= offset, timeout=90)
+        run.wait(lambda c: c["bytes"] >= offset and run.app.metrics.gauges["disk_full_paused"] == 0, 90)
     finally:
         run.stop()
     data = day.read_bytes()

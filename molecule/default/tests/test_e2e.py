@@ -6,7 +6,8 @@ against those in the central files. The tests run in file order:
 
 1. the pipeline runs; 2. end-to-end latency p99 under load (consumer metrics); 3. faults under a
 steady load (broker, consumer and agent killed with SIGKILL, logrotate create and copytruncate,
-Kafka unreachable for 150 s): for each, the load stops after the fault, the pipeline settles and
+Kafka unreachable for 150 s, two consumer hosts killed in turn and at once, the consumers' data
+root full for real): for each, the load stops after the fault, the pipeline settles and
 lost / duplicated lines of that window are counted (goal: zero); 4. the whole run, every line
 exactly once in the right file; 5. the fault table (pytest output; with KEPLERLOG_FAULT_REPORT set
 also bench/results/faults.md).
@@ -35,6 +36,8 @@ NETWORK = "kl-e2e-net"
 TOPIC = "keplerlog"
 GROUP = "keplerlog-consumer"
 ROOT = "/srv/keplerlog"
+CENTRAL_VOLUME = "kl-e2e-central"  # ROOT on both consumer hosts: a tmpfs (molecule.yml)
+CENTRAL_SIZE = "1g"
 VENV_PY = "/opt/keplerlog/venv/bin/python"
 METRICS_URL = "http://127.0.0.1:9310/metrics"
 AGENT_METRICS_URL = "http://127.0.0.1:9311/metrics"
@@ -82,6 +85,19 @@ print(json.dumps({
     "distinct": len(counts), "missing": len(missing), "missing_first": missing[:10],
     "duplicated": sum(counts[n] - 1 for n in dups), "dup_first": dups[:10],
 }))
+"""
+
+# Number and digest of the sorted lines of the files matching the globs: equal in the service's log
+# files and in the central files when every line arrived whole, once, and nothing else did.
+LINES_DIGEST = r"""
+import glob, hashlib, json, sys
+lines = []
+for path in sorted({p for pattern in sys.argv[1:] for p in glob.glob(pattern)}):
+    with open(path, "rb") as f:
+        data = f.read()
+    lines.extend(data.split(b"\n")[: -1 if data.endswith(b"\n") else None])
+lines.sort()
+print(json.dumps({"lines": len(lines), "sha256": hashlib.sha256(b"\n".join(lines)).hexdigest()}))
 """
 
 # Consumer lag: end offsets minus what the consumer has made durable (the larger of the group's
@@ -186,6 +202,11 @@ def seq_stats(container: str, pattern: str, lo: int, hi: int) -> dict:
 
 def central_stats(svc: Service, lo: int, hi: int) -> dict:
     return seq_stats(CONSUMER, svc.central_glob, lo, hi)
+
+
+def lines_digest(container: str, *patterns: str) -> dict:
+    args = " ".join(["%s"] * len(patterns))
+    return json.loads(host_of(container).check_output(f"python3 -c %s {args}", LINES_DIGEST, *patterns))
 
 
 def source_stats(svc: Service, lo: int, hi: int) -> dict:
@@ -582,6 +603,59 @@ def disconnect_services(ctx) -> str:
     return f"docker network disconnect of both services for {OUTAGE_S} s (peak unacked bytes {peak})"
 
 
+def consumers_gauge(name: str) -> list[float]:
+    """One consumer gauge from each consumer that answers (absent until first set: 0)."""
+    values = []
+    for host in CONSUMERS:
+        out = host_of(host).run("python3 -c %s %s", HTTP_GET, METRICS_URL)
+        if out.rc == 0:
+            values.append(sum(v for _, v in metric_values(out.stdout, f"keplerlog_consumer_{name}")))
+    return values
+
+
+def disk_full_count() -> int:
+    return int(sum(v for _, v in metric_values(consumer_metrics(), "keplerlog_consumer_disk_full_total")))
+
+
+def fill_the_data_root(ctx) -> str:
+    """The consumers' shared data root (a real tmpfs) shrunk under load to what it holds plus
+    256 KiB: real ENOSPC within seconds. Held 30 s after the first consumer paused, then the
+    space is given back; the consumers resume by themselves."""
+    mount = ctx["docker"].volumes.get(CENTRAL_VOLUME).attrs["Mountpoint"]
+    st = os.statvfs(mount)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    before = disk_full_count()
+    subprocess.run(["mount", "-o", f"remount,size={used + 256 * 1024}", mount], check=True)
+    try:
+        t0 = time.monotonic()
+        wait_for("a consumer paused on the full disk", lambda: 1 in consumers_gauge("disk_full_paused"), 90)
+        paused_after = time.monotonic() - t0
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        lag_start = consumer_lag()
+        time.sleep(30)
+        lag_end = consumer_lag()
+        rolled_back = disk_full_count() - before
+    finally:
+        subprocess.run(["mount", "-o", f"remount,size={CENTRAL_SIZE}", mount], check=True)
+    # the fault happened: the file system was full for real (free space under one batch), batches
+    # were rolled back, and the records the load kept producing piled up in Kafka unconsumed
+    assert free < 256 * 1024, f"{free} B still free on {mount}"
+    assert rolled_back >= 2, f"only {rolled_back} batches hit ENOSPC"
+    assert lag_end > lag_start >= 0, f"consumer lag {lag_start} -> {lag_end} while the disk was full"
+    t1 = time.monotonic()
+    wait_for(
+        "both consumers resumed by themselves",
+        lambda: (g := consumers_gauge("disk_full_paused")) and len(g) == 2 and not any(g),
+        120,
+        2,
+    )
+    return (
+        f"tmpfs remounted to its usage + 256 KiB: paused after {paused_after:.0f} s, {rolled_back} batches "
+        f"rolled back, lag {lag_start} -> {lag_end} records in 30 s; resumed {time.monotonic() - t1:.0f} s "
+        "after the space came back"
+    )
+
+
 FAULTS = {
     "broker kill -9 + restart": kill_broker,
     "consumer kill -9 + restart": kill_consumer,
@@ -592,6 +666,7 @@ FAULTS = {
     "logrotate create": lambda ctx: logrotate(ctx, "create"),
     "logrotate copytruncate": lambda ctx: logrotate(ctx, "copytruncate"),
     f"Kafka unreachable {OUTAGE_S} s": disconnect_services,
+    "consumers' data root full (real tmpfs)": fill_the_data_root,
 }
 
 
@@ -657,6 +732,12 @@ def test_every_line_exactly_once_in_the_right_file():
         assert got["missing"] == 0, got
         assert got["duplicated"] == 0, got
         assert got["total"] == got["window"] == hi, got
+        # every line whole and once, nothing else: the same sorted lines, byte for byte (a line torn
+        # by a full disk, a crash or a long line would differ)
+        want = lines_digest(svc.container, f"{svc.log_dir}/{svc.module}.log*", f"{svc.log_dir}/probe.log*")
+        have = lines_digest(CONSUMER, svc.central_glob)
+        print(f"lines: {want['lines']} in the service's files, {have['lines']} in the central files")
+        assert want["lines"] > hi and have == want, (want, have)
     # the other service's lines never land in this service's file: both numberings start at 1, so
     # a stray line would show up above as a duplicate or beyond `hi` (total != window)
     text = consumer_metrics()

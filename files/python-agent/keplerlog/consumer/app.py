@@ -306,6 +306,7 @@ class ConsumerApp:
                     delay = min(delay * 2, MAX_BACKOFF_S)
                     continue
                 self._pending = {}
+                self.metrics.gauges["disk_full_paused"] = 0
                 self._commit(offsets)
         finally:
             self._pending = {}
@@ -316,6 +317,7 @@ class ConsumerApp:
         """Count and log a full disk, pause, wait, poll; False when stopping instead."""
         assert self.consumer is not None
         self.metrics.inc("disk_full")
+        self.metrics.gauges["disk_full_paused"] = 1  # 0 again once a batch is durable
         log.error("disk full (%s): batch rolled back, not committed; retry in %.0fs", exc.strerror, delay)
         if self._stop.is_set():
             return False
