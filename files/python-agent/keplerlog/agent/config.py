@@ -27,6 +27,7 @@ from keplerlog.confkit import integer as _int
 from keplerlog.confkit import number as _float
 from keplerlog.confkit import section as _section
 from keplerlog.confkit import string as _str
+from keplerlog.kafkaauth import KafkaSecurity, parse_security
 
 COMPRESSIONS = ("lz4", "zstd", "gzip", "none")
 IONICE_CLASSES = ("none", "best-effort", "idle")
@@ -69,6 +70,7 @@ class KafkaConfig:
     compression: str = "lz4"
     linger_ms: int = LINGER_MS_BATCHED  # parse() picks the mode's default when unset
     max_record_bytes: int = 900_000
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # TLS / SASL (keplerlog.kafkaauth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +137,7 @@ _TOP_KEYS = {
     "start_at",
     "one_line_per_record",
 }
-_KAFKA_KEYS = {"bootstrap_servers", "topic", "compression", "linger_ms", "max_record_bytes"}
+_KAFKA_KEYS = {"bootstrap_servers", "topic", "compression", "linger_ms", "max_record_bytes", "security"}
 _INPUT_KEYS = {"paths", "module", "multiline", "one_line_per_record"}
 _MULTILINE_KEYS = {"start", "max_lines", "timeout_ms"}
 _LIMIT_KEYS = {
@@ -247,6 +249,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
     kafka = KafkaConfig(
         bootstrap_servers=_str(ksec.get("bootstrap_servers", "localhost:9092"), "kafka.bootstrap_servers"),
         topic=_str(ksec.get("topic", "keplerlog"), "kafka.topic"),
+        security=parse_security(ksec.get("security")),
         compression=_choice(ksec.get("compression", "lz4"), "kafka.compression", COMPRESSIONS),
         # unset (or null): replaced by the mode's default once the inputs are known
         linger_ms=_int(

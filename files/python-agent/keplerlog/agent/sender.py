@@ -85,6 +85,7 @@ class Sender:
                 max_block_ms=5000,
                 bootstrap_timeout_ms=bootstrap_timeout_ms,
                 request_timeout_ms=30000,
+                **k.security.client_kwargs(),
                 delivery_timeout_ms=DELIVERY_TIMEOUT_MS,
                 retry_backoff_ms=200,
                 reconnect_backoff_max_ms=5000,

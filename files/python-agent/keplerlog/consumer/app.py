@@ -152,6 +152,7 @@ class ConsumerApp:
             receive_buffer_bytes=4 * 1024 * 1024,
             session_timeout_ms=c.session_timeout_ms,
             heartbeat_interval_ms=max(500, c.session_timeout_ms // 4),
+            **c.security.client_kwargs(),
         )
 
     def run(self, consumer: KafkaConsumer | None = None) -> None:

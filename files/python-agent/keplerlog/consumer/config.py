@@ -7,11 +7,12 @@ single clear line and exit 2 instead of failing later in the middle of a batch.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from keplerlog.confkit import ConfigError, integer, number, overlay, read_yaml, section
+from keplerlog.kafkaauth import KafkaSecurity, parse_security
 from keplerlog.layout import DEFAULT_LAYOUT, Layout, LayoutError
 from keplerlog.names import name_problem
 
@@ -36,6 +37,7 @@ _KAFKA_KEYS = {
     "group_instance_id",
     "max_partition_fetch_bytes",
     "auto_offset_reset",
+    "security",
 }
 _TOP_KEYS = {
     "kafka",
@@ -72,6 +74,7 @@ class ConsumerConfig:
     group_id: str = "keplerlog-consumer"
     client_id: str = "keplerlog-consumer"
     group_instance_id: str | None = None
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)  # TLS / SASL (keplerlog.kafkaauth)
     session_timeout_ms: int = 10000
     max_poll_records: int = 100000
     fetch_max_bytes: int = 64 * 1024 * 1024
@@ -165,6 +168,7 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
         group_id=kafka.get("group_id", "keplerlog-consumer"),
         client_id=kafka.get("client_id", "keplerlog-consumer"),
         group_instance_id=str(kafka["group_instance_id"]) if kafka.get("group_instance_id") else None,
+        security=parse_security(kafka.get("security")),
         session_timeout_ms=integer(kafka.get("session_timeout_ms", 10000), "kafka.session_timeout_ms", 1000),
         max_poll_records=integer(kafka.get("max_poll_records", 100000), "kafka.max_poll_records", 1),
         fetch_max_bytes=integer(kafka.get("fetch_max_bytes", 64 << 20), "kafka.fetch_max_bytes", 1024),

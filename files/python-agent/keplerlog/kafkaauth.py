@@ -1,0 +1,140 @@
+"""How a kepler-log client protects and authenticates its Kafka connections (TLS, SASL/SCRAM).
+
+One `kafka.security` section, read the same way by the agent and the consumer, turned into
+kafka-python's client arguments. Why a module of its own: the rules are security rules and must
+not drift between two copies, and every error must name the key and the file at startup, not
+surface later as an opaque handshake failure in a retry loop.
+
+Secrets never sit in the config or on a command line: the SCRAM password is read from
+`password_file`, which must not be readable by group or others (a world-readable secret is
+refused, not warned about). The password is kept out of `repr()` so that a logged config never
+shows it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+from keplerlog.confkit import ConfigError, boolean, choice, section, string
+
+PROTOCOLS = ("plaintext", "ssl", "sasl_plaintext", "sasl_ssl")
+MECHANISMS = ("scram-sha-512", "scram-sha-256")
+KEYS = {
+    "protocol",
+    "cafile",
+    "certfile",
+    "keyfile",
+    "check_hostname",
+    "sasl_mechanism",
+    "username",
+    "password_file",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    """The validated `kafka.security` section (default: plaintext, no authentication)."""
+
+    protocol: str = "plaintext"
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    check_hostname: bool = True
+    sasl_mechanism: str = "scram-sha-512"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def tls(self) -> bool:
+        """True when the connection is encrypted."""
+        return self.protocol in ("ssl", "sasl_ssl")
+
+    @property
+    def sasl(self) -> bool:
+        """True when the client authenticates with SASL."""
+        return self.protocol in ("sasl_plaintext", "sasl_ssl")
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """kafka-python arguments for KafkaProducer, KafkaConsumer and KafkaAdminClient."""
+        out: dict[str, Any] = {"security_protocol": self.protocol.upper()}
+        if self.tls:
+            out["ssl_check_hostname"] = self.check_hostname
+            for key in ("cafile", "certfile", "keyfile"):
+                if getattr(self, key):
+                    out[f"ssl_{key}"] = getattr(self, key)
+        if self.sasl:
+            out["sasl_mechanism"] = self.sasl_mechanism.upper()
+            out["sasl_plain_username"] = self.username
+            out["sasl_plain_password"] = self.password
+        return out
+
+
+def _readable_file(value: Any, where: str) -> str:
+    path = string(value, where)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: {path}: not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{where}: {path}: not readable by this user")
+    return path
+
+
+def read_secret(path: str, where: str) -> str:
+    """Return the first line of a secret file that only its owner (and root) may read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigError(f"{where}: {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{where}: {path}: not a regular file")
+        if mode & 0o077:
+            raise ConfigError(
+                f"{where}: {path}: readable by group or others (mode {mode & 0o777:04o}); chmod 0600 or 0400"
+            )
+        data = f.read(64 * 1024)
+    secret = data.decode("utf-8", "replace").splitlines()[0] if data.strip() else ""
+    if not secret:
+        raise ConfigError(f"{where}: {path}: empty")
+    return secret
+
+
+def parse_security(raw: Any, where: str = "kafka.security") -> KafkaSecurity:
+    """Validate a `kafka.security` mapping (None: plaintext); files are checked now."""
+    sec = section(raw, where, KEYS)
+    protocol = choice(sec.get("protocol", "plaintext"), f"{where}.protocol", PROTOCOLS)
+    tls, sasl = protocol in ("ssl", "sasl_ssl"), protocol in ("sasl_plaintext", "sasl_ssl")
+    tls_keys = [k for k in ("cafile", "certfile", "keyfile", "check_hostname") if k in sec]
+    if tls_keys and not tls:
+        raise ConfigError(f"{where}: {', '.join(tls_keys)} need protocol ssl or sasl_ssl, not {protocol}")
+    sasl_keys = [k for k in ("sasl_mechanism", "username", "password_file") if k in sec]
+    if sasl_keys and not sasl:
+        raise ConfigError(
+            f"{where}: {', '.join(sasl_keys)} need protocol sasl_ssl or sasl_plaintext, not {protocol}"
+        )
+    files = {k: _readable_file(sec[k], f"{where}.{k}") for k in ("cafile", "certfile", "keyfile") if k in sec}
+    if ("certfile" in files) != ("keyfile" in files):
+        raise ConfigError(f"{where}: certfile and keyfile go together (client certificate)")
+    username = password = None
+    if sasl:
+        for key in ("username", "password_file"):
+            if key not in sec:
+                raise ConfigError(f"{where}.{key}: required for protocol {protocol}")
+        username = string(sec["username"], f"{where}.username")
+        pw_where = f"{where}.password_file"
+        password = read_secret(string(sec["password_file"], pw_where), pw_where)
+    return KafkaSecurity(
+        protocol=protocol,
+        cafile=files.get("cafile"),
+        certfile=files.get("certfile"),
+        keyfile=files.get("keyfile"),
+        check_hostname=boolean(sec.get("check_hostname", True), f"{where}.check_hostname"),
+        sasl_mechanism=choice(
+            sec.get("sasl_mechanism", "scram-sha-512"), f"{where}.sasl_mechanism", MECHANISMS
+        ),
+        username=username,
+        password=password,
+    )

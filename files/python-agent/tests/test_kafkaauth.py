@@ -1,0 +1,98 @@
+"""The `kafka.security` section: validation, kafka-python arguments, secrets kept secret."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from keplerlog.agent.config import parse as parse_agent
+from keplerlog.confkit import ConfigError
+from keplerlog.consumer.config import load_config
+from keplerlog.kafkaauth import parse_security
+
+
+@pytest.fixture
+def secret(tmp_path):
+    path = tmp_path / "password"
+    path.write_text("s3cret-pw\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def ca(tmp_path):
+    path = tmp_path / "ca.pem"
+    path.write_text("-----BEGIN CERTIFICATE-----\n")
+    return path
+
+
+def test_default_is_plaintext_without_credentials():
+    assert parse_security(None).client_kwargs() == {"security_protocol": "PLAINTEXT"}
+
+
+def test_sasl_ssl_gives_every_client_argument(secret, ca):
+    sec = parse_security(
+        {"protocol": "SASL_SSL", "cafile": str(ca), "username": "agent", "password_file": str(secret)}
+    )
+    assert sec.client_kwargs() == {
+        "security_protocol": "SASL_SSL",
+        "ssl_check_hostname": True,
+        "ssl_cafile": str(ca),
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "agent",
+        "sasl_plain_password": "s3cret-pw",
+    }
+    assert "s3cret-pw" not in repr(sec)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_a_password_file_others_can_read_is_refused(secret, mode):
+    secret.chmod(mode)
+    with pytest.raises(ConfigError, match="readable by group or others"):
+        parse_security({"protocol": "sasl_ssl", "username": "agent", "password_file": str(secret)})
+
+
+def test_a_symlinked_or_empty_password_file_is_refused(secret, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(secret)
+    with pytest.raises(ConfigError, match="password_file"):
+        parse_security({"protocol": "sasl_ssl", "username": "agent", "password_file": str(link)})
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        parse_security({"protocol": "sasl_ssl", "username": "agent", "password_file": str(secret)})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"protocol": "tls"}, "must be one of"),
+        ({"protocol": "sasl_ssl", "username": "agent"}, "password_file: required"),
+        ({"protocol": "plaintext", "cafile": "/etc/hostname"}, "need protocol ssl"),
+        ({"protocol": "ssl", "username": "x"}, "need protocol sasl_ssl"),
+        ({"protocol": "ssl", "cafile": "/nonexistent/ca.pem"}, "not a file"),
+        ({"protocol": "ssl", "certfile": "/etc/hostname"}, "go together"),
+        ({"protocol": "ssl", "password": "inline"}, "unknown key"),
+    ],
+)
+def test_bad_sections_get_a_clear_error(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_security(raw)
+
+
+def test_agent_and_consumer_read_the_same_section(secret, ca, tmp_path):
+    security = {"protocol": "sasl_ssl", "cafile": str(ca), "username": "u", "password_file": str(secret)}
+    consumer = load_config(None, {"KEPLERLOG_BOOTSTRAP_SERVERS": "k:9093", "KEPLERLOG_ROOT": str(tmp_path)})
+    assert consumer.security.protocol == "plaintext"
+    conf = tmp_path / "consumer.yml"
+    conf.write_text(yaml.safe_dump({"kafka": {"bootstrap_servers": "k:9093", "security": security}}))
+    consumer = load_config(str(conf), {"KEPLERLOG_ROOT": str(tmp_path)})
+    agent = parse_agent(
+        {
+            "service": "shop",
+            "state_file": str(tmp_path / "state" / "agent.json"),
+            "kafka": {"bootstrap_servers": "k:9093", "security": security},
+            "inputs": [{"paths": [str(tmp_path / "logs" / "*.log")], "module": "portal"}],
+        }
+    )
+    assert agent.kafka.security == consumer.security
+    assert agent.kafka.security.client_kwargs()["sasl_plain_password"] == "s3cret-pw"
