@@ -22,6 +22,7 @@ from keplerlog.confkit import ConfigError, boolean, choice, section, string
 
 PROTOCOLS = ("plaintext", "ssl", "sasl_plaintext", "sasl_ssl")
 MECHANISMS = ("scram-sha-512", "scram-sha-256")
+MAX_SECRET_BYTES = 4096  # a password file is one short line; anything bigger is a mistake
 KEYS = {
     "protocol",
     "cafile",
@@ -95,7 +96,9 @@ def read_secret(path: str, where: str) -> str:
             raise ConfigError(
                 f"{where}: {path}: readable by group or others (mode {mode & 0o777:04o}); chmod 0600 or 0400"
             )
-        data = f.read(64 * 1024)
+        data = f.read(MAX_SECRET_BYTES + 1)
+    if len(data) > MAX_SECRET_BYTES:
+        raise ConfigError(f"{where}: {path}: larger than {MAX_SECRET_BYTES} bytes; not a password file?")
     secret = data.decode("utf-8", "replace").splitlines()[0] if data.strip() else ""
     if not secret:
         raise ConfigError(f"{where}: {path}: empty")

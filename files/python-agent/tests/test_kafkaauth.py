@@ -8,7 +8,7 @@ import yaml
 from keplerlog.agent.config import parse as parse_agent
 from keplerlog.confkit import ConfigError
 from keplerlog.consumer.config import load_config
-from keplerlog.kafkaauth import parse_security
+from keplerlog.kafkaauth import MAX_SECRET_BYTES, parse_security
 
 
 @pytest.fixture
@@ -49,6 +49,12 @@ def test_sasl_ssl_gives_every_client_argument(secret, ca):
 def test_a_password_file_others_can_read_is_refused(secret, mode):
     secret.chmod(mode)
     with pytest.raises(ConfigError, match="readable by group or others"):
+        parse_security({"protocol": "sasl_ssl", "username": "agent", "password_file": str(secret)})
+
+
+def test_a_password_file_past_the_size_cap_is_refused_not_cut(secret):
+    secret.write_bytes(b"x" * (10 * MAX_SECRET_BYTES) + b"\n")
+    with pytest.raises(ConfigError, match="larger than"):
         parse_security({"protocol": "sasl_ssl", "username": "agent", "password_file": str(secret)})
 
 
