@@ -102,6 +102,7 @@ class Agent:
         self.stopping = False
         self.inflight = 0
         self._last_state: list[checkpoint.FileState] | None = None
+        self._acked_unsaved = False  # an ack advanced since the last checkpoint
         self._next_checkpoint = 0.0
         self._next_log = time.monotonic() + cfg.metrics.log_interval_s
         self._next_scan = 0.0
@@ -184,7 +185,8 @@ class Agent:
         quiet = self._watched_all and not self.inflight and self.sender.connected
         if not quiet or mono < self._send_backoff_until:
             deadlines.append(mono + limit)
-        if self.inflight or self._last_state is None:
+        if self.inflight or self._acked_unsaved or self._last_state is None:
+            # an idle agent sleeps long: wake for the checkpoint of its last acks too
             deadlines.append(self._next_checkpoint)
         for f in self.files.values():
             d = f.assembler.next_deadline()
@@ -692,6 +694,7 @@ class Agent:
                 self.counters.lines_acked += lines
                 self.counters.bytes_acked += size
                 stream.acks.ack(offset, offset + size)
+                self._acked_unsaved = True
             else:
                 self.counters.send_errors += 1
                 log.warning("%s: record at offset %d failed: %s", f.path, offset, outcome.error)
@@ -733,6 +736,7 @@ class Agent:
         ids = {s.file_id for s in states}
         states += [s for s in self.closed.values() if s.file_id not in ids]
         if states == self._last_state:
+            self._acked_unsaved = False
             return
         try:
             checkpoint.save(self.cfg.state_file, states)
@@ -741,6 +745,7 @@ class Agent:
             log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
             return
         self._last_state = states
+        self._acked_unsaved = False
         self.counters.checkpoints += 1
 
     def _gauges(self) -> list[FileGauge]:

@@ -121,6 +121,26 @@ def test_checkpoint_is_the_acknowledged_offset_not_the_read_one(tmp_path, logdir
     assert _state_offsets(tmp_path) == [first_two]
 
 
+def test_an_ack_to_an_idle_agent_is_checkpointed_within_the_interval_not_at_the_next_rescan(tmp_path, logdir):
+    log = logdir / "app.log"
+    append(log, lines("i", 100))
+    agent, sender = in_process(tmp_path, logdir, auto_ack=False, checkpoint_interval_ms=500)
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    try:
+        _wait(lambda: len(sender.sent) == 1 and _checkpointed(tmp_path, [0]))
+        time.sleep(1)  # the checkpoint interval passes: nothing left for it to write
+        assert agent._watched_all  # the idle mode that sleeps until the next rescan (10 s)
+        t0 = time.monotonic()
+        sender.ack(0)
+        _wait(lambda: _checkpointed(tmp_path, [len(sender.sent[0][0])]), timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        agent.request_stop()
+        thread.join(10)
+    assert took < 3, f"the acknowledged offset was checkpointed after {took:.1f} s (interval 0.5 s)"
+
+
 def test_what_is_not_acknowledged_within_the_drain_timeout_is_logged_and_left(tmp_path, logdir, caplog):
     log = logdir / "app.log"
     append(log, lines("d", 100))
