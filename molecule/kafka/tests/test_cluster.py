@@ -4,20 +4,26 @@ import re
 import time
 import uuid
 
-from conftest import BOOTSTRAP, NODES, TOPIC, kafka_tool, run_python
+from conftest import BOOTSTRAP, CA, CLIENT_BOOTSTRAP, NODES, TOPIC, kafka_tool, run_python, secret
 
 testinfra_hosts = ["kl-kafka-1"]
 
+# The agents' identity produces, the consumer's reads (each can do only that, see test_security).
 PRODUCE_CONSUME = r"""
-import sys, time
+import os, sys, time
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 bootstrap, topic, token, partitions = sys.argv[1].split(","), sys.argv[2], sys.argv[3], int(sys.argv[4])
-producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", retries=10, request_timeout_ms=20000)
+def auth(user):
+    return dict(security_protocol="SASL_SSL", ssl_cafile=os.environ["CA"], sasl_mechanism="SCRAM-SHA-512",
+                sasl_plain_username=user, sasl_plain_password=os.environ[user.replace("-", "_").upper()])
+producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", retries=10, request_timeout_ms=20000,
+                         **auth("keplerlog-agent"))
 for p in range(partitions):
     meta = producer.send(topic, value=f"{token}-{p}".encode(), partition=p).get(timeout=60)
     print(f"produced partition={meta.partition} offset={meta.offset}")
 producer.close()
-consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=2000)
+consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=2000,
+                         **auth("keplerlog-consumer"))
 tps = [TopicPartition(topic, p) for p in range(partitions)]
 consumer.assign(tps)
 consumer.seek_to_beginning()
@@ -62,17 +68,26 @@ def test_topic_layout_and_configs(host):
     assert len(replica_sets) == 4 and all(len(r.split(",")) == 2 for r in replica_sets), out
 
 
+def client_env():
+    return {
+        "CA": CA,
+        "KEPLERLOG_AGENT": secret("keplerlog-agent"),
+        "KEPLERLOG_CONSUMER": secret("keplerlog-consumer"),
+    }
+
+
 def test_produce_on_one_node_consume_on_another(host, nodes):
     token = f"hello-{uuid.uuid4().hex}"
     producer = nodes["kl-kafka-1"].run(
         f"echo {token} | KAFKA_HEAP_OPTS=-Xmx128m /usr/local/bin/kafka-class org.apache.kafka.tools.ConsoleProducer "
-        f"--bootstrap-server kl-kafka-1:9092 --topic {TOPIC} --producer-property acks=all"
+        f"--bootstrap-server kl-kafka-1:9094 --topic {TOPIC} --producer-property acks=all "
+        f"--command-config /etc/kafka/admin-client.properties"
     )
     assert producer.rc == 0, producer.stderr
     consumer = kafka_tool(
         nodes["kl-kafka-2"],
         "org.apache.kafka.tools.consumer.ConsoleConsumer",
-        f"--bootstrap-server kl-kafka-2:9092 --topic {TOPIC} --from-beginning "
+        f"--bootstrap-server kl-kafka-2:9094 --topic {TOPIC} --from-beginning "
         f"--timeout-ms 30000 --max-messages 100000",
         check=False,
     )
@@ -112,6 +127,7 @@ def test_every_partition_served_with_one_broker_down(host, nodes):
     victim = next(n for n in NODES[::-1] if int(n.rsplit("-", 1)[1]) in before.values())
     down = nodes[victim]
     bootstrap = ",".join(f"{n}:9092" for n in NODES if n != victim)
+    assert bootstrap != CLIENT_BOOTSTRAP
     down.run("systemctl stop kafka")
     try:
         assert not down.service("kafka").is_running
@@ -121,7 +137,7 @@ def test_every_partition_served_with_one_broker_down(host, nodes):
             assert time.monotonic() < deadline, f"leaders still on {victim}: {now}"
             time.sleep(2)
         token = f"degraded-{uuid.uuid4().hex}"
-        result = run_python(host, PRODUCE_CONSUME, bootstrap, TOPIC, token, "4")
+        result = run_python(host, PRODUCE_CONSUME, bootstrap, TOPIC, token, "4", env=client_env())
         assert result.rc == 0, f"{result.stdout}\n{result.stderr}"
         assert result.stdout.count("consumed partition=") == 4, result.stdout
     finally:

@@ -17,8 +17,20 @@ def test_service_running_and_enabled(host):
 
 
 def test_listeners(host):
-    assert host.socket("tcp://0.0.0.0:9092").is_listening
-    assert host.socket("tcp://0.0.0.0:9093").is_listening
+    assert host.socket("tcp://0.0.0.0:9092").is_listening  # clients: SASL_SSL
+    assert host.socket("tcp://0.0.0.0:9093").is_listening  # KRaft controller: TLS
+    assert host.socket("tcp://0.0.0.0:9094").is_listening  # inter-broker: TLS
+
+
+def test_tls_files_are_not_world_readable(host):
+    for name in ("node.key", "keystore.pem"):
+        f = host.file(f"/etc/kafka/tls/{name}")
+        assert f.exists and f.user == "root" and f.group == "kafka", name
+        assert f.mode & 0o007 == 0, f"{name} mode {f.mode:o}"
+    assert host.file("/etc/kafka/server.properties").mode & 0o007 == 0
+    assert host.file("/etc/kafka/tls").mode & 0o007 == 0
+    # the node's key is PKCS#8 (what Kafka's PEM key store reads) and was made on the node
+    assert host.file("/etc/kafka/tls/node.key").content_string.startswith("-----BEGIN PRIVATE KEY-----")
 
 
 def test_storage_formatted_once_with_node_id(host):

@@ -36,23 +36,13 @@ options:
     description: Topic-level configs, e.g. C(retention.ms). Values are sent as strings; booleans as C(true)/C(false).
     type: dict
     default: {}
-  bootstrap_servers:
-    description: Brokers, C(host:port).
-    type: list
-    elements: str
-    required: true
-  client_id:
-    description: Kafka client id.
-    type: str
-    default: ansible-kafka-topic
-  request_timeout_ms:
-    description: Admin request timeout.
-    type: int
-    default: 30000
-  wait_timeout:
-    description: Seconds to wait for the cluster to answer and for enough brokers to host the replicas.
-    type: int
-    default: 120
+notes:
+  - "Connection options (shared by kafka_topic, kafka_acl and kafka_scram_user, see
+    module_utils/kafka_connection.py): bootstrap_servers (list, required), security_protocol
+    (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL), ssl_cafile, ssl_certfile, ssl_keyfile,
+    ssl_check_hostname, sasl_mechanism, sasl_username, sasl_password, client_id,
+    request_timeout_ms, wait_timeout (seconds to wait for the cluster to answer and, here, for
+    enough brokers to host the replicas)."
 requirements:
   - kafka-python >= 3.0 (speaks to Kafka 4)
 """
@@ -94,10 +84,11 @@ import time
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.kafka_connection import CONNECTION_ARGS, connect_admin
 
 KAFKA_IMPORT_ERROR = None
 try:
-    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
     from kafka.errors import KafkaError
 except ImportError:
     KAFKA_IMPORT_ERROR = traceback.format_exc()
@@ -109,22 +100,6 @@ def to_config_string(value):
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def connect(module, servers, deadline):
-    last = None
-    while True:
-        try:
-            return KafkaAdminClient(
-                bootstrap_servers=servers,
-                client_id=module.params["client_id"],
-                request_timeout_ms=module.params["request_timeout_ms"],
-            )
-        except (KafkaError, OSError) as exc:
-            last = exc
-        if time.monotonic() >= deadline:
-            module.fail_json(msg="Cannot connect to Kafka at %s: %s" % (",".join(servers), last))
-        time.sleep(2)
 
 
 def describe(admin, name):
@@ -174,10 +149,7 @@ def main():
             partitions=dict(type="int"),
             replication_factor=dict(type="int"),
             configs=dict(type="dict", default={}),
-            bootstrap_servers=dict(type="list", elements="str", required=True),
-            client_id=dict(type="str", default="ansible-kafka-topic"),
-            request_timeout_ms=dict(type="int", default=30000),
-            wait_timeout=dict(type="int", default=120),
+            **CONNECTION_ARGS,
         ),
         supports_check_mode=True,
     )
@@ -195,7 +167,7 @@ def main():
         module.fail_json(msg="replication_factor must be >= 1")
 
     deadline = time.monotonic() + p["wait_timeout"]
-    admin = connect(module, p["bootstrap_servers"], deadline)
+    admin = connect_admin(module, deadline)
     result = dict(changed=False, topic=name, actions=[])
     diff = dict(before={}, after={})
     try:
