@@ -1,7 +1,9 @@
 """Verify the kepler-log consumer and retention roles on the consumer host."""
 
+import base64
 import datetime
 import json
+import os
 import shlex
 import time
 import uuid
@@ -13,6 +15,7 @@ CONFIG = "/etc/keplerlog/consumer.yml"
 ROOT = "/srv/keplerlog"
 USER = "keplerlog"
 CRON_FILE = "/etc/cron.d/keplerlog-retention"
+PASSWORD_FILE = "/etc/keplerlog/kafka.password"
 PRUNE_CMD = f"{VENV}/bin/keplerlog-prune --config {CONFIG} --days 30 --compress-after 7 --compression gzip"
 
 PRODUCER = r"""
@@ -21,7 +24,10 @@ from kafka import KafkaProducer
 from keplerlog.record import Batch
 
 spec = json.load(sys.stdin)
-producer = KafkaProducer(bootstrap_servers=spec["bootstrap"], acks="all", retries=5)
+# as the agents do: SASL_SSL with their SCRAM user (the consumer's user may not produce)
+producer = KafkaProducer(bootstrap_servers=spec["bootstrap"], acks="all", retries=5,
+                         security_protocol="SASL_SSL", ssl_cafile=spec["cafile"], sasl_mechanism="SCRAM-SHA-512",
+                         sasl_plain_username="keplerlog-agent", sasl_plain_password=spec["password"])
 for rec in spec["records"]:
     batch = Batch(service=rec["service"], module=rec["module"], host="kl-test", path=rec["path"],
                   file_id=rec["file"], offset=rec["offset"], lines=rec["value"].count("\n"),
@@ -93,6 +99,13 @@ def test_config(host):
             "bootstrap_servers": "kl-consumer-kafka:9092",
             "topic": "keplerlog",
             "group_id": "keplerlog-consumer",
+            "security": {
+                "protocol": "sasl_ssl",
+                "cafile": "/etc/keplerlog/kafka-ca.crt",
+                "sasl_mechanism": "scram-sha-512",
+                "username": "keplerlog-consumer",
+                "password_file": PASSWORD_FILE,
+            },
         },
         "root": ROOT,
         "layout": "{service}/{module}.{day}",
@@ -100,6 +113,25 @@ def test_config(host):
         "max_open_files": 256,
         "metrics": {"port": 9310},
     }
+
+
+def secret(name):
+    """A password the scenario generated on the controller (molecule.yml, password lookup)."""
+    with open(os.path.join(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"], "secrets", name)) as f:
+        return f.read().split()[0]
+
+
+def test_password_file_is_the_service_accounts_alone(host):
+    f = host.file(PASSWORD_FILE)
+    assert f.user == USER and f.mode == 0o600
+    assert f.content_string.strip() == secret("keplerlog-consumer")
+    # the password is nowhere else: not in the config, not in the unit, not in ps
+    assert secret("keplerlog-consumer") not in host.file(CONFIG).content_string
+    assert (
+        secret("keplerlog-consumer")
+        not in host.file("/etc/systemd/system/keplerlog-consumer.service").content_string
+    )
+    assert secret("keplerlog-consumer") not in host.run("ps -eo args").stdout
 
 
 def test_unit_hardening(host):
@@ -135,10 +167,17 @@ def test_records_land_in_day_files(host):
     records = _records(service)
     ts_ms = int(time.time() * 1000)
     day = datetime.datetime.fromtimestamp(ts_ms / 1000, datetime.UTC).strftime("%Y%m%d")
-    spec = {"bootstrap": "kl-consumer-kafka:9092", "topic": "keplerlog", "ts_ms": ts_ms, "records": records}
-    out = host.run(
-        f"printf '%s' {shlex.quote(json.dumps(spec))} | {VENV}/bin/python -c {shlex.quote(PRODUCER)}"
-    )
+    spec = {
+        "bootstrap": "kl-consumer-kafka:9092",
+        "topic": "keplerlog",
+        "ts_ms": ts_ms,
+        "records": records,
+        "cafile": "/etc/keplerlog/kafka-ca.crt",
+        "password": secret("keplerlog-agent"),
+    }
+    # the spec (with the agents' password) goes through a pipe, base64 in the shell's own echo
+    encoded = base64.b64encode(json.dumps(spec).encode()).decode()
+    out = host.run(f"echo {encoded} | base64 -d | {VENV}/bin/python -c {shlex.quote(PRODUCER)}")
     assert out.rc == 0, out.stderr
 
     expected = {}
