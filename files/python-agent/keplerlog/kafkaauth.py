@@ -13,6 +13,7 @@ shows it.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
@@ -75,7 +76,11 @@ class KafkaSecurity:
 
 def _readable_file(value: Any, where: str) -> str:
     path = string(value, where)
-    if not os.path.isfile(path):
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:  # missing, or a directory on the way closed to this user
+        raise ConfigError(f"{where}: {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
         raise ConfigError(f"{where}: {path}: not a file")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{where}: {path}: not readable by this user")
@@ -141,3 +146,62 @@ def parse_security(raw: Any, where: str = "kafka.security") -> KafkaSecurity:
         username=username,
         password=password,
     )
+
+
+class ConnectionProblems(logging.Handler):
+    """Remembers why kafka-python's last connection attempt failed.
+
+    kafka-python 3 reports a refused login, an unknown CA or a wrong host name only in its own
+    log; what the caller catches is a bare "Unable to bootstrap" timeout. Attached to the
+    `kafka` logger (whatever its level for output), this keeps the last reason so that the
+    agent and the consumer can say what is wrong instead of "not reachable".
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep the reason of a lost or failed connection (the rest is not ours to judge)."""
+        message = record.getMessage()
+        if "Connection lost" in message or "Connection failed" in message:
+            cause = message.split(": ", 1)[-1][:500]
+            # a broker drops the connections that follow a refused login ("socket disconnected"):
+            # such a generic cause does not replace the specific one it follows
+            if not (self.last and _specific(self.last) and not _specific(cause)):
+                self.last = cause
+
+    def explain(self, exc: BaseException) -> str:
+        """Put the failure in words an operator can act on, with the raw cause."""
+        cause = self.last or f"{type(exc).__name__}: {exc}"
+        if "Authentication failed" in cause or "SaslAuthenticationFailed" in cause:
+            return f"login refused: wrong user name or password (check kafka.security) [{cause}]"
+        if "CERTIFICATE_VERIFY_FAILED" in cause and "hostname" in cause.lower():
+            return f"the broker's certificate does not name the host in bootstrap_servers [{cause}]"
+        if "CERTIFICATE_VERIFY_FAILED" in cause:
+            return f"the broker's certificate is not signed by kafka.security.cafile's CA [{cause}]"
+        return f"not reachable [{cause}]"
+
+
+def _specific(cause: str) -> bool:
+    return "Authentication" in cause or "CERTIFICATE_VERIFY_FAILED" in cause
+
+
+def watch_connection_problems(quiet: bool = False) -> ConnectionProblems:
+    """Attach (once per process) and return the handler that keeps the last connection problem.
+
+    The `kafka` logger must pass WARNING records for the handler to see them. `quiet` keeps
+    them out of the process's own log (the agent, whose outage handling logs its own summary):
+    the logger then stops propagating and this handler is its only one.
+    """
+    logger = logging.getLogger("kafka")
+    handler = next((h for h in logger.handlers if isinstance(h, ConnectionProblems)), None)
+    if handler is None:
+        handler = ConnectionProblems()
+        logger.addHandler(handler)
+    if quiet:
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+    elif logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    return handler

@@ -75,7 +75,8 @@ def test_a_symlinked_or_empty_password_file_is_refused(secret, tmp_path):
         ({"protocol": "sasl_ssl", "username": "agent"}, "password_file: required"),
         ({"protocol": "plaintext", "cafile": "/etc/hostname"}, "need protocol ssl"),
         ({"protocol": "ssl", "username": "x"}, "need protocol sasl_ssl"),
-        ({"protocol": "ssl", "cafile": "/nonexistent/ca.pem"}, "not a file"),
+        ({"protocol": "ssl", "cafile": "/nonexistent/ca.pem"}, "No such file or directory"),
+        ({"protocol": "ssl", "cafile": "/etc"}, "not a file"),
         ({"protocol": "ssl", "certfile": "/etc/hostname"}, "go together"),
         ({"protocol": "ssl", "password": "inline"}, "unknown key"),
     ],
@@ -102,3 +103,55 @@ def test_agent_and_consumer_read_the_same_section(secret, ca, tmp_path):
     )
     assert agent.kafka.security == consumer.security
     assert agent.kafka.security.client_kwargs()["sasl_plain_password"] == "s3cret-pw"
+
+
+@pytest.mark.parametrize(
+    ("logged", "says"),
+    [
+        (
+            "Connection lost: [Error 58] SaslAuthenticationFailedError: Authentication failed during "
+            "authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512",
+            "login refused: wrong user name or password",
+        ),
+        (
+            "Connection lost: KafkaConnectionError: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] "
+            "certificate verify failed: unable to get local issuer certificate (_ssl.c:1006)",
+            "not signed by kafka.security.cafile's CA",
+        ),
+        (
+            "Connection lost: KafkaConnectionError: Handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] "
+            "certificate verify failed: Hostname mismatch, certificate is not valid for 'localhost'.",
+            "does not name the host",
+        ),
+        ("Connection failed: KafkaConnectionError: 111 ECONNREFUSED", "not reachable"),
+    ],
+)
+def test_a_failed_connection_is_explained_from_kafka_pythons_log(logged, says):
+    """kafka-python raises only "Unable to bootstrap"; the reason is in its log, at any depth."""
+    import logging
+
+    from keplerlog.kafkaauth import watch_connection_problems
+
+    problems = watch_connection_problems()
+    assert watch_connection_problems() is problems  # once per process
+    problems.last = None
+    logging.getLogger("kafka.net.connection").error("<KafkaConnection node_id=bootstrap-0>: %s", logged)
+    text = problems.explain(TimeoutError("Unable to bootstrap from localhost:9092"))
+    assert says in text, text
+    assert logged.split(": ", 1)[1][:60] in text  # the raw cause is kept
+
+
+def test_a_refused_login_is_not_hidden_by_the_disconnects_that_follow():
+    import logging
+
+    from keplerlog.kafkaauth import watch_connection_problems
+
+    problems = watch_connection_problems()
+    problems.last = None
+    logger = logging.getLogger("kafka.net.connection")
+    logger.error("<c>: Connection lost: [Error 58] SaslAuthenticationFailedError: Authentication failed")
+    logger.error("<c>: Connection lost: KafkaConnectionError: socket disconnected")
+    assert "login refused" in problems.explain(TimeoutError("Unable to bootstrap"))
+    problems.last = None
+    logger.error("<c>: Connection lost: KafkaConnectionError: socket disconnected")
+    assert problems.explain(TimeoutError("x")).startswith("not reachable")

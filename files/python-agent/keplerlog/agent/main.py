@@ -52,6 +52,7 @@ FINGERPRINT_CHECK_S = 1.0
 RESCAN_WATCHED_S = 10.0
 FINGERPRINT_SWEEP_WATCHED_S = 10.0
 SEND_BACKOFF_S = 1.0
+RENEW_BACKOFF_MAX_S = 30.0
 FD_RESERVE = 64  # descriptors left to Kafka's sockets, the state file, inotify and metrics
 NO_FDS = (errno.EMFILE, errno.ENFILE)
 
@@ -109,6 +110,8 @@ class Agent:
         self._next_fp_check = 0.0
         self._last_read = 0.0
         self._send_backoff_until = 0.0
+        self._next_connect = 0.0
+        self._renew_backoff = SEND_BACKOFF_S
         self._warned: set[str] = set()
         self._metrics: MetricsServer | None = None
 
@@ -144,6 +147,9 @@ class Agent:
 
     def _step(self) -> None:
         mono, wall = time.monotonic(), time.time()
+        # a producer renewed while no broker answered (rare): try again every few seconds
+        if not self.sender.connected and mono >= self._next_connect and not self.sender.connect():
+            self._next_connect = time.monotonic() + 2 * SEND_BACKOFF_S
         self._results()
         if mono >= self._next_scan:
             self._scan(mono)
@@ -194,6 +200,8 @@ class Agent:
                 deadlines.append(d)
             if f.detached:
                 deadlines.append(f.last_growth + self.cfg.limits.close_inactive_s)
+            if f.rewrite_due is not None and f.rewrite_due > mono:
+                deadlines.append(f.rewrite_due)  # a look then confirms a same-bytes rewrite
         return max(0.0, min(deadlines) - mono)
 
     def _shutdown(self) -> None:
@@ -536,12 +544,18 @@ class Agent:
                 norm, directory = self._norm_dir(f.path)
                 if norm in dirty:
                     named.add(norm)
-                elif not sweep and f.at_eof and not f.detached and self.watcher.watches(directory):
+                elif (
+                    not sweep
+                    and f.at_eof
+                    and not f.detached
+                    and f.rewrite_due is None
+                    and self.watcher.watches(directory)
+                ):
                     continue  # read to its end and inotify reported no write since
                 try:
-                    grew = f.refresh(mono)
-                    # Check the fingerprint before reading bytes that may belong to a new file.
-                    if f.truncated(check_fp or grew):
+                    changed = f.refresh(mono)
+                    # Check the content before reading bytes that may belong to a new file.
+                    if f.truncated(check_fp or changed):
                         if self._truncated(f, mono):
                             progress = True  # the rotated copy's rest is read in the next pass
                         held = self._held()
@@ -695,10 +709,32 @@ class Agent:
                 self.counters.bytes_acked += size
                 stream.acks.ack(offset, offset + size)
                 self._acked_unsaved = True
+                self._renew_backoff = SEND_BACKOFF_S
             else:
                 self.counters.send_errors += 1
                 log.warning("%s: record at offset %d failed: %s", f.path, offset, outcome.error)
                 self._failed(f, stream, offset, size)
+                if self.sender.broken:
+                    self._renew_producer(outcome.error)
+
+    def _renew_producer(self, error: BaseException) -> None:
+        """Replace a producer that failed for good (sender.py); its records are re-sent.
+
+        Sending again at once would turn a record the broker keeps refusing into a loop of new
+        producers and connections: the sends wait first, twice as long each time (up to
+        RENEW_BACKOFF_MAX_S) until a record is acknowledged again.
+        """
+        self.counters.producer_renewals += 1
+        log.warning(
+            "the Kafka producer stopped for good after %s; replacing it and re-sending every "
+            "record not acknowledged in %.0f s",
+            error,
+            self._renew_backoff,
+        )
+        if not self.sender.renew():
+            self._next_connect = time.monotonic() + self._renew_backoff
+        self._send_backoff_until = time.monotonic() + self._renew_backoff
+        self._renew_backoff = min(RENEW_BACKOFF_MAX_S, 2 * self._renew_backoff)
 
     def _failed(self, f: TailedFile, stream: Stream, offset: int, size: int) -> None:
         """Re-read from a failed record's offset (from the rotated copy after a truncation)."""
@@ -793,8 +829,8 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.log_level != "DEBUG":
-        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    if args.log_level == "DEBUG":
+        logging.getLogger("kafka").setLevel(logging.DEBUG)  # else: sender.py keeps it quiet
     try:
         cfg = load(args.config)
         _check_state_dir(cfg)

@@ -40,6 +40,7 @@ class Counters:
     checkpoints: int = 0
     lost_bytes: int = 0
     fd_exhausted: int = 0
+    producer_renewals: int = 0
 
 
 _HELP = {
@@ -62,6 +63,7 @@ _HELP = {
     "fd_exhausted": "Opens or rescans refused for want of file descriptors (EMFILE/ENFILE).",
     "checkpoints": "State file writes.",
     "lost_bytes": "Bytes that failed to send after their file was truncated (cannot be re-read).",
+    "producer_renewals": "Kafka producers replaced after failing for good (kafka-python's fatal state).",
 }
 
 

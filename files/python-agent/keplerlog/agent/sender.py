@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keplerlog.agent.config import AgentConfig
+from keplerlog.kafkaauth import watch_connection_problems
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,15 @@ def batch_size(max_record_bytes: int) -> int:
 # complete in order once Kafka is back. Only non-retriable errors still fail a record.
 DELIVERY_TIMEOUT_MS = 2**31 - 1
 
+# What a failed record does to kafka-python's (3.0) idempotent producer depends on the error:
+# retriable ones are retried for ever (above); OutOfOrderSequenceNumber, UnknownProducerId and
+# InvalidProducerEpoch make it take a new producer id / epoch and fail the batches in flight,
+# which the agent re-reads and sends again; every other non-retriable error (a record over the
+# topic's max.message.bytes, TopicAuthorization on a rebuilt cluster whose ACLs are not back
+# yet, ...) puts it in a FATAL state for good: every later batch is failed with that error, even
+# once the cause is gone. Only a new producer ships again, so the agent replaces one in that
+# state (`broken`, `renew`).
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -59,11 +69,37 @@ class Sender:
         self.results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self._wake = wake
         self._producer: Any = None
+        # kafka-python's own log stays out of the agent's (quiet), but its connection errors
+        # are kept to explain a failed connect
+        self._problems = watch_connection_problems(quiet=logging.getLogger("kafka").level != logging.DEBUG)
 
     @property
     def connected(self) -> bool:
         """True once a producer exists."""
         return self._producer is not None
+
+    @property
+    def broken(self) -> bool:
+        """True when the producer is in kafka-python's fatal state: it will never deliver again."""
+        manager = getattr(self._producer, "_transaction_manager", None)
+        return manager is not None and bool(manager.has_fatal_error())
+
+    def renew(self) -> bool:
+        """Replace the producer by a new one (new connections, new producer id); False if none.
+
+        The old one is closed first: its unfinished records fail (their outcomes still arrive on
+        `results`), so the caller re-reads them from the file and sends them to the new one.
+        """
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=1)
+            except Exception as exc:
+                # close() flushes first and gives up when that times out, leaving the I/O thread
+                # running: stop it the hard way (its records fail, which is what is wanted here)
+                log.debug("producer close: %s", exc)
+                producer._sender.force_close()
+        return self.connect()
 
     def connect(self, bootstrap_timeout_ms: int = 5000) -> bool:
         """Create the producer; False (logged) while no broker answers."""
@@ -92,7 +128,8 @@ class Sender:
                 metrics_enabled=False,
             )
         except Exception as exc:  # kafka-python raises several unrelated types here
-            log.warning("Kafka not reachable at %s: %s", k.bootstrap_servers, exc)
+            # a refused login or an unknown CA shows only in kafka-python's log: say which
+            log.warning("Kafka at %s: %s", k.bootstrap_servers, self._problems.explain(exc))
             self._producer = None
             return False
         log.info("connected to Kafka at %s", k.bootstrap_servers)

@@ -6,11 +6,11 @@ is read to its end and closed only when everything read from it was acknowledged
 send can then still be re-read) and it has been quiet for `close_inactive_s` (a writer that
 has not reopened its log yet may still append to the renamed file).
 
-Truncation (copytruncate, `> file`) is detected when the size drops below the read offset or,
-when the file has meanwhile grown back past it, when the fingerprint of its first bytes no
-longer matches. The file then gets a new identity (new `kl.file`) and is read from 0. What the
-old identity had not read yet (or not yet seen acknowledged) is finished from the rotated copy
-when one is found (`find_rotated_copy`, `split_off`).
+Truncation (copytruncate, `> file`) is detected when the size drops below what was read or,
+when the file has meanwhile been rewritten up to or past it, by its content and mtime (see
+`TailedFile.truncated`). The file then gets a new identity (new `kl.file`) and is read from 0.
+What the old identity had not read yet (or not yet seen acknowledged) is finished from the
+rotated copy when one is found (`find_rotated_copy`, `split_off`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,15 @@ from keplerlog.agent.identity import (
 )
 
 READ_CHUNK = 256 * 1024
+# The bytes just before the end of what was read are kept and compared with the file when it
+# changed: a rewrite that keeps the first FINGERPRINT_BYTES (a banner, a CSV header) almost never
+# also puts the same TAIL_BYTES at the same offset, while log lines a few hundred bytes long
+# differ in their timestamps. 256 bytes cover one or two lines; one pread per changed file.
+TAIL_BYTES = 256
+# A small file modified without growing is taken as rewritten with the same bytes only once its
+# size has stayed put this long: an append updates mtime before it extends the size, so a look
+# in between sees exactly "mtime moved, size did not" for a few microseconds.
+REWRITE_CONFIRM_S = 1.0
 ROTATED_SEPARATORS = ".-_"
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".bz2", ".xz", ".lz4")
 
@@ -134,6 +143,13 @@ class TailedFile:
     finishing: bool = False
     truncations: int = 0
     prefix: bytes = field(default=b"", repr=False)
+    # The last TAIL_BYTES bytes before `tail_end`, the furthest offset read from this identity
+    # (a rewind after a failed send moves the read offset back, not what was already seen).
+    tail: bytes = field(default=b"", repr=False)
+    tail_end: int = 0
+    mtime_ns: int = 0
+    looked: float = 0.0  # monotonic time of the last refresh
+    rewrite_due: float | None = None  # see `refresh`
 
     @classmethod
     def open(
@@ -168,6 +184,10 @@ class TailedFile:
             size=st.st_size,
             last_growth=mono,
             prefix=prefix,
+            tail=_tail_before(fd, offset),
+            tail_end=offset,
+            mtime_ns=st.st_mtime_ns,
+            looked=mono,
         )
 
     # -- reading -----------------------------------------------------------------------------
@@ -183,23 +203,61 @@ class TailedFile:
         return self.read_offset >= self.size
 
     def refresh(self, mono: float) -> bool:
-        """Re-stat the open descriptor (size, link count); return True if the size changed."""
+        """Re-stat the open descriptor (size, mtime, link count); True if size or mtime changed.
+
+        mtime, not ctime: chmod, chown and renames (logrotate's `create`) change ctime, not the
+        content. A file read to its end, at most FINGERPRINT_BYTES long, whose mtime moved while
+        its size did not, may have been rewritten with the very same bytes (`> app.log` and the
+        same output again): no content check can tell, so it is scheduled as rewritten at
+        `rewrite_due` unless it grows first (then it was an append caught half-way).
+        """
         st = os.fstat(self.fd)
-        changed = st.st_size != self.size
-        if changed:
+        grew = st.st_size != self.size
+        changed = grew or st.st_mtime_ns != self.mtime_ns
+        if grew:
             self.last_growth = mono
             self.prev_size = self.size
+            self.rewrite_due = None
+        elif (
+            changed
+            and self.rewrite_due is None
+            and not self.detached
+            and 0 < self.read_offset == st.st_size <= FINGERPRINT_BYTES
+        ):
+            self.rewrite_due = mono + REWRITE_CONFIRM_S
         self.size = st.st_size
+        self.mtime_ns = st.st_mtime_ns
+        self.looked = mono
         if st.st_nlink == 0:
             self.detached = True
         return changed
 
     def truncated(self, check_fingerprint: bool) -> bool:
-        """Tell whether the file was truncated under us (size or fingerprint check)."""
-        if self.size < self.read_offset:
+        """Tell whether the file was truncated (and maybe rewritten) since it was read.
+
+        Cheap checks always: the size is below what was read, or a same-bytes rewrite was
+        confirmed (`refresh`). With `check_fingerprint` (the file changed, or the periodic
+        sweep), the content too: the fingerprint of the first bytes, and the TAIL_BYTES before
+        the end of what was read. Each is one pread; the tail catches a rewrite that kept the
+        first FINGERPRINT_BYTES and grew back past the read offset before the agent looked.
+
+        Not detectable, by design of the file system rather than of the agent: a rewrite whose
+        bytes up to the read offset are the ones already read and which already grew past it
+        (any size, mtime and content then look exactly like an append). What the consumer
+        rebuilds is still the file as it is; only the repeated bytes are not shipped again.
+        """
+        if self.size < max(self.read_offset, self.tail_end):
             return True
+        if self.rewrite_due is not None and self.looked >= self.rewrite_due and not self.detached:
+            return True
+        if not check_fingerprint:
+            return False
         fp = self.stream.identity.fingerprint
-        return check_fingerprint and fp.length > 0 and not fp.matches_fd(self.fd)
+        if fp.length > 0 and not fp.matches_fd(self.fd):
+            return True
+        if self.tail_end > fp.length and self.tail:
+            return os.pread(self.fd, len(self.tail), self.tail_end - len(self.tail)) != self.tail
+        return False
 
     def split_off(self, fd: int, st: os.stat_result, settings: AssemblerSettings, mono: float) -> TailedFile:
         """Move the current stream to its rotated copy `fd` (call `restart` next).
@@ -222,6 +280,12 @@ class TailedFile:
             last_growth=mono,
             detached=True,
             prefix=self.prefix,
+            # the copy may end before what was read from the live file (bytes written between
+            # the copy and the truncate): its own bytes at the read offset are its tail
+            tail=_tail_before(fd, self.read_offset),
+            tail_end=self.read_offset,
+            mtime_ns=st.st_mtime_ns,
+            looked=mono,
         )
         self.assembler = _assembler(0, self.inp, settings)
         return copy
@@ -237,10 +301,14 @@ class TailedFile:
         )
         self.assembler = _assembler(0, self.inp, settings)
         self.prefix = b""
+        self.tail = b""
+        self.tail_end = 0
+        self.rewrite_due = None
         self.truncations += 1
         self.finishing = False
         self.size = st.st_size
         self.prev_size = st.st_size
+        self.mtime_ns = st.st_mtime_ns
         return held
 
     def read(self, budget: int, wall: float, mono: float) -> tuple[list[Chunk], int, int]:
@@ -255,6 +323,13 @@ class TailedFile:
         if offset < FINGERPRINT_BYTES and len(self.prefix) == offset:
             self.prefix += data[: FINGERPRINT_BYTES - offset]
             self.stream.identity.fingerprint = Fingerprint(len(self.prefix), fingerprint_of(self.prefix))
+        end = offset + len(data)
+        if end > self.tail_end:  # offset <= tail_end: bytes before tail_end were read already
+            if end - self.tail_end >= TAIL_BYTES:
+                self.tail = data[-TAIL_BYTES:]
+            else:
+                self.tail = (self.tail + data[self.tail_end - offset :])[-TAIL_BYTES:]
+            self.tail_end = end
         return self.assembler.feed(data, wall, mono), len(data), data.count(b"\n")
 
     def rewind(self, offset: int) -> None:
@@ -281,6 +356,12 @@ class TailedFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _tail_before(fd: int, offset: int) -> bytes:
+    """Read the (up to) TAIL_BYTES bytes of an open file just before `offset`."""
+    start = max(0, offset - TAIL_BYTES)
+    return os.pread(fd, offset - start, start) if offset > start else b""
 
 
 def _assembler(offset: int, inp: InputConfig, settings: AssemblerSettings) -> Assembler:

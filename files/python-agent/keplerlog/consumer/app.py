@@ -27,6 +27,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from keplerlog.kafkaauth import watch_connection_problems
 from keplerlog.paths import PathGuard
 
 from . import headerfix, netfix
@@ -38,6 +39,8 @@ from .route import Router, TsWindow
 from .sink import Sink
 
 log = logging.getLogger(__name__)
+
+CONNECT_BACKOFF_S = (5.0, 60.0)  # first and longest wait between two attempts to reach Kafka
 
 MAX_BACKOFF_S = 30.0
 
@@ -155,6 +158,30 @@ class ConsumerApp:
             **c.security.client_kwargs(),
         )
 
+    def _connect(self) -> KafkaConsumer | None:
+        """Make the Kafka consumer, retrying until it connects or the app is stopped (then None).
+
+        A wrong password or CA is not fixed by restarting the process: instead of exiting into a
+        systemd restart loop, wait (5 s, doubling to 60 s: no hammering of the brokers) and say
+        why in words, since kafka-python itself only raises "Unable to bootstrap".
+        """
+        problems = watch_connection_problems()
+        wait = CONNECT_BACKOFF_S[0]
+        while not self._stop.is_set():
+            try:
+                return self._make_consumer()
+            except KafkaError as exc:
+                log.warning(
+                    "Kafka at %s: %s; next try in %.0f s",
+                    self.config.bootstrap_servers,
+                    problems.explain(exc),
+                    wait,
+                )
+                self.metrics.inc("connect_failures")
+            self._stop.wait(wait)
+            wait = min(CONNECT_BACKOFF_S[1], 2 * wait)
+        return None
+
     def run(self, consumer: KafkaConsumer | None = None) -> None:
         """Consume until stopped; returns after a clean shutdown."""
         recovered = self.journal.recover()
@@ -165,7 +192,14 @@ class ConsumerApp:
             if self.config.metrics_port > 0
             else None
         )
-        self.consumer = consumer or self._make_consumer()
+        self.consumer = consumer or self._connect()
+        if self.consumer is None:  # stopped before Kafka answered: nothing was read
+            self._writer.shutdown(wait=True)
+            self.files.close_all()
+            self.journal.close()
+            if server is not None:
+                server.shutdown()
+            return
         self.consumer.subscribe([self.config.topic], listener=_Listener(self))
         try:
             while not self._stop.is_set():

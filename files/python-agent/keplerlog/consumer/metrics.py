@@ -41,6 +41,7 @@ COUNTERS = {
     "disk_full": "Batches rolled back because of ENOSPC/EDQUOT",
     "batches": "Batches made durable",
     "commit_failures": "Kafka offset commits that failed (the state file is authoritative)",
+    "connect_failures": "Attempts to reach Kafka that failed at start (the log says why)",
     "recovered_intents": "Write-ahead intents of dead consumers completed or undone",
 }
 

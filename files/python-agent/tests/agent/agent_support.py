@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -171,6 +172,17 @@ class TopicReader:
         self.consumer.close()
 
 
+def metrics(port: int) -> dict[str, float]:
+    """The agent's metrics by name; a per-file one by its name and labels (`name{path=...}`)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def append(path: Path, data: bytes) -> None:
     with path.open("ab") as fh:
         fh.write(data)
@@ -191,6 +203,7 @@ class FakeSender:
         self.results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self.sent: list[tuple[bytes, tuple]] = []
         self.connected = False
+        self.broken = False
         self._wake = wake
         self._auto = auto_ack
 

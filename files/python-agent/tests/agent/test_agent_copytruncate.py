@@ -102,6 +102,7 @@ class FakeSender:
     """Stands in for Sender: records what is sent; the test decides each record's outcome."""
 
     connected = True
+    broken = False
 
     def __init__(self) -> None:
         self.results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
