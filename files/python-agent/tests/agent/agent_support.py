@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -246,3 +247,20 @@ def in_process(
     sender = FakeSender(agent.waker.wake, auto_ack=auto_ack)
     agent.sender = sender  # type: ignore[assignment]
     return agent, sender
+
+
+class LiveWriter(threading.Thread):
+    """The application: 200 lines/s (20 every 100 ms) into one file until `done` is set."""
+
+    def __init__(self, path: Path, width: int = 100) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.width = width
+        self.done = threading.Event()
+        self.n = 0
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            append(self.path, lines("live", 20, self.n, width=self.width))
+            self.n += 20
+            time.sleep(0.1)

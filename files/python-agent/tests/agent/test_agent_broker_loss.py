@@ -25,12 +25,11 @@ application writing 200 lines/s for the whole test. The agent is never restarted
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from agent_support import AgentProcess, TopicReader, append, lines, metrics, write_config
+from agent_support import AgentProcess, LiveWriter, TopicReader, metrics, write_config
 
 from keplerlog.record import Batch
 from keplerlog.testing.kafka_node import KafkaCluster, free_port
@@ -40,22 +39,6 @@ pytestmark = pytest.mark.kafka
 TOPIC = "lossy"
 RESUME_S = 10
 WIDTH = 100
-
-
-class Writer(threading.Thread):
-    """The application: 20 lines every 100 ms into one file for as long as the test runs."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(daemon=True)
-        self.path = path
-        self.done = threading.Event()
-        self.n = 0
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            append(self.path, lines("live", 20, self.n, width=WIDTH))
-            self.n += 20
-            time.sleep(0.1)
 
 
 def _acked(port: int) -> float:
@@ -111,7 +94,7 @@ def setup(tmp_path):
         kafka={"compression": "none"},  # records as large as they are (see refused-until-fixed)
     )
     agent = AgentProcess(cfg, tmp_path / "agent.out")
-    writer = Writer(log)
+    writer = LiveWriter(log, width=WIDTH)
     try:
         cluster.create_topic(TOPIC, partitions=4, replication=1)
         agent.start()

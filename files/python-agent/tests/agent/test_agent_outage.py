@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from agent_support import AgentProcess, TopicReader, append, lines, write_config
+from agent_support import AgentProcess, LiveWriter, TopicReader, append, lines, write_config
 
 from keplerlog.testing.kafka_node import KafkaCluster, free_port
 
@@ -43,22 +42,6 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
-
-
-class Writer(threading.Thread):
-    """The application: 200 lines/s into app.log for as long as the test runs."""
-
-    def __init__(self, path) -> None:
-        super().__init__(daemon=True)
-        self.path = path
-        self.done = threading.Event()
-        self.n = 0
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            append(self.path, lines("live", 20, self.n, width=100))
-            self.n += 20
-            time.sleep(0.1)
 
 
 def test_kafka_down_longer_than_every_client_timeout(tmp_path):
@@ -87,7 +70,7 @@ def test_kafka_down_longer_than_every_client_timeout(tmp_path):
         agent = AgentProcess(cfg, tmp_path / "agent.out").start()
         assert agent.proc is not None
         pid = agent.proc.pid
-        writer = Writer(log)
+        writer = LiveWriter(log)
         writer.start()
         reader = TopicReader(cluster.bootstrap, "outage")
         reader.wait_for(lambda: bool(reader.records))
