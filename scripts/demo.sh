@@ -93,11 +93,14 @@ show() {
   echo "   duplicates dropped: $(metric keplerlog_consumer_duplicate_records_total)" \
     "  gaps: $(metric keplerlog_consumer_gaps_total)  quarantined: $(metric keplerlog_consumer_quarantined_total)"
   echo "   consumer lag per partition:"
+  # as the node's admin identity: TLS with its certificate to the INTERNAL listener
   docker exec kl-lab-kafka-1 kafka-class org.apache.kafka.tools.consumer.group.ConsumerGroupCommand \
-    --bootstrap-server localhost:9092 --describe --group keplerlog-consumer 2>/dev/null \
+    --bootstrap-server kl-lab-kafka-1:9094 --command-config /etc/kafka/admin-client.properties \
+    --describe --group keplerlog-consumer 2>/dev/null \
     | awk '$1 == "GROUP" || $1 == "keplerlog-consumer" { printf "     %-10s %-10s %-15s %-15s %s\n", $2, $3, $4, $5, $6 }' || true
   echo
-  echo "Kafka: kl-lab-kafka-{1,2,3}:9092   services: ${SERVICES[*]}   down: make demo-down"
+  echo "Kafka: kl-lab-kafka-{1,2,3}:9092 (SASL_SSL, SCRAM; CA .lab/pki/kafka-ca/ca.crt, passwords .lab/secrets)"
+  echo "services: ${SERVICES[*]}   down: make demo-down"
 }
 
 up() {

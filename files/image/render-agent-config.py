@@ -20,6 +20,14 @@ Environment (the agent applies the KEPLERLOG_* overrides of docs/interfaces.md i
   KEPLERLOG_DRAIN_TIMEOUT      supervisord's stop wait for the agent (s); the agent's
                                limits.shutdown_timeout_s is 5 s less, so it checkpoints and
                                exits before supervisord's SIGKILL
+  KEPLERLOG_KAFKA_SECURITY     kafka.security.protocol: plaintext (default) | ssl | sasl_ssl |
+                               sasl_plaintext; the kafka role's secure cluster wants sasl_ssl
+  KEPLERLOG_KAFKA_CAFILE       the cluster CA certificate (default /run/keplerlog/kafka-ca.crt:
+                               entrypoint.sh copies it there from /run/secrets/keplerlog)
+  KEPLERLOG_KAFKA_USERNAME     SCRAM user (default keplerlog-agent)
+  KEPLERLOG_KAFKA_PASSWORD_FILE  its password, a file only the agent's user can read (default
+                               /run/keplerlog/kafka.password: entrypoint.sh copies it there from
+                               the read-only mount /run/secrets/keplerlog/kafka.password)
 Unset tuning keys are left out of the file so that the agent's own defaults apply.
 """
 
@@ -60,6 +68,9 @@ def render() -> dict:
         "compression": env("KEPLERLOG_COMPRESSION", "lz4"),
         "max_record_bytes": 900000,
     }
+    security = render_security()
+    if security:
+        kafka["security"] = security
     limits: dict = {}  # max_line_bytes: the agent's default, as long as one record carries
     # Only when asked: the agent's defaults depend on the mode (linger) and were measured
     # (buffer, RSS), so a copy of them here would go stale.
@@ -82,6 +93,24 @@ def render() -> dict:
             "log_interval_s": 60,
         },
     }
+
+
+def render_security() -> dict:
+    """The `kafka.security` section (keplerlog/kafkaauth.py); empty for plaintext.
+
+    Only file names go into the config: the password stays in its 0600 file, never in the
+    environment, the config or a command line.
+    """
+    protocol = env("KEPLERLOG_KAFKA_SECURITY", "plaintext").lower()
+    if protocol == "plaintext":
+        return {}
+    out: dict = {"protocol": protocol}
+    if protocol in ("ssl", "sasl_ssl"):
+        out["cafile"] = env("KEPLERLOG_KAFKA_CAFILE", "/run/keplerlog/kafka-ca.crt")
+    if protocol in ("sasl_ssl", "sasl_plaintext"):
+        out["username"] = env("KEPLERLOG_KAFKA_USERNAME", "keplerlog-agent")
+        out["password_file"] = env("KEPLERLOG_KAFKA_PASSWORD_FILE", "/run/keplerlog/kafka.password")
+    return out
 
 
 def main() -> int:

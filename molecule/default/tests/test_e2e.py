@@ -107,13 +107,21 @@ print(json.dumps(found if show else counts))
 
 # Consumer lag: end offsets minus what the consumer has made durable (the larger of the group's
 # commit and the partition state file, which is authoritative and ahead after a crash).
-LAG = r"""
+# Run in a consumer container: the consumer's own identity (TLS + SCRAM) from its config.
+AUTH = """
+from keplerlog.consumer.config import load_config
+AUTH = load_config("/etc/keplerlog/consumer.yml").security.client_kwargs()
+"""
+
+LAG = (
+    AUTH
+    + r"""
 import json, sys
 from kafka import KafkaConsumer, TopicPartition
 bootstrap, topic, group, state_dir = sys.argv[1:5]
 # group_id only to read its commits: this consumer never subscribes, so it never joins the group
 consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                         client_id="kl-e2e-lag", request_timeout_ms=5000)
+                         client_id="kl-e2e-lag", request_timeout_ms=5000, **AUTH)
 tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
 end = consumer.end_offsets(tps)
 lag = {}
@@ -128,14 +136,17 @@ for tp in tps:
 consumer.close()
 print(json.dumps({"partitions": len(tps), "lag": sum(lag.values())}))
 """
+)
 
 # Leader of the partition that carries a key (kafka-python's default partitioner: murmur2).
-LEADER = r"""
+LEADER = (
+    AUTH
+    + r"""
 import json, sys
 from kafka import KafkaAdminClient
 from kafka.partitioner.default import murmur2
 bootstrap, topic, key = sys.argv[1:4]
-admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="kl-e2e-leader")
+admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="kl-e2e-leader", **AUTH)
 meta = admin.describe_topics([topic])[0]
 admin.close()
 parts = sorted(meta["partitions"], key=lambda p: p.get("partition", p.get("partition_index")))
@@ -143,6 +154,7 @@ idx = (murmur2(key.encode()) & 0x7FFFFFFF) % len(parts)
 p = parts[idx]
 print(json.dumps({"partition": idx, "leader": p.get("leader", p.get("leader_id"))}))
 """
+)
 
 HTTP_GET = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
 
@@ -392,6 +404,36 @@ for i in range(count):
 
 LATENCY_LIMIT_S = 4.0  # the service requirement: end-to-end delay under 4 s
 LATENCY = {}
+
+
+def test_the_pipeline_speaks_tls_and_scram(dockerc):
+    """Every part of the running pipeline uses the secure cluster, and no password leaks.
+
+    The refusals themselves (plaintext, wrong password, forged certificates, ACLs) are the kafka
+    scenario's tests; here: agents and consumers really run with TLS + SCRAM, the brokers offer
+    no plaintext listener, the password files are their users' alone and nowhere else.
+    """
+    for broker in BROKERS:
+        props = host_of(broker).file("/etc/kafka/server.properties").content_string
+        assert "CLIENT:SASL_SSL" in props and "PLAINTEXT://" not in props, broker
+    for svc in SERVICES:
+        app = host_of(svc.container)
+        config = app.file("/etc/keplerlog/agent.yml").content_string
+        assert "protocol: sasl_ssl" in config and "password_file: /run/keplerlog/kafka.password" in config
+        secret = app.file("/run/keplerlog/kafka.password")
+        assert secret.user == "keplerlog" and secret.mode == 0o600, svc.container
+        password = secret.content_string.strip()
+        assert len(password) >= 16
+        assert password not in config
+        assert password not in app.check_output("ps -eo args")
+        assert password not in json.dumps(dockerc.api.inspect_container(svc.container))
+    for name in CONSUMERS:
+        consumer = host_of(name)
+        config = consumer.file("/etc/keplerlog/consumer.yml").content_string
+        assert "protocol: sasl_ssl" in config
+        secret = consumer.file("/etc/keplerlog/kafka.password")
+        assert secret.user == "keplerlog" and secret.mode == 0o600, name
+        assert secret.content_string.strip() not in consumer.check_output("ps -eo args")
 
 
 def test_latency_from_the_application_write_under_load():

@@ -5,6 +5,7 @@ line the application wrote before the stop is missing in Kafka.
 """
 
 import io
+import os
 import re
 import tarfile
 import threading
@@ -36,9 +37,24 @@ def app():
 
 @pytest.fixture(scope="module")
 def bootstrap(dockerc):
-    """The broker's HOST listener (advertised at its address on kl-image-net): reachable from here."""
+    """The broker's HOST listener (SASL_SSL, advertised at its address on kl-image-net): reachable
+    from here."""
     net = dockerc.containers.get(KAFKA).attrs["NetworkSettings"]["Networks"][NETWORK]
-    return f"{net['IPAddress']}:9094"
+    return f"{net['IPAddress']}:9095"
+
+
+def auth():
+    """The consumers' identity (may read the log topic), from the scenario's generated files."""
+    eph = os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]
+    with open(os.path.join(eph, "secrets", "keplerlog-consumer")) as f:
+        password = f.read().split()[0]
+    return {
+        "security_protocol": "SASL_SSL",
+        "ssl_cafile": os.path.join(eph, "pki", "kafka-ca", "ca.crt"),
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "keplerlog-consumer",
+        "sasl_plain_password": password,
+    }
 
 
 def headers_of(rec):
@@ -53,6 +69,7 @@ def consume(bootstrap, until_end=True, want=1, timeout=60):
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         consumer_timeout_ms=1000,
+        **auth(),
     )
     try:
         deadline = time.monotonic() + timeout
