@@ -92,6 +92,7 @@ class Agent:
         log: Path,
         core: int,
         limits: dict[str, int] | None = None,
+        security: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         state = work / "state"
@@ -100,7 +101,8 @@ class Agent:
             "service": "bench",
             "module": "agent",
             "host": "bench",
-            "kafka": {"bootstrap_servers": bootstrap, "topic": topic},
+            "kafka": {"bootstrap_servers": bootstrap, "topic": topic}
+            | ({"security": security} if security else {}),
             "state_file": str(state / "agent-state.json"),
             "inputs": [{"paths": [str(log)]}],
             "metrics": {"port": self.port, "log_interval_s": 0},
@@ -145,9 +147,17 @@ def bench_throughput(
     n: int,
     core: int,
     max_buffer_bytes: int | None = None,
+    *,
+    topic: str | None = None,
+    bootstrap: str | None = None,
+    security: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Ship a pre-written file of n lines; lines/s from first read to last ack; peak RSS."""
-    topic = f"bench-tput-{max_buffer_bytes or 'default'}"
+    """Ship a pre-written file of n lines; lines/s from first read to last ack; peak RSS.
+
+    `bootstrap` and `security` (a kafka.security section) default to the cluster's plaintext
+    listener (bench_security.py uses the same broker's SASL_SSL one).
+    """
+    topic = topic or f"bench-tput-{max_buffer_bytes or 'default'}"
     cluster.create_topic(topic, partitions=4, replication=replication(cluster))
     log = work / "logs" / "tput.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -157,7 +167,7 @@ def bench_throughput(
             for _ in range(n // 1000):
                 fh.write(block)
     limits = {"max_buffer_bytes": max_buffer_bytes} if max_buffer_bytes else None
-    agent = Agent(work, cluster.bootstrap, topic, log, core, limits)
+    agent = Agent(work, bootstrap or cluster.bootstrap, topic, log, core, limits, security)
     try:
         t_first = None
         deadline = time.monotonic() + 600

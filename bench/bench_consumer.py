@@ -109,12 +109,18 @@ def run_consumer(
     expected: int,
     timeout: float,
     group: str = "bench",
+    security: dict[str, str] | None = None,
 ) -> dict:
-    """Time one consumer process (a fresh group, a fresh root) until all bytes are on disk."""
+    """Time one consumer process (a fresh group, a fresh root) until all bytes are on disk.
+
+    `security`: a kafka.security section (bench_security.py: the same broker over SASL_SSL).
+    """
     root = work / "root"
     shutil.rmtree(root, ignore_errors=True)
     cfg = work / "consumer.yml"
     kafka = {"bootstrap_servers": bootstrap, "topic": topic, "group_id": group}
+    if security:
+        kafka["security"] = security
     cfg.write_text(
         yaml.safe_dump(
             {

@@ -60,6 +60,8 @@ PARTS = [
     ),
     Part("latency", "bench_latency.py", 900, quick=["--duration", "5"]),
     Part("files", "bench_files.py", 1200, quick=["--sizes", "100,1000", "--seconds", "5"]),
+    # TLS + SCRAM against plaintext on the same broker, alternating: the ratio is what matters
+    Part("security", "bench_security.py", 1800, quick=["--lines", "50000", "--mb", "64", "--runs", "1"]),
 ]
 
 
@@ -407,6 +409,37 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
     return out
 
 
+def security_table(part: dict[str, Any]) -> list[str]:
+    """bench_security.py: agent and consumer over SASL_SSL (SCRAM) as a ratio to plaintext."""
+    data = part.get("data")
+    if not isinstance(data, dict) or "agent" not in data:
+        return [f"_security: failed — {part.get('error', '')}_"]
+    rows = []
+    for name, label, d in (
+        ("agent", "keplerlog-agent, lines/s (200 B lines)", 0),
+        ("consumer", "keplerlog-consumer, MB/s", 1),
+    ):
+        r = data.get(name) or {}
+        plain, sec = r.get("plaintext") or {}, r.get("sasl_ssl") or {}
+        rows.append(
+            [
+                label,
+                f"{_num(plain.get('median'), d)} ({_num(plain.get('min'), d)}–{_num(plain.get('max'), d)})",
+                f"{_num(sec.get('median'), d)} ({_num(sec.get('min'), d)}–{_num(sec.get('max'), d)})",
+                _num(r.get("ratio"), 2),
+            ]
+        )
+    params = data.get("params") or {}
+    out = _table(["part", "plaintext: median (min–max)", "SASL_SSL + SCRAM: median (min–max)", "ratio"], rows)
+    out.append("")
+    out.append(
+        f"One broker with both listeners (RF 1); {params.get('runs', '?')} runs per mode, alternating "
+        "(the order flips every round); "
+        f"{_num(params.get('lines'))} lines per agent run, {params.get('mb', '?')} MB per consumer run."
+    )
+    return out
+
+
 def latency_table(part: dict[str, Any]) -> list[str]:
     """Rate | p50 | p90 | p99 | max | lines | agent and consumer CPU."""
     data = part.get("data") or {}
@@ -451,6 +484,11 @@ def markdown(merged: dict[str, Any]) -> str:
         f"**Consumer: Kafka to day files**{_when(merged['parts'].get('consumer', {}))}",
         "",
         *consumer_table(merged["parts"].get("consumer", {})),
+        "",
+        f"**Security: TLS + SCRAM against plaintext (bench/bench_security.py)**"
+        f"{_when(merged['parts'].get('security', {}))}",
+        "",
+        *security_table(merged["parts"].get("security", {})),
         "",
         "**End-to-end latency (file → agent → Kafka → consumer → day file)**"
         + _when(merged["parts"].get("latency", {})),
