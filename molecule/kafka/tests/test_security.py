@@ -289,3 +289,15 @@ def test_no_password_in_ansible_output():
     assert "Manage SCRAM users" in text and "Make the cluster's ACLs exactly kafka_acls" in text
     for password in passwords():
         assert password not in text
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_the_first_admin_was_created_at_format(name):
+    """--add-scram put kafka-admin's credential into the bootstrap metadata (through an argfile
+    that is gone again), so an admin exists from the cluster's first start."""
+    from conftest import node
+
+    target = node(name)
+    checkpoint = target.run("grep -ac kafka-admin /var/lib/kafka/data/bootstrap.checkpoint")
+    assert checkpoint.stdout.strip() not in ("", "0"), checkpoint.stdout + checkpoint.stderr
+    assert not target.file("/etc/kafka/format.args").exists
