@@ -86,7 +86,11 @@ class LastConnectionError(logging.Handler):
     def emit(self, record):
         message = record.getMessage()
         if "Connection lost" in message or "Connection failed" in message:
-            self.text = message.split(": ", 1)[-1]
+            cause = message.split(": ", 1)[-1]
+            # the broker drops the connections after a refused login ("socket disconnected"):
+            # that generic cause must not hide the specific one (is_fatal, can_log_in read it)
+            if not (self.text and is_fatal(self.text) and not is_fatal(cause)):
+                self.text = cause
 
 
 def connect_admin(module, deadline):
