@@ -93,6 +93,10 @@ class Agent:
         # Files shipped to their end and closed that a glob still matches (e.g. `app.log*` over
         # rotated copies): resumed by identity when they grow, never shipped again from 0.
         self.closed: dict[FileKey, checkpoint.FileState] = {}
+        # Of those, the ones finished after a rotation (read on for close_inactive_s past it):
+        # when their path moves on, only bytes written since count. A file closed for idleness
+        # is followed where it went, like a live file that rotates (see `_finish_moved`).
+        self._finished: set[FileKey] = set()
         # Copies of followed files (copytruncate's `app.log.1` matched by the glob before the
         # truncation was noticed): their bytes are the followed file's, shipped under its id.
         self.copies: set[FileKey] = set()
@@ -293,9 +297,13 @@ class Agent:
                 log.info("%s rotated or deleted; finishing it", f.path)
         gone = [k for k in self.closed if k not in found]
         if gone:
-            self._finish_moved(mono, [self.closed[k] for k in gone], "while closed")
+            idle = [self.closed[k] for k in gone if k not in self._finished]
+            self._finish_moved(mono, idle, "while closed", follow_at_end=True)
+            done = [self.closed[k] for k in gone if k in self._finished]
+            self._finish_moved(mono, done, "after it was finished", follow_at_end=False)
             for key in gone:
-                self.closed.pop(key, None)  # deleted, or moved and finished: nothing to resume
+                self.closed.pop(key, None)  # deleted, or moved and followed: nothing to resume
+        self._finished &= self.closed.keys()
         self.copies &= found.keys()
         waiting = 0
         self._by_path = {f.path: f for f in self.files.values()}  # kept up to date by _open()
@@ -323,7 +331,7 @@ class Agent:
         if self._watched_all and not waiting:
             self._next_scan = mono + RESCAN_WATCHED_S
         if self.saved:
-            self._finish_moved(mono, list(self.saved.values()), "while stopped")
+            self._finish_moved(mono, list(self.saved.values()), "while stopped", follow_at_end=True)
             self.saved.clear()
             self._saved_ids.clear()
         self.fresh_start = False
@@ -363,6 +371,10 @@ class Agent:
         f.close()
         del self.files[key]
         self.closed[key] = self._state_of(f)
+        if f.detached:
+            self._finished.add(key)
+        else:
+            self._finished.discard(key)
         self.counters.files_closed += 1
 
     def _open(self, path: str, inp: InputConfig, mono: float, *, detached: bool = False) -> bool:
@@ -472,11 +484,18 @@ class Agent:
                 return True
         return False
 
-    def _finish_moved(self, mono: float, states: list[checkpoint.FileState], why: str) -> None:
+    def _finish_moved(
+        self, mono: float, states: list[checkpoint.FileState], why: str, *, follow_at_end: bool
+    ) -> None:
         """Finish known files no glob matches any more: found by inode in their directory.
 
         A file rotated away while the agent was stopped, or while it was closed for idleness,
-        may hold lines written after the agent last read it; each directory is listed once.
+        may hold lines written after the agent last read it, or get them later: the writer keeps
+        its descriptor until it reopens, and the rescan that sees the rename (inotify wakes it at
+        once) can come before the writer's last lines. So such a file is followed, even when
+        nothing was added yet (`follow_at_end`), for close_inactive_s like any rotated file.
+        A file already finished that way is only opened again when it grew. Each directory is
+        listed once.
         """
         by_dir: dict[str, list[checkpoint.FileState]] = {}
         for state in states:
@@ -495,7 +514,9 @@ class Agent:
                 except OSError:
                     continue
                 state = wanted.get((st.st_dev, st.st_ino))
-                if state is None or st.st_size <= state.offset:
+                if state is None or st.st_size < state.offset:
+                    continue
+                if st.st_size == state.offset and not follow_at_end:
                     continue
                 inp = next(
                     (i for i in self.cfg.inputs if any(fnmatch.fnmatchcase(state.path, p) for p in i.paths)),

@@ -99,8 +99,9 @@ def test_a_rescan_without_descriptors_marks_nothing_deleted(tmp_path, logdir, mo
 
 
 def test_an_idle_file_is_closed_then_resumed_from_its_offset_when_it_grows(tmp_path, logdir):
-    """close_idle_s: past it the file is closed; growing, or renamed away and grown, it is
-    resumed from its acknowledged offset under the same id: nothing shipped twice or skipped."""
+    """close_idle_s: past it the file is closed; growing, or renamed away and grown (even after
+    the agent saw the rename), it is resumed from its acknowledged offset under the same id:
+    nothing shipped twice or skipped."""
     log, other = logdir / "a.log", logdir / "b.log"
     append(log, lines("first", 50))
     append(other, lines("other", 50))
@@ -121,7 +122,15 @@ def test_an_idle_file_is_closed_then_resumed_from_its_offset_when_it_grows(tmp_p
         append(log, lines("second", 30))  # grows while closed: reopened at its offset
         both = log.stat().st_size + other.stat().st_size
         wait(lambda: sum(len(v) for v, _ in sender.sent) == both, "a.log not resumed")
-        os.rename(other, logdir / "b.old")  # renamed out of the glob while closed, then grows
+        st = other.stat()
+        key = (st.st_dev, st.st_ino)
+        assert key in agent.closed
+        # Renamed out of the glob while closed (the rename wakes a rescan at once); the writer
+        # still holds it and adds lines only after the agent saw the rename, as an application
+        # does before it reopens its log. The wait makes that order certain: before, the rescan
+        # dropped the file at its old size and the late lines were never read.
+        os.rename(other, logdir / "b.old")
+        wait(lambda: key not in agent.closed, "the rename not seen")
         with (logdir / "b.old").open("ab") as fh:
             fh.write(lines("late", 20))
         total = log.stat().st_size + (logdir / "b.old").stat().st_size
