@@ -222,6 +222,11 @@ class FakeConsumer:
     def seek(self, tp, offset):
         pass
 
+    def highwater(self, tp):
+        """The partition's end as the broker would report it: all of BATCHES."""
+        key = (tp.topic, tp.partition)
+        return max((r.offset + 1 for b in BATCHES for recs in [b.get(key, [])] for r in recs), default=None)
+
     def commit(self, offsets):
         with self.lock:
             self.commits.append(
@@ -263,3 +268,4 @@ def test_kafka_offsets_are_committed_only_after_the_batch_is_durable(tmp_path):
         for tp, offset in offsets.items():
             assert offset <= (durable.get(tp) or 0), f"committed {tp}@{offset} while durable was {durable}"
     assert {tp: off for c, _ in fake.commits for tp, off in c.items()} == {P0: 9, P1: 6}
+    assert app.metrics.lag == {P0: 0, P1: 0}  # high watermark - committed, once all is durable

@@ -3,7 +3,7 @@
 import errno
 import json
 import os
-from collections import namedtuple
+from collections import Counter, namedtuple
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -13,7 +13,7 @@ from keplerlog.consumer.config import ConfigError, load_config
 from keplerlog.consumer.files import DiskFullError, FileCache, FileOps
 from keplerlog.consumer.journal import Journal
 from keplerlog.consumer.main import main
-from keplerlog.consumer.metrics import Metrics
+from keplerlog.consumer.metrics import Metrics, bucket_quantile
 from keplerlog.consumer.route import Plan, Router
 from keplerlog.consumer.sink import Sink
 from keplerlog.layout import Layout, LayoutError
@@ -238,13 +238,41 @@ def test_bounded_open_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "shop").iterdir()) == [f"m{i}.20231114" for i in range(5)]
 
 
-def test_metrics_render():
-    m = Metrics()
+def test_metrics_render(tmp_path):
+    m = Metrics(str(tmp_path), "g1")
     m.inc("records", 3)
     m.observe_latency(10_000, [9_000, 9_500, 8_000])
+    m.add(Counter(), None, {("shop", "portal"): (12, 3)})
+    m.set_lag({("logs", 2): 40})
     text = m.render()
-    assert "keplerlog_consumer_records_total 3" in text
-    assert 'keplerlog_consumer_latency_seconds{quantile="0.99"} 2.000' in text
+    assert "keplerlog_consumer_records_total 3.0" in text
+    assert 'keplerlog_consumer_latency_seconds_bucket{le="0.5"} 1.0' in text
+    assert 'keplerlog_consumer_latency_seconds_bucket{le="2.0"} 3.0' in text
+    assert 'keplerlog_consumer_written_bytes_total{module="portal",service="shop"} 12.0' in text
+    assert 'keplerlog_consumer_written_lines_total{module="portal",service="shop"} 3.0' in text
+    assert 'keplerlog_consumer_lag_records{partition="2",topic="logs"} 40.0' in text
+    assert "keplerlog_consumer_data_root_free_bytes " in text
+    assert 'keplerlog_consumer_info{group="g1",version="' in text
+    assert "process_open_fds" in text
+
+
+def test_log_line_quantiles_cover_the_last_interval_only():
+    """A start-up backlog (30 s old lines) must not stay in the p99 of later log lines."""
+    m = Metrics()
+    m.observe_latency(40_000, [10_000] * 100)
+    first = m.interval_quantiles()
+    assert 16 < first["0.99"] <= 32
+    m.observe_latency(40_400, [40_000] * 100)
+    second = m.interval_quantiles()
+    assert 0.25 < second["0.99"] <= 0.5 and 0.25 < second["0.5"] <= 0.5
+    assert m.interval_quantiles() == {}
+
+
+def test_bucket_quantile_matches_histogram_quantile():
+    # PromQL: histogram_quantile(0.5, ...) over buckets 1:10, 2:30, +Inf:40 -> 1 + (20-10)/(30-10) = 1.5
+    assert bucket_quantile(0.5, [(1.0, 10), (2.0, 30), (float("inf"), 40)]) == 1.5
+    assert bucket_quantile(0.99, [(1.0, 10), (2.0, 30), (float("inf"), 40)]) == 2.0
+    assert bucket_quantile(0.5, [(1.0, 0), (float("inf"), 0)]) is None
 
 
 def test_config_env_and_errors(tmp_path, capsys):

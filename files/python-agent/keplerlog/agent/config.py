@@ -8,6 +8,7 @@ otherwise shows up weeks later as missing logs. Every problem is reported as one
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
 import re
 import socket
@@ -104,10 +105,15 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    """Prometheus endpoint (0 = off) and the periodic summary log line (0 = off)."""
+    """Prometheus endpoint (0 = off), its address, and the periodic summary log line (0 = off).
+
+    The address is loopback unless set: the agent runs on application hosts, and only the
+    operator knows which network a scraper may reach it from (a lab container's own network).
+    """
 
     port: int = 0
     log_interval_s: float = 60.0
+    host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +160,15 @@ _LIMIT_KEYS = {
     "nice",
     "ionice",
 }
-_METRIC_KEYS = {"port", "log_interval_s"}
+_METRIC_KEYS = {"port", "log_interval_s", "host"}
+
+
+def _address(raw: Any, where: str) -> str:
+    """Return an IP address to bind to (a literal: a name could resolve to a public interface)."""
+    try:
+        return str(ipaddress.ip_address(str(raw)))
+    except ValueError:
+        raise ConfigError(f"{where}: {raw!r} is not an IP address (e.g. 127.0.0.1 or 0.0.0.0)") from None
 
 
 def _multiline(raw: Any, where: str) -> Multiline | None:
@@ -211,6 +225,7 @@ ENV_OVERRIDES = {
     "KEPLERLOG_HOST": ("host",),
     "KEPLERLOG_STATE_FILE": ("state_file",),
     "KEPLERLOG_METRICS_PORT": ("metrics", "port"),
+    "KEPLERLOG_METRICS_HOST": ("metrics", "host"),
 }
 
 
@@ -315,6 +330,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
     metrics = MetricsConfig(
         port=_int(msec.get("port", 0), "metrics.port", 0, 65535),
         log_interval_s=_float(msec.get("log_interval_s", 60), "metrics.log_interval_s", 0),
+        host=_address(msec.get("host", "127.0.0.1"), "metrics.host"),
     )
 
     default_one = _bool(top.get("one_line_per_record", False), "one_line_per_record")

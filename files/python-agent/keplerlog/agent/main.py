@@ -27,7 +27,7 @@ from keplerlog.agent import checkpoint, memory, priority
 from keplerlog.agent.assembler import Chunk
 from keplerlog.agent.config import AgentConfig, ConfigError, InputConfig, glob_base, load
 from keplerlog.agent.identity import FileIdentity
-from keplerlog.agent.metrics import Counters, FileGauge, MetricsServer, render, summary
+from keplerlog.agent.metrics import AgentMetrics, Counters, FileGauge, Snapshot, summary
 from keplerlog.agent.sender import Sender
 from keplerlog.agent.tailer import (
     COMPRESSED_SUFFIXES,
@@ -117,7 +117,8 @@ class Agent:
         self._next_connect = 0.0
         self._renew_backoff = SEND_BACKOFF_S
         self._warned: set[str] = set()
-        self._metrics: MetricsServer | None = None
+        self._paused_memory = False  # the last read pass stopped at the buffer budget
+        self.metrics = AgentMetrics(self.counters, self._snapshot)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -129,9 +130,7 @@ class Agent:
     def run(self) -> int:
         """Run until `request_stop`; return the exit status."""
         if self.cfg.metrics.port:
-            self._metrics = MetricsServer(self.cfg.metrics.port, self.prometheus)
-            self._metrics.start()
-            log.info("metrics on http://127.0.0.1:%d/metrics", self._metrics.port)
+            self.metrics.start(self.cfg.metrics.host, self.cfg.metrics.port)
         try:
             while not self.stopping and not self.sender.connect():
                 self.watcher.wait(2.0)
@@ -145,8 +144,7 @@ class Agent:
                 f.close()
             self.watcher.close()
             self.waker.close()
-            if self._metrics is not None:
-                self._metrics.stop()
+            self.metrics.stop()
         return 0
 
     def _step(self) -> None:
@@ -555,6 +553,7 @@ class Agent:
             self._next_fp_check = mono + sweep_s
         sweep = draining or check_fp or self._sweep or not self._watched_all
         dirty, self._dirty, self._sweep = self._dirty, set(), False
+        self._paused_memory = False
         named: set[str] = set()
         progress = True
         while progress and (draining or not self.stopping):
@@ -587,6 +586,7 @@ class Agent:
                 budget = self.cfg.limits.max_buffer_bytes - self.inflight - held
                 if budget <= 0:
                     self._sweep = True  # files not looked at yet may have had write events
+                    self._paused_memory = True
                     return
                 if f.at_eof:
                     continue
@@ -697,7 +697,10 @@ class Agent:
             size = len(chunk.data)
             try:
                 self.sender.send(
-                    chunk.data, batch.key(), batch.headers(), (f, stream, chunk.offset, size, chunk.lines)
+                    chunk.data,
+                    batch.key(),
+                    batch.headers(),
+                    (f, stream, chunk.offset, size, chunk.lines, chunk.ts_ms),
                 )
             except Exception as exc:
                 self.counters.send_errors += 1
@@ -711,6 +714,7 @@ class Agent:
             self.counters.records_sent += 1
             self.counters.lines_sent += chunk.lines
             self.counters.bytes_sent += size
+            self.metrics.record_bytes.observe(size)
 
     def _results(self) -> None:
         """Apply acknowledgements and failures reported by the producer thread."""
@@ -720,7 +724,7 @@ class Agent:
                 outcome = results.get_nowait()
             except queue.Empty:
                 return
-            f, stream, offset, size, lines = outcome.token
+            f, stream, offset, size, lines, ts_ms = outcome.token
             self.inflight -= size
             stream.inflight -= size
             stream.records_inflight -= 1
@@ -729,6 +733,7 @@ class Agent:
                 self.counters.lines_acked += lines
                 self.counters.bytes_acked += size
                 stream.acks.ack(offset, offset + size)
+                self.metrics.ack_latency.observe(max(0.0, time.time() - ts_ms / 1000))
                 self._acked_unsaved = True
                 self._renew_backoff = SEND_BACKOFF_S
             else:
@@ -807,7 +812,7 @@ class Agent:
 
     def _gauges(self) -> list[FileGauge]:
         return [
-            FileGauge(f.path, f.stream.file_id, f.size, f.stream.acks.acked)
+            FileGauge(f.path, f.stream.file_id, f.inp.module, f.size, f.stream.acks.acked)
             for f in list(self.files.values())
         ]
 
@@ -821,9 +826,16 @@ class Agent:
             "kafka_connected": 1 if self.sender.connected else 0,
         }
 
-    def prometheus(self) -> str:
-        """Render the metrics page (called from the metrics thread)."""
-        return render(self.counters, self._gauges(), self._global_gauges())
+    def _snapshot(self) -> Snapshot:
+        """Return what a scrape shows (called from the metrics thread)."""
+        mono = time.monotonic()
+        kafka = not self.sender.connected or mono < self._send_backoff_until
+        return Snapshot(
+            self.cfg.service,
+            self._gauges(),
+            self._global_gauges(),
+            {"memory": self._paused_memory, "kafka": kafka},
+        )
 
 
 def _check_state_dir(cfg: AgentConfig) -> None:

@@ -1,20 +1,31 @@
-"""Counters, per-file lag, Prometheus text on 127.0.0.1 and a periodic summary log line.
+"""Counters, per-file lag, histograms, the Prometheus endpoint and a periodic summary log line.
 
 Counters are plain integers owned by the main thread (ack callbacks are funnelled through a
-queue into it), so no locks; the HTTP thread only reads them, which is safe under the GIL and
-at worst one update stale. The endpoint binds to loopback only: the agent runs on application
-hosts and must not open ports to the network.
+queue into it), so no locks on the hot path; `AgentMetrics` turns them into Prometheus counter
+families only at scrape time, from the metrics thread, which is safe under the GIL and at worst
+one update stale. Histograms (ack latency, record size) are prometheus_client's own: observed
+once per record, not per line. The endpoint binds to loopback by default: the agent runs on
+application hosts and must not open ports to the network unless told to (`metrics.host`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from keplerlog import __version__
+from keplerlog.metrics_http import FunctionCollector, Server, new_registry, safe_label, serve, stop
 
 log = logging.getLogger(__name__)
+
+# Read -> acknowledged by Kafka: tens of ms when healthy, the producer's linger and retries
+# above that, the delivery timeout (120 s) at the top.
+ACK_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+RECORD_BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
 @dataclass(slots=True)
@@ -73,6 +84,7 @@ class FileGauge:
 
     path: str
     file_id: str
+    module: str
     size: int
     acked: int
 
@@ -82,37 +94,95 @@ class FileGauge:
         return max(0, self.size - self.acked)
 
 
-def _label(value: str) -> str:
-    """Return a label value as valid UTF-8 (undecodable file-name bytes become U+FFFD), escaped."""
-    try:
-        raw = value.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate no file name decodes to
-        raw = value.encode("utf-8", "replace")
-    text = raw.decode("utf-8", "replace")
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the main thread exposes to a scrape (built by the agent on the metrics thread)."""
+
+    service: str
+    files: list[FileGauge]
+    gauges: dict[str, float]
+    paused: dict[str, bool]
 
 
-def render(counters: Counters, files: list[FileGauge], gauges: dict[str, float]) -> str:
-    """Prometheus text exposition format (version 0.0.4)."""
-    lines: list[str] = []
-    for f in fields(counters):
-        name = f"keplerlog_agent_{f.name}_total"
-        lines += [
-            f"# HELP {name} {_HELP.get(f.name, f.name)}",
-            f"# TYPE {name} counter",
-            f"{name} {getattr(counters, f.name)}",
-        ]
-    for key, value in sorted(gauges.items()):
-        name = f"keplerlog_agent_{key}"
-        lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
-    for name, attr in (("file_lag_bytes", "lag"), ("file_size_bytes", "size"), ("file_acked_bytes", "acked")):
-        lines.append(f"# TYPE keplerlog_agent_{name} gauge")
-        for g in files:
-            lines.append(
-                f'keplerlog_agent_{name}{{path="{_label(g.path)}",file="{_label(g.file_id)}"}} '
-                f"{getattr(g, attr)}"
+class AgentMetrics:
+    """The agent's registry: its counters, gauges and histograms plus the process collector."""
+
+    def __init__(self, counters: Counters, snapshot: Callable[[], Snapshot]) -> None:
+        self.counters = counters
+        self._snapshot = snapshot
+        self.registry: CollectorRegistry = new_registry()
+        self.registry.register(FunctionCollector(self._families))
+        self.ack_latency = Histogram(
+            "keplerlog_agent_ack_latency_seconds",
+            "Read from the file to acknowledged by Kafka, per record.",
+            buckets=ACK_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.record_bytes = Histogram(
+            "keplerlog_agent_record_bytes",
+            "Size of the record values sent (the batches of lines).",
+            buckets=RECORD_BYTES_BUCKETS,
+            registry=self.registry,
+        )
+        self._server: Server | None = None
+
+    def _families(self) -> Iterator[Metric]:
+        for f in fields(self.counters):
+            yield CounterMetricFamily(
+                f"keplerlog_agent_{f.name}", _HELP.get(f.name, f.name), value=getattr(self.counters, f.name)
             )
-    return "\n".join(lines) + "\n"
+        snap = self._snapshot()
+        info = GaugeMetricFamily(
+            "keplerlog_agent_info", "The agent's service and version.", labels=["service", "version"]
+        )
+        info.add_metric([snap.service, __version__], 1)
+        yield info
+        for key, value in sorted(snap.gauges.items()):
+            yield GaugeMetricFamily(f"keplerlog_agent_{key}", _GAUGE_HELP.get(key, key), value=value)
+        paused = GaugeMetricFamily(
+            "keplerlog_agent_paused",
+            "1 while reading is paused: the buffer is full (memory) or Kafka refuses or is away (kafka).",
+            labels=["reason"],
+        )
+        for reason, on in sorted(snap.paused.items()):
+            paused.add_metric([reason], 1 if on else 0)
+        yield paused
+        for name, attr, help_text in _FILE_GAUGES:
+            family = GaugeMetricFamily(
+                f"keplerlog_agent_{name}", help_text, labels=["path", "file", "module"]
+            )
+            for g in snap.files:
+                family.add_metric([safe_label(g.path), g.file_id, g.module], getattr(g, attr))
+            yield family
+
+    def render(self) -> bytes:
+        """Return the exposition a scrape gets (text format 0.0.4)."""
+        return generate_latest(self.registry)
+
+    def start(self, host: str, port: int) -> int | None:
+        """Serve the registry; the bound port, or None when it is taken (logged, not fatal)."""
+        self._server = serve(self.registry, host, port, "keplerlog-agent")
+        return None if self._server is None else int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop serving."""
+        stop(self._server)
+        self._server = None
+
+
+_GAUGE_HELP = {
+    "inflight_bytes": "Bytes handed to the producer and not acknowledged yet.",
+    "files_open": "Files followed with an open descriptor.",
+    "files_open_limit": "Files the agent may keep open at once (descriptor limit minus a reserve).",
+    "files_waiting": "Files a glob matches that wait for a free descriptor slot.",
+    "files_closed_known": "Files shipped to their end, closed, and remembered by identity.",
+    "kafka_connected": "1 while the producer is connected to Kafka.",
+}
+_FILE_GAUGES = (
+    ("file_lag_bytes", "lag", "Bytes of the file not yet acknowledged by Kafka."),
+    ("file_size_bytes", "size", "Size of the file when last looked at."),
+    ("file_acked_bytes", "acked", "Offset up to which the file is acknowledged by Kafka."),
+)
 
 
 def summary(counters: Counters, files: list[FileGauge], gauges: dict[str, float]) -> str:
@@ -124,41 +194,3 @@ def summary(counters: Counters, files: list[FileGauge], gauges: dict[str, float]
         f"records_acked={counters.records_acked} lines_split={counters.lines_split} "
         f"send_errors={counters.send_errors} errors={counters.errors}"
     )
-
-
-class MetricsServer:
-    """Serves `render()` on http://127.0.0.1:port/metrics from a daemon thread."""
-
-    def __init__(self, port: int, snapshot: Callable[[], str]) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] not in ("/metrics", "/"):
-                    self.send_error(404)
-                    return
-                try:
-                    body = snapshot().encode()
-                except Exception:  # the endpoint must never take the agent down
-                    log.exception("metrics snapshot failed")
-                    self.send_error(500)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self._server = HTTPServer(("127.0.0.1", port), Handler)
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
-
-    def start(self) -> None:
-        """Start serving."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()

@@ -28,13 +28,14 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from keplerlog.kafkaauth import watch_connection_problems
+from keplerlog.metrics_http import stop as stop_server
 from keplerlog.paths import PathGuard
 
 from . import headerfix, netfix
 from .config import ConsumerConfig
 from .files import DiskFullError, FileCache, FileOps
 from .journal import Journal
-from .metrics import Metrics, PeriodicLog, serve
+from .metrics import Metrics, PeriodicLog, start_server
 from .route import Router, TsWindow
 from .sink import Sink
 
@@ -69,7 +70,9 @@ class ConsumerApp:
         self, config: ConsumerConfig, ops: FileOps | None = None, sleep: Callable[[float], None] = time.sleep
     ) -> None:
         self.config = config
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.root, config.group_id)
+        self.metrics.gauges["open_files_limit"] = config.max_open_files
+        self._committed: dict[TopicPartition, int] = {}  # next offset per partition, as committed
         os.makedirs(config.root, exist_ok=True)
         self.files = FileCache(config.root, config.max_open_files, config.idle_close_s, ops)
         self.journal = Journal(config.root, new_consumer_id())
@@ -122,6 +125,8 @@ class ConsumerApp:
             for tp in pending:
                 self._pending.pop(tp, None)
         self.sink.revoke(revoked)
+        for tp in revoked:
+            self._committed.pop(tp, None)
         log.info("revoked %s", sorted(tp.partition for tp in revoked))
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -133,6 +138,7 @@ class ConsumerApp:
             offset = resume.get((tp.topic, tp.partition))
             if offset is not None:
                 self.consumer.seek(tp, offset)
+                self._committed[tp] = offset  # durable up to here: the lag counts from it
         log.info(
             "assigned %s (resume from state: %s)",
             sorted(tp.partition for tp in assigned),
@@ -188,7 +194,7 @@ class ConsumerApp:
         if recovered:
             self.metrics.inc("recovered_intents", len(recovered))
         server = (
-            serve(self.metrics, self.config.metrics_host, self.config.metrics_port)
+            start_server(self.metrics, self.config.metrics_host, self.config.metrics_port)
             if self.config.metrics_port > 0
             else None
         )
@@ -197,8 +203,7 @@ class ConsumerApp:
             self._writer.shutdown(wait=True)
             self.files.close_all()
             self.journal.close()
-            if server is not None:
-                server.shutdown()
+            stop_server(server)
             return
         self.consumer.subscribe([self.config.topic], listener=_Listener(self))
         try:
@@ -208,6 +213,7 @@ class ConsumerApp:
                 if self.files.close_idle():
                     self.metrics.gauges["open_files"] = len(self.files)
                 self._count_replaced_keys()
+                self._update_lag()
                 self.periodic.tick()
                 if error is not None:
                     # Retry the failed batch (and what came after it, in order) in the
@@ -229,8 +235,7 @@ class ConsumerApp:
                 log.warning("consumer close: %s", exc)
             self.files.close_all()
             self.journal.close()
-            if server is not None:
-                server.shutdown()
+            stop_server(server)
 
     def _gather(self) -> dict[TopicPartition, list]:
         """Poll until `batch_max_bytes` or `batch_max_wait_ms`: fewer, larger durable batches.
@@ -353,6 +358,7 @@ class ConsumerApp:
         assert self.consumer is not None
         self.metrics.inc("disk_full")
         self.metrics.gauges["disk_full_paused"] = 1  # 0 again once a batch is durable
+        self._update_lag()
         log.error("disk full (%s): batch rolled back, not committed; retry in %.0fs", exc.strerror, delay)
         if self._stop.is_set():
             return False
@@ -382,6 +388,26 @@ class ConsumerApp:
         except (KafkaError, RuntimeError) as exc:
             self.metrics.inc("commit_failures")
             log.warning("offset commit failed (state file stays authoritative): %s", exc)
+            return
+        for tp, meta in commit.items():
+            self._committed[tp] = meta.offset
+        self.metrics.gauges["last_commit_timestamp_seconds"] = time.time()
+        self._update_lag()
+
+    def _update_lag(self) -> None:
+        """Per partition we own: the broker's high watermark (as last fetched) - what we committed.
+
+        Both numbers are already known locally (no request to the broker). Before the first
+        commit of a partition its lag is not shown rather than guessed.
+        """
+        assert self.consumer is not None
+        lag: dict[tuple[str, int], int] = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            done = self._committed.get(tp)
+            if high is not None and done is not None:
+                lag[(tp.topic, tp.partition)] = max(0, high - done)
+        self.metrics.set_lag(lag)
 
 
 def _merge(first: dict[TopicPartition, list], then: dict[TopicPartition, list]) -> dict[TopicPartition, list]:

@@ -1,16 +1,27 @@
-"""Counters, end-to-end latency quantiles, Prometheus text endpoint and a periodic log line.
+"""Counters, histograms, gauges and the Prometheus endpoint of the consumer, and its log line.
 
-Small on purpose (no client library dependency): a few counters, a bounded reservoir of recent
-latencies (now - kl.ts at fsync time) from which p50/p99 are computed at scrape time.
+Counts are merged once per durable batch under one lock (the writer thread and the main thread
+both add), and exposed as Prometheus counters only at scrape time. Latency (now - the agent's
+read time `kl.ts`, when the data is fsynced), fsync time and batch size are prometheus_client
+histograms: an operator gets percentiles over any window (`histogram_quantile` over `rate`),
+and the periodic log line shows the quantiles of the last interval only, so a start-up backlog
+does not read as a slow pipeline for ever after.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections import Counter, deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import Counter
+from collections.abc import Iterator
+
+from prometheus_client import Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from keplerlog import __version__
+from keplerlog.metrics_http import FunctionCollector, Server, new_registry, serve
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +57,69 @@ COUNTERS = {
 }
 
 
-class Metrics:
-    """Thread-safe counters plus a latency reservoir."""
+# Agent read -> fsynced here: under a second when healthy; the 4 s target sits between buckets.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 600)
+FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+BATCH_BUCKETS = (1, 10, 100, 1000, 5000, 20000, 100000)
+LATENCY_SAMPLES_PER_BATCH = 256  # a 20,000-record batch costs 256 observations, not 20,000
+GAUGE_HELP = {
+    "open_files": "Day files held open.",
+    "open_files_limit": "Day files the consumer may hold open at once (max_open_files).",
+    "held_bytes": "Bytes of incomplete lines held until their end arrives (lines.hold_s).",
+    "disk_full_paused": "1 while writing is paused because the data root is full.",
+    "last_commit_timestamp_seconds": "Unix time of the last batch made durable and committed.",
+}
 
-    def __init__(self, reservoir: int = 4096) -> None:
+
+class Metrics:
+    """The consumer's counts, gauges and histograms, in a registry of its own."""
+
+    def __init__(self, root: str = "", group: str = "") -> None:
         self._lock = threading.Lock()
+        self.root = root
+        self.group = group
         self.counts: Counter[str] = Counter()
         self.quarantine_reasons: Counter[str] = Counter()
-        self._latency: deque[float] = deque(maxlen=reservoir)
+        self.written_bytes: Counter[tuple[str, str]] = Counter()
+        self.written_lines: Counter[tuple[str, str]] = Counter()
         self.gauges: dict[str, float] = {}
+        self.lag: dict[tuple[str, int], int] = {}
+        self.registry = new_registry()
+        self.registry.register(FunctionCollector(self._families))
+        self.latency = Histogram(
+            f"{PREFIX}latency_seconds",
+            "Agent read time (kl.ts) to fsynced in a day file (sampled per batch).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.fsync = Histogram(
+            f"{PREFIX}fsync_seconds",
+            "Time to fsync a batch's day files.",
+            buckets=FSYNC_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_records = Histogram(
+            f"{PREFIX}batch_records",
+            "Records per durable batch.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self._last_latency = _buckets(self.latency)
 
-    def add(self, counts: Counter[str], reasons: Counter[str] | None = None) -> None:
-        """Merge the counts of a batch that became durable."""
+    def add(
+        self,
+        counts: Counter[str],
+        reasons: Counter[str] | None = None,
+        written: dict[tuple[str, str], tuple[int, int]] | None = None,
+    ) -> None:
+        """Merge the counts of a batch that became durable (`written`: bytes, lines per label)."""
         with self._lock:
             self.counts.update(counts)
             if reasons:
                 self.quarantine_reasons.update(reasons)
+            for labels, (nbytes, nlines) in (written or {}).items():
+                self.written_bytes[labels] += nbytes
+                self.written_lines[labels] += nlines
 
     def inc(self, name: str, value: int = 1) -> None:
         """Increment one counter."""
@@ -69,60 +127,133 @@ class Metrics:
             self.counts[name] += value
 
     def observe_latency(self, now_ms: int, read_ts_ms: list[int]) -> None:
-        """Record end-to-end latencies in seconds; samples at most ~256 per batch."""
+        """Record end-to-end latencies in seconds, at most LATENCY_SAMPLES_PER_BATCH per batch."""
         if not read_ts_ms:
             return
-        step = max(1, len(read_ts_ms) // 256)
-        with self._lock:
-            for ts in read_ts_ms[::step]:
-                self._latency.append(max(0.0, (now_ms - ts) / 1000))
+        step = max(1, len(read_ts_ms) // LATENCY_SAMPLES_PER_BATCH)
+        for ts in read_ts_ms[::step]:
+            self.latency.observe(max(0.0, (now_ms - ts) / 1000))
 
-    def quantiles(self) -> dict[str, float]:
-        """p50 and p99 of the recent latencies (empty when nothing was observed)."""
+    def set_lag(self, lag: dict[tuple[str, int], int]) -> None:
+        """Replace the per-partition lag (records not yet durable and committed)."""
         with self._lock:
-            data = sorted(self._latency)
-        if not data:
-            return {}
-        return {q: data[min(len(data) - 1, int(float(q) * len(data)))] for q in ("0.5", "0.99")}
+            self.lag = dict(lag)
 
-    def render(self) -> str:
-        """Prometheus text exposition format."""
+    def interval_quantiles(self) -> dict[str, float]:
+        """p50 and p99 of the latencies observed since the last call (empty if none)."""
+        now = _buckets(self.latency)
+        delta = [
+            (bound, count - before)
+            for (bound, count), (_, before) in zip(now, self._last_latency, strict=True)
+        ]
+        self._last_latency = now
+        return {q: v for q in ("0.5", "0.99") if (v := bucket_quantile(float(q), delta)) is not None}
+
+    def _families(self) -> Iterator[Metric]:
         with self._lock:
             counts = dict(self.counts)
             reasons = dict(self.quarantine_reasons)
             gauges = dict(self.gauges)
-        out: list[str] = []
+            written = [(k, self.written_bytes[k], self.written_lines[k]) for k in sorted(self.written_bytes)]
+            lag = sorted(self.lag.items())
         for name, help_text in COUNTERS.items():
-            out += [
-                f"# HELP {PREFIX}{name}_total {help_text}",
-                f"# TYPE {PREFIX}{name}_total counter",
-                f"{PREFIX}{name}_total {counts.get(name, 0)}",
-            ]
-        out += [f"# TYPE {PREFIX}quarantined_by_reason_total counter"]
+            yield CounterMetricFamily(f"{PREFIX}{name}", help_text, value=counts.get(name, 0))
+        by_reason = CounterMetricFamily(
+            f"{PREFIX}quarantined_by_reason", "Records written to _quarantine, by reason", labels=["reason"]
+        )
         for reason, value in sorted(reasons.items()):
-            label = reason.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-            out.append(f'{PREFIX}quarantined_by_reason_total{{reason="{label}"}} {value}')
+            by_reason.add_metric([reason], value)
+        yield by_reason
+        wbytes = CounterMetricFamily(
+            f"{PREFIX}written_bytes",
+            "Bytes appended to day files per service and module",
+            labels=["service", "module"],
+        )
+        wlines = CounterMetricFamily(
+            f"{PREFIX}written_lines",
+            "Lines appended to day files per service and module",
+            labels=["service", "module"],
+        )
+        for (service, module), nbytes, nlines in written:
+            wbytes.add_metric([service, module], nbytes)
+            wlines.add_metric([service, module], nlines)
+        yield wbytes
+        yield wlines
+        lag_family = GaugeMetricFamily(
+            f"{PREFIX}lag_records",
+            "Records in the partition not yet durable and committed by this consumer",
+            labels=["topic", "partition"],
+        )
+        for (topic, partition), value in lag:
+            lag_family.add_metric([topic, str(partition)], value)
+        yield lag_family
         for name, value in sorted(gauges.items()):
-            out += [f"# TYPE {PREFIX}{name} gauge", f"{PREFIX}{name} {value}"]
-        out += [
-            f"# HELP {PREFIX}latency_seconds now - kl.ts when the data was fsynced",
-            f"# TYPE {PREFIX}latency_seconds summary",
-        ]
-        for q, value in self.quantiles().items():
-            out.append(f'{PREFIX}latency_seconds{{quantile="{q}"}} {value:.3f}')
-        return "\n".join(out) + "\n"
+            yield GaugeMetricFamily(f"{PREFIX}{name}", GAUGE_HELP.get(name, name), value=value)
+        if self.root:
+            try:
+                st = os.statvfs(self.root)
+            except OSError:
+                pass
+            else:
+                yield GaugeMetricFamily(
+                    f"{PREFIX}data_root_free_bytes",
+                    "Space left in the data root for this user",
+                    value=st.f_bavail * st.f_frsize,
+                )
+                yield GaugeMetricFamily(
+                    f"{PREFIX}data_root_size_bytes",
+                    "Size of the data root's file system",
+                    value=st.f_blocks * st.f_frsize,
+                )
+        info = GaugeMetricFamily(
+            f"{PREFIX}info", "The consumer's group and version", labels=["group", "version"]
+        )
+        info.add_metric([self.group, __version__], 1)
+        yield info
+
+    def render(self) -> str:
+        """Return the exposition a scrape gets (text format 0.0.4)."""
+        return generate_latest(self.registry).decode()
 
     def summary(self) -> str:
-        """One log line with the main numbers."""
+        """One log line with the main numbers; latency quantiles of the last interval only."""
         with self._lock:
             c = dict(self.counts)
-        q = self.quantiles()
+        q = self.interval_quantiles()
+        lat = f"p50={q['0.5']:.3f}s p99={q['0.99']:.3f}s" if q else "p50=- p99=-"
         return (
             f"records={c.get('records', 0)} bytes={c.get('bytes', 0)} "
             f"dup={c.get('duplicate_records', 0)} "
             f"gaps={c.get('gaps', 0)}/{c.get('gap_bytes', 0)}B quarantined={c.get('quarantined', 0)} "
-            f"disk_full={c.get('disk_full', 0)} p50={q.get('0.5', 0):.3f}s p99={q.get('0.99', 0):.3f}s"
+            f"disk_full={c.get('disk_full', 0)} lag={sum(self.lag.values())} {lat}"
         )
+
+
+def _buckets(histogram: Histogram) -> list[tuple[float, float]]:
+    """Return the histogram's cumulative bucket counts as (upper bound, count)."""
+    out: list[tuple[float, float]] = []
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                out.append((float(sample.labels["le"]), sample.value))
+    return out
+
+
+def bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Return the q-quantile of cumulative buckets, interpolated as histogram_quantile does."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return lower_bound
 
 
 class PeriodicLog:
@@ -140,26 +271,6 @@ class PeriodicLog:
             log.info("stats %s", self.metrics.summary())
 
 
-def serve(metrics: Metrics, host: str, port: int) -> ThreadingHTTPServer | None:
-    """Serve GET /metrics on host:port in a daemon thread; None (logged) if the port is taken."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = metrics.render().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-    try:
-        server = ThreadingHTTPServer((host, port), Handler)
-    except OSError as exc:
-        log.error("metrics endpoint %s:%d unavailable: %s", host, port, exc)
-        return None
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
-    return server
+def start_server(metrics: Metrics, host: str, port: int) -> Server | None:
+    """Serve the consumer's registry; None, logged, when the port is taken (as the agent does)."""
+    return serve(metrics.registry, host, port, "keplerlog-consumer")

@@ -133,6 +133,29 @@ class Router:
         self.lines = lines or LinePolicy()
         self.limited = RateLimitedLog()
         self._days: dict[int, str] = {}
+        # Day file -> (service, module), for the per-module written counters. Kept across batches
+        # because a held line end is flushed in a later batch than the one that named its file.
+        self.labels: dict[str, tuple[str, str]] = {}
+
+    def _label(self, rel: str, service: str, module: str) -> None:
+        if rel not in self.labels:
+            if len(self.labels) > 65_536:  # days x services x modules: a clear costs a miss or two
+                self.labels.clear()
+            self.labels[rel] = (service, module)
+
+    def written(self, plan: Plan) -> dict[tuple[str, str], tuple[int, int]]:
+        """Bytes and lines a plan appends, per (service, module); quarantine is counted apart."""
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for rel, chunks in plan.chunks.items():
+            labels = self.labels.get(rel)
+            if labels is None:
+                continue
+            nbytes, nlines = out.get(labels, (0, 0))
+            for chunk in chunks:
+                nbytes += len(chunk)
+                nlines += chunk.count(b"\n")
+            out[labels] = (nbytes, nlines)
+        return out
 
     def day(self, ts_ms: int) -> str:
         """YYYYMMDD of a millisecond timestamp in the configured zone (cached per 15 min)."""
@@ -188,6 +211,7 @@ class Router:
         except (ValueError, OverflowError, OSError) as exc:
             self.quarantine(rec, value, f"bad kl.ts or path: {exc}", plan, now_ms)
             return
+        self._label(rel, batch.service, batch.module)
 
         key = f"{batch.service}\x1f{batch.host}\x1f{batch.file_id}"
         source = _Source(key, rel, batch.path, batch.host, batch.file_id)
@@ -330,7 +354,9 @@ class Router:
                 return
         for module, texts in out.items():
             data = b"\n".join(texts) + b"\n"
-            plan.add(self.layout.render(self.legacy_service, module, day), data)
+            rel = self.layout.render(self.legacy_service, module, day)
+            self._label(rel, self.legacy_service, module)
+            plan.add(rel, data)
             plan.counts["bytes"] += len(data)
         plan.counts["legacy_records"] += 1
         plan.counts["records"] += 1

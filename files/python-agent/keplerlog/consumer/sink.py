@@ -155,8 +155,9 @@ class Sink:
         )
         done_ms = int(time.time() * 1000)
         self.metrics.observe_latency(done_ms, plan.read_ts_ms)
+        self.metrics.batch_records.observe(plan.counts["records"])
         plan.counts["batches"] += 1
-        self.metrics.add(plan.counts, plan.quarantine_reasons)
+        self.metrics.add(plan.counts, plan.quarantine_reasons, self.router.written(plan))
         self.metrics.gauges["open_files"] = len(self.files)
         return offsets
 
@@ -178,7 +179,9 @@ class Sink:
             try:
                 for rel, payload in data.items():
                     self.files.append(rel, payload)
+                t0 = time.monotonic()
                 self.files.sync()
+                self.metrics.fsync.observe(time.monotonic() - t0)
                 self.journal.commit(sizes, new_states)
             except OSError as exc:
                 locked = False  # if the rollback fails, the locks stay until the process exits

@@ -195,12 +195,12 @@ def test_split_lines_are_counted_and_an_undecodable_file_name_keeps_metrics_vali
     thread.start()
     try:
         _wait(lambda: _checkpointed(tmp_path, [odd.stat().st_size]))
-        page = agent.prometheus().encode()  # what the metrics server sends: must encode
+        page = agent.metrics.render()  # what the metrics server sends: must encode
     finally:
         agent.request_stop()
         thread.join(10)
     assert agent.counters.lines_split == 1  # counted once per line, not per piece
-    assert b"keplerlog_agent_lines_split_total 1\n" in page
+    assert b"keplerlog_agent_lines_split_total 1.0\n" in page
     assert 'path="' + str(logdir) + '/caf\ufffd-\ufffd.log"' in page.decode()
     assert b"".join(v for v, _ in sender.sent) == odd.read_bytes()
     pieces = [v for v, _ in sender.sent if not v.endswith(b"\n")]

@@ -24,7 +24,7 @@ from keplerlog.agent.config import (
     parse,
 )
 from keplerlog.agent.identity import FINGERPRINT_BYTES, Fingerprint
-from keplerlog.agent.metrics import Counters, FileGauge, render
+from keplerlog.agent.metrics import AgentMetrics, Counters, FileGauge, Snapshot
 from keplerlog.agent.tailer import AssemblerSettings, TailedFile
 from keplerlog.agent.watch import Waker, Watcher
 
@@ -436,11 +436,22 @@ def test_watcher_wakes_on_write_and_waker(tmp_path, inotify):
 
 def test_prometheus_text():
     c = Counters(lines_read=5, lines_split=1)
-    text = render(c, [FileGauge('/l/"a".log', "id", 100, 40)], {"inflight_bytes": 7})
-    assert "keplerlog_agent_lines_read_total 5" in text
-    assert "keplerlog_agent_lines_split_total 1" in text
-    assert 'keplerlog_agent_file_lag_bytes{path="/l/\\"a\\".log",file="id"} 60' in text
-    assert "keplerlog_agent_inflight_bytes 7" in text
+    files = [FileGauge('/l/"a".log', "id", "web", 100, 40)]
+    m = AgentMetrics(
+        c, lambda: Snapshot("shop", files, {"inflight_bytes": 7}, {"memory": True, "kafka": False})
+    )
+    m.ack_latency.observe(0.3)
+    text = m.render().decode()
+    assert "keplerlog_agent_lines_read_total 5.0" in text
+    assert "keplerlog_agent_lines_split_total 1.0" in text
+    assert 'keplerlog_agent_file_lag_bytes{file="id",module="web",path="/l/\\"a\\".log"} 60.0' in text
+    assert "keplerlog_agent_inflight_bytes 7.0" in text
+    assert 'keplerlog_agent_paused{reason="memory"} 1.0' in text
+    assert 'keplerlog_agent_paused{reason="kafka"} 0.0' in text
+    assert 'keplerlog_agent_info{service="shop",version="' in text
+    assert 'keplerlog_agent_ack_latency_seconds_bucket{le="0.5"} 1.0' in text
+    assert 'keplerlog_agent_ack_latency_seconds_bucket{le="0.25"} 0.0' in text
+    assert "process_resident_memory_bytes" in text  # the standard process collector
 
 
 def test_producer_batches_hold_a_whole_record_or_more(monkeypatch):
