@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
 .PHONY: help deps system-deps docker venv base-images kafka-dist wheelhouse image lint \
-        test-python molecule test bench demo demo-down clean
+        test-python test-rules molecule test bench demo demo-down status clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -55,7 +55,10 @@ test-python: venv kafka-dist ## The Python suite (agent, consumer, prune) agains
 molecule: deps base-images kafka-dist wheelhouse ## Molecule scenarios (SCENARIO="-s kafka" for one)
 	@scripts/timed.sh molecule scripts/molecule-scenarios.sh $(SCENARIO)
 
-test: deps lint test-python molecule ## Everything CI runs: lint, Python tests, all Molecule scenarios
+test-rules: venv ## promtool check + unit tests of the alert rules; the dashboard's queries parse
+	@scripts/timed.sh test-rules scripts/test-rules.sh
+
+test: deps lint test-rules test-python molecule ## Everything CI runs: lint, alert rules, Python tests, all Molecule scenarios
 
 bench: deps kafka-dist ## Benchmarks vs kcat, rsyslog, Flume NG: bench/results and the README
 	@scripts/bench-deps.sh
@@ -63,6 +66,9 @@ bench: deps kafka-dist ## Benchmarks vs kcat, rsyslog, Flume NG: bench/results a
 
 demo: deps base-images kafka-dist wheelhouse ## Bring up the whole pipeline in local containers
 	@scripts/demo.sh up
+
+status: ## The lab pipeline at a glance from Prometheus (WATCH=5 redraws until Ctrl-C)
+	@$(PY) scripts/status.py $(if $(WATCH),--watch $(WATCH))
 
 demo-down: ## Remove the local lab
 	@scripts/demo.sh down

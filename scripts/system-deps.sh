@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the toolchain needs on the controller, only those missing:
 # Docker engine, debootstrap (base images), Maven + JDK 17 (Kafka distribution), kcat and
-# logrotate (tests and benchmarks). Harmless where everything is present; needs root otherwise.
+# logrotate (tests and benchmarks), promtool (the alert rules' unit tests: Debian's prometheus).
+# Harmless where everything is present; needs root otherwise.
 set -euo pipefail
 declare -A want=(
   [docker]=docker.io [debootstrap]=debootstrap [mvn]=maven [javac]=openjdk-17-jdk-headless
-  [kcat]=kcat [logrotate]=logrotate [python3]=python3 [taskset]=util-linux
+  [kcat]=kcat [logrotate]=logrotate [python3]=python3 [taskset]=util-linux [promtool]=prometheus
 )
 missing=()
 for cmd in "${!want[@]}"; do
