@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 from kafka import KafkaConsumer
@@ -93,8 +95,9 @@ class Agent:
         core: int,
         limits: dict[str, int] | None = None,
         security: dict[str, str] | None = None,
+        serve_metrics: bool = True,
     ) -> None:
-        self.port = free_port()
+        self.port = free_port() if serve_metrics else 0
         state = work / "state"
         shutil.rmtree(state, ignore_errors=True)
         cfg = {
@@ -124,6 +127,11 @@ class Agent:
         if core < os.cpu_count():  # type: ignore[operator]
             cmd = ["taskset", "-c", str(core), *cmd]
         self.proc = subprocess.Popen(cmd, stdout=(work / "agent.out").open("ab"), stderr=subprocess.STDOUT)
+        if not serve_metrics:  # nothing to ask: give it the time it takes to connect
+            time.sleep(5)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent did not start: {(work / 'agent.out').read_text()[-2000:]}")
+            return
         deadline = time.monotonic() + 60
         while not metrics(self.port).get("kafka_connected"):
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -223,13 +231,27 @@ def steady_writer(
     return written
 
 
-def bench_cpu(work: Path, cluster: KafkaCluster, core: int, rate: int = 200, seconds: float = 20) -> dict:
-    """CPU% of one core while following a file written at `rate` lines/s, one line per write."""
-    cluster.create_topic("bench-cpu", partitions=4, replication=replication(cluster))
+def bench_cpu(
+    work: Path,
+    cluster: KafkaCluster,
+    core: int,
+    rate: int = 200,
+    seconds: float = 20,
+    *,
+    serve_metrics: bool = True,
+    scrape_every: float = 0,
+) -> dict:
+    """CPU% of one core while following a file written at `rate` lines/s, one line per write.
+
+    `scrape_every` > 0: a scraper reads the metrics page that often meanwhile (as Prometheus).
+    """
+    topic = "bench-cpu"
+    cluster.create_topic(topic, partitions=4, replication=replication(cluster), exist_ok=True)
     log = work / "logs" / "cpu.log"
     log.unlink(missing_ok=True)
     log.touch()
-    agent = Agent(work, cluster.bootstrap, "bench-cpu", log, core)
+    agent = Agent(work, cluster.bootstrap, topic, log, core, serve_metrics=serve_metrics)
+    scrapes = 0
     try:
         stop = threading.Event()
         holder: dict[str, int] = {}
@@ -239,7 +261,10 @@ def bench_cpu(work: Path, cluster: KafkaCluster, core: int, rate: int = 200, sec
         t.start()
         time.sleep(3)  # warm-up
         c0, t0 = cpu_seconds(agent.proc.pid), time.monotonic()
-        time.sleep(seconds)
+        while time.monotonic() - t0 < seconds:
+            if scrape_every:
+                scrapes += bool(metrics(agent.port))
+            time.sleep(scrape_every or seconds)
         c1, t1 = cpu_seconds(agent.proc.pid), time.monotonic()
         t.join()
         rss = proc_status(agent.proc.pid, "VmRSS")
@@ -252,7 +277,59 @@ def bench_cpu(work: Path, cluster: KafkaCluster, core: int, rate: int = 200, sec
         "rss_mb": round(rss / 1024, 1),
         "max_buffer_bytes": agent.cfg.limits.max_buffer_bytes,
         "linger_ms": agent.cfg.kafka.linger_ms,
+        "scrapes": scrapes,
     }
+
+
+# The agent's own modules without its metrics (the one that imports the library), then the
+# library: the resident memory prometheus_client adds to the agent's process.
+IMPORT_COST = """
+import re
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+from keplerlog.agent import memory
+memory.tune_malloc()
+memory.defer_package_init("kafka")
+import kafka.producer
+from keplerlog.agent import checkpoint, config, sender, tailer, watch
+before = rss()
+import prometheus_client
+print(rss() - before)
+"""
+
+
+def bench_metrics_cost(work: Path, cluster: KafkaCluster, core: int, runs: int = 3) -> dict:
+    """What prometheus_client costs the agent at 200 lines/s: endpoint off vs on and scraped.
+
+    Alternating runs (the order flips every round), medians and spread of CPU and RSS; plus the
+    resident memory the library's import adds to a process that already holds the agent's other
+    modules (the "off" runs import it too, so the on/off pair alone would not show that part).
+    """
+    samples: dict[str, list[dict]] = {"off": [], "on": []}
+    for i in range(runs):
+        order = ["off", "on"] if i % 2 == 0 else ["on", "off"]
+        for mode in order:
+            samples[mode].append(
+                bench_cpu(
+                    work, cluster, core, serve_metrics=mode == "on", scrape_every=1.0 if mode == "on" else 0
+                )
+            )
+    out: dict[str, Any] = {"runs": runs, "scrape_every_s": 1.0}
+    for mode, rows in samples.items():
+        cpu = sorted(r["cpu_percent_of_one_core"] for r in rows)
+        rss = sorted(r["rss_mb"] for r in rows)
+        out[mode] = {
+            "cpu_percent_median": statistics.median(cpu),
+            "cpu_percent_spread": [cpu[0], cpu[-1]],
+            "rss_mb_median": statistics.median(rss),
+            "rss_mb_spread": [rss[0], rss[-1]],
+            "scrapes": [r["scrapes"] for r in rows],
+        }
+    out["cpu_percent_cost"] = round(out["on"]["cpu_percent_median"] - out["off"]["cpu_percent_median"], 2)
+    out["rss_mb_cost"] = round(out["on"]["rss_mb_median"] - out["off"]["rss_mb_median"], 1)
+    done = subprocess.run([sys.executable, "-c", IMPORT_COST], capture_output=True, text=True, check=True)
+    out["import_rss_mb"] = round(int(done.stdout.strip()) / 1024, 1)
+    return out
 
 
 def bench_latency(
@@ -322,6 +399,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "agent.json")
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--core", type=int, default=1)
+    parser.add_argument("--metrics-runs", type=int, default=3, help="alternating runs of the metrics cost")
     parser.add_argument("--brokers", type=int, default=3, help="Kafka brokers (1: quick run, RF 1)")
     parser.add_argument(
         "--work",
@@ -339,6 +417,7 @@ def main() -> int:
             "throughput": bench_throughput(work, cluster, args.lines, args.core),
             "throughput_16mib_buffer": bench_throughput(work, cluster, args.lines, args.core, OLD_BUFFER),
             "cpu_200_lines_s": bench_cpu(work, cluster, args.core),
+            "metrics_cost_200_lines_s": bench_metrics_cost(work, cluster, args.core, args.metrics_runs),
             "latency_10k_lines_s": bench_latency(work, cluster, args.core),
         }
     finally:
@@ -365,6 +444,17 @@ def main() -> int:
             "<= 2",
         ),
         ("p99 write->visible at 10k lines/s (s)", lat["p99_s"], "<= 0.5"),
+        (
+            "metrics endpoint scraped every 1 s, CPU cost at 200 lines/s (% of one core)",
+            results["metrics_cost_200_lines_s"]["cpu_percent_cost"],
+            "<= 0.2",
+        ),
+        (
+            "metrics: RSS on - off (MB) + the library's import (MB)",
+            f"{results['metrics_cost_200_lines_s']['rss_mb_cost']} + "
+            f"{results['metrics_cost_200_lines_s']['import_rss_mb']}",
+            "<= 2 in all",
+        ),
     ]
     print(f"{'measure':52} {'value':>10}  target")
     for name, value, target in rows:

@@ -14,7 +14,9 @@ Environment (the agent applies the KEPLERLOG_* overrides of docs/interfaces.md i
   KEPLERLOG_INPUTS             comma-separated globs (default /app/{module}/logs/*.log)
   KEPLERLOG_MULTILINE_START    regex of an event's first line (default: a leading date); "" = off
   KEPLERLOG_STATE_FILE         default /var/lib/keplerlog/agent-state.json (never under the logs)
-  KEPLERLOG_METRICS_PORT       Prometheus text on 127.0.0.1:port when > 0 (default 0)
+  KEPLERLOG_METRICS_PORT       Prometheus endpoint on KEPLERLOG_METRICS_HOST:port when > 0 (default 0)
+  KEPLERLOG_METRICS_HOST       its address (default 127.0.0.1; 0.0.0.0 for a scraper on the
+                               containers' network)
   KEPLERLOG_LINGER_MS          kafka.linger_ms (default: unset, the agent picks it by mode)
   KEPLERLOG_MAX_BUFFER_BYTES   limits.max_buffer_bytes (default: unset, the agent's 3 MiB)
   KEPLERLOG_DRAIN_TIMEOUT      supervisord's stop wait for the agent (s); the agent's
@@ -90,6 +92,7 @@ def render() -> dict:
         "limits": limits,
         "metrics": {
             "port": int(env("KEPLERLOG_METRICS_PORT", "0")),
+            "host": env("KEPLERLOG_METRICS_HOST", "127.0.0.1"),
             "log_interval_s": 60,
         },
     }
