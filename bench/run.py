@@ -264,6 +264,8 @@ def agent_checks(data: dict[str, Any]) -> list[tuple[str, Any, str, bool | None,
     tp = data.get("throughput") or {}
     cpu = data.get("cpu_200_lines_s") or {}
     lat = data.get("latency_10k_lines_s") or {}
+    mc = data.get("metrics_cost_200_lines_s") or {}
+    rss_cost = None if "rss_mb_cost" not in mc else round(mc["rss_mb_cost"] + mc.get("import_rss_mb", 0), 1)
     return [
         ("lines/s, 200 B lines, one core, 3 brokers, acks=all (defaults)", tp.get("lines_per_s"),
          ">= 100,000", _ge(tp.get("lines_per_s"), 100_000), 0),
@@ -273,6 +275,10 @@ def agent_checks(data: dict[str, Any]) -> list[tuple[str, Any, str, bool | None,
         ("RSS at 200 lines/s (MB)", cpu.get("rss_mb"), "<= 40", _le(cpu.get("rss_mb"), 40), 1),
         ("p99 write → readable in Kafka at 10k lines/s (s)", lat.get("p99_s"), "<= 0.5",
          _le(lat.get("p99_s"), 0.5), 3),
+        ("metrics (prometheus_client) scraped every 1 s: CPU cost at 200 lines/s (% of one core, "
+         "median on - off)", mc.get("cpu_percent_cost"), "<= 0.2", _le(mc.get("cpu_percent_cost"), 0.2), 2),
+        ("metrics: RSS cost (MB, median on - off + the library's import)", rss_cost, "<= 2",
+         _le(rss_cost, 2), 1),
     ]  # fmt: skip
 
 
