@@ -343,7 +343,8 @@ def test_the_catalog_matches_what_the_agent_and_the_consumer_export(tmp_path):
     import re as _re
 
     from keplerlog.agent.metrics import AgentMetrics, Counters, FileGauge, Snapshot
-    from keplerlog.consumer.metrics import Metrics
+    from keplerlog.consumer.app import ConsumerApp
+    from keplerlog.consumer.config import load_config
 
     files = [FileGauge("/l/a.log", "id", "web", 10, 5)]
     snapshot = Snapshot(
@@ -360,15 +361,9 @@ def test_the_catalog_matches_what_the_agent_and_the_consumer_export(tmp_path):
         {"memory": False, "kafka": False},
     )
     agent = AgentMetrics(Counters(), lambda: snapshot).render().decode()
-    consumer_metrics = Metrics(str(tmp_path), "g")
-    for gauge in (
-        "open_files",
-        "open_files_limit",
-        "held_bytes",
-        "disk_full_paused",
-        "last_commit_timestamp_seconds",
-    ):
-        consumer_metrics.gauges[gauge] = 0
+    # the consumer as it starts: every gauge a rule reads must exist before any event sets it
+    cfg = load_config(None, {"KEPLERLOG_BOOTSTRAP_SERVERS": "127.0.0.1:1", "KEPLERLOG_ROOT": str(tmp_path)})
+    consumer_metrics = ConsumerApp(cfg).metrics
     consumer = consumer_metrics.render()
     exported = set()
     for text in (agent, consumer):

@@ -71,7 +71,16 @@ class ConsumerApp:
     ) -> None:
         self.config = config
         self.metrics = Metrics(config.root, config.group_id)
-        self.metrics.gauges["open_files_limit"] = config.max_open_files
+        # Exported from the start, so alerts and panels on them have a series before the first
+        # disk-full, held line or commit; the last commit time starts at the start time (a
+        # consumer that never commits ages from there, instead of having no series to alert on).
+        self.metrics.gauges.update(
+            open_files_limit=config.max_open_files,
+            open_files=0,
+            held_bytes=0,
+            disk_full_paused=0,
+            last_commit_timestamp_seconds=time.time(),
+        )
         self._committed: dict[TopicPartition, int] = {}  # next offset per partition, as committed
         os.makedirs(config.root, exist_ok=True)
         self.files = FileCache(config.root, config.max_open_files, config.idle_close_s, ops)

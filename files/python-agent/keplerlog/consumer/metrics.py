@@ -67,7 +67,7 @@ GAUGE_HELP = {
     "open_files_limit": "Day files the consumer may hold open at once (max_open_files).",
     "held_bytes": "Bytes of incomplete lines held until their end arrives (lines.hold_s).",
     "disk_full_paused": "1 while writing is paused because the data root is full.",
-    "last_commit_timestamp_seconds": "Unix time of the last batch made durable and committed.",
+    "last_commit_timestamp_seconds": "Unix time of the last commit (the start time before the first one).",
 }
 
 
