@@ -12,9 +12,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from keplerlog.agent.identity import FileIdentity, Fingerprint
 from keplerlog.durable import atomic_write
+
+if TYPE_CHECKING:
+    from keplerlog.agent.tailer import TailedFile
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -46,6 +50,23 @@ class FileState:
             "fp": self.fp_hash,
             "offset": self.offset,
         }
+
+
+def state_of(f: TailedFile) -> FileState:
+    """Return what the state file keeps of a followed file: identity and *acknowledged* offset.
+
+    Never the read offset: a restart must re-send whatever was in flight (at-least-once).
+    """
+    ident = f.stream.identity
+    return FileState(
+        file_id=ident.file_id,
+        path=f.path,
+        dev=ident.dev,
+        ino=ident.ino,
+        fp_len=ident.fingerprint.length,
+        fp_hash=ident.fingerprint.digest,
+        offset=f.stream.acks.acked,
+    )
 
 
 def load(path: Path) -> dict[str, FileState]:

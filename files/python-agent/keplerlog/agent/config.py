@@ -206,7 +206,9 @@ def glob_base(pattern: str) -> Path:
     """Return the deepest wildcard-free directory of a glob.
 
     It is the directory the agent watches for the glob (inotify) and the log directory that
-    the state file must stay out of.
+    the state file must stay out of. The one definition of a glob's watch folder: `parse`
+    (the state file check) and fileset.py (the watched directories, and whether each glob's
+    files sit directly in one) both use it, so the two can never disagree.
     """
     parts = Path(pattern).parts
     base: list[str] = []

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 FINGERPRINT_BYTES = 1024
 
+FileKey = tuple[int, int]  # (st_dev, st_ino): how the agent keys the files it follows or remembers
+
 
 def fingerprint_of(data: bytes) -> str:
     """Hash of a file prefix (short: it is stored in the state file for every file)."""

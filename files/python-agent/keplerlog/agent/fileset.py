@@ -1,0 +1,422 @@
+"""The file set: which files the agent follows, and under which identity.
+
+Filebeat calls this part the prospector. It owns discovery and identity so that the reader and
+the ledger only ever deal with open files: matching the globs (the rescans, the directories
+inotify watches), opening a file under the identity it had (the saved state of the previous
+run, the `closed` registry of files shipped to their end and closed), telling copies of
+followed files apart (copytruncate's `app.log.1` is not a new file) and finishing the old
+identity from such a copy after a truncation, following files rotated away to their end and
+closing them, closing idle files, and the descriptor budget (`open_limit`, `waiting`).
+
+Identity decisions all need the same remembered state (saved, closed, finished, copies); kept
+here, one place answers "have we seen this file, and up to where?".
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import glob
+import logging
+import os
+import resource
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from keplerlog.agent import checkpoint
+from keplerlog.agent.config import AgentConfig, InputConfig, glob_base
+from keplerlog.agent.identity import FileIdentity, FileKey
+from keplerlog.agent.metrics import Counters
+from keplerlog.agent.tailer import (
+    COMPRESSED_SUFFIXES,
+    ROTATED_SEPARATORS,
+    AssemblerSettings,
+    TailedFile,
+    find_rotated_copy,
+    is_rotated_name,
+)
+from keplerlog.agent.watch import Watcher
+
+if TYPE_CHECKING:
+    from keplerlog.agent.ledger import Ledger
+
+log = logging.getLogger("keplerlog.agent")  # one logger for the agent loop (see ledger.py)
+
+RESCAN_S = 1.0
+# With inotify reporting every create, move and write in the log directories by name, the
+# periodic full rescan is only a safety net: thousands of idle files must not cost a glob and
+# a stat of each one every second.
+RESCAN_WATCHED_S = 10.0
+FD_RESERVE = 64  # descriptors left to Kafka's sockets, the state file, inotify and metrics
+NO_FDS = (errno.EMFILE, errno.ENFILE)
+
+
+def open_file_limit(configured: int) -> int:
+    """`max_open_files`, lowered to stay FD_RESERVE below the process's RLIMIT_NOFILE."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, soft - FD_RESERVE))
+
+
+class FileSet:
+    """Finds, opens, identifies and closes the followed files (`files`)."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        counters: Counters,
+        watcher: Watcher,
+        ledger: Ledger,
+        files: dict[FileKey, TailedFile],
+    ) -> None:
+        self.cfg = cfg
+        self.counters = counters
+        self.watcher = watcher
+        self.ledger = ledger  # chunks still held by a file that is truncated or finished
+        self.files = files
+        self.settings = AssemblerSettings(
+            max_record_bytes=cfg.kafka.max_record_bytes,
+            max_line_bytes=cfg.limits.max_line_bytes,
+            partial_timeout_s=cfg.limits.partial_line_timeout_ms / 1000,
+        )
+        self.saved = checkpoint.load(cfg.state_file)
+        self._saved_ids = {(st.dev, st.ino): file_id for file_id, st in self.saved.items()}
+        self._by_path: dict[str, TailedFile] | None = None  # followed files by path, during a scan
+        # The directory watched for each glob (glob_base: the same one the state file must stay
+        # out of); with each glob's files directly in it, inotify names every write by file.
+        self.watch_dirs = {str(glob_base(pattern)) for inp in cfg.inputs for pattern in inp.paths}
+        self._flat_globs = all(glob_base(p) == Path(p).parent for inp in cfg.inputs for p in inp.paths)
+        self.watched_all = False  # every glob's files sit directly in a watched directory
+        self._dir_of: dict[str, tuple[str, str]] = {}
+        # Files shipped to their end and closed that a glob still matches (e.g. `app.log*` over
+        # rotated copies): resumed by identity when they grow, never shipped again from 0.
+        self.closed: dict[FileKey, checkpoint.FileState] = {}
+        # Of those, the ones finished after a rotation (read on for close_inactive_s past it):
+        # when their path moves on, only bytes written since count. A file closed for idleness
+        # is followed where it went, like a live file that rotates (see `_finish_moved`).
+        self._finished: set[FileKey] = set()
+        # Copies of followed files (copytruncate's `app.log.1` matched by the glob before the
+        # truncation was noticed): their bytes are the followed file's, shipped under its id.
+        self.copies: set[FileKey] = set()
+        self.open_limit = open_file_limit(cfg.limits.max_open_files)
+        self.waiting = 0  # files a glob matches that wait for a free descriptor slot
+        self._blind = False  # the last rescan could not list a directory (no descriptors)
+        self.fresh_start = not self.saved and not cfg.state_file.exists()
+        self.next_scan = 0.0
+        self._warned: set[str] = set()
+
+    def scan(self, mono: float) -> None:
+        """Match the globs; open new files; mark files whose path moved on as detached."""
+        self.next_scan = mono + RESCAN_S
+        self._close_idle(mono)
+        dirs = self.watch_dirs
+        if not self._can_list(dirs):
+            return  # glob would see nothing: that must not read as "every file was deleted"
+        self.watched_all = self.watcher.watch_dirs(dirs) and self._flat_globs
+        found: dict[FileKey, tuple[str, InputConfig, int]] = {}
+        for inp in self.cfg.inputs:
+            for pattern in inp.paths:
+                for path in sorted(glob.glob(pattern)):
+                    if path.endswith(COMPRESSED_SUFFIXES):
+                        continue  # compressed rotations: their lines were shipped before
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        found.setdefault((st.st_dev, st.st_ino), (path, inp, st.st_size))
+        for key, f in self.files.items():
+            if key not in found and not f.detached:
+                f.detached = True
+                self.counters.rotations += 1
+                log.info("%s rotated or deleted; finishing it", f.path)
+        gone = [k for k in self.closed if k not in found]
+        if gone:
+            idle = [self.closed[k] for k in gone if k not in self._finished]
+            self._finish_moved(mono, idle, "while closed", follow_at_end=True)
+            done = [self.closed[k] for k in gone if k in self._finished]
+            self._finish_moved(mono, done, "after it was finished", follow_at_end=False)
+            for key in gone:
+                self.closed.pop(key, None)  # deleted, or moved and followed: nothing to resume
+        self._finished &= self.closed.keys()
+        self.copies &= found.keys()
+        waiting = 0
+        self._by_path = {f.path: f for f in self.files.values()}  # kept up to date by open()
+        try:
+            for key, (path, inp, size) in found.items():
+                if key in self.files or key in self.copies:
+                    continue
+                done = self.closed.get(key)
+                if done is not None and size == done.offset:
+                    continue  # shipped to its end and unchanged: not even opened
+                if len(self.files) >= self.open_limit or not self.open(path, inp, mono):
+                    waiting += 1
+        finally:
+            self._by_path = None
+        if waiting and not self.waiting:
+            log.warning(
+                "%d files wait for a descriptor slot (%d open, limit %d); idle files are closed "
+                "after %.0f s to make room",
+                waiting,
+                len(self.files),
+                self.open_limit,
+                self.cfg.limits.close_inactive_s,
+            )
+        self.waiting = waiting
+        if self.watched_all and not waiting:
+            self.next_scan = mono + RESCAN_WATCHED_S
+        if self.saved:
+            self._finish_moved(mono, list(self.saved.values()), "while stopped", follow_at_end=True)
+            self.saved.clear()
+            self._saved_ids.clear()
+        self.fresh_start = False
+
+    def _can_list(self, dirs: set[str]) -> bool:
+        """Tell whether the watched directories can be listed; count a lack of descriptors."""
+        for directory in sorted(dirs):
+            try:
+                with os.scandir(directory):
+                    pass
+            except OSError as exc:
+                if exc.errno not in NO_FDS:
+                    continue  # a missing directory is an ordinary empty match
+                self.counters.fd_exhausted += 1
+                if not self._blind:
+                    log.error("cannot list %s: %s; rescan skipped, nothing marked deleted", directory, exc)
+                self._blind = True
+                return False
+        self._blind = False
+        return True
+
+    def norm_dir(self, path: str) -> tuple[str, str]:
+        """Return a followed path as inotify names it, and its directory (cached per path)."""
+        cached = self._dir_of.get(path)
+        if cached is None:
+            norm = os.path.normpath(path)
+            cached = (norm, os.path.dirname(norm))
+            if len(self._dir_of) > 4 * self.open_limit:
+                self._dir_of.clear()
+            self._dir_of[path] = cached
+        return cached
+
+    def _close_idle(self, mono: float) -> None:
+        """Close live files read to their end, acknowledged and quiet; remember them by identity.
+
+        Quiet means `close_idle_s`, or `close_inactive_s` while other files wait for a slot.
+        """
+        limit = self.cfg.limits.close_inactive_s if self.waiting else self.cfg.limits.close_idle_s
+        if not limit:
+            return
+        for key, f in list(self.files.items()):
+            if f.detached or not f.at_eof or f.idle_for(mono) < limit or not f.fully_acked():
+                continue
+            self._retire(key, f)
+
+    def _retire(self, key: FileKey, f: TailedFile) -> None:
+        """Close a file shipped to its end and remember it by identity (see `closed`)."""
+        f.close()
+        del self.files[key]
+        self.closed[key] = checkpoint.state_of(f)
+        if f.detached:
+            self._finished.add(key)
+        else:
+            self._finished.discard(key)
+        self.counters.files_closed += 1
+
+    def open(self, path: str, inp: InputConfig, mono: float, *, detached: bool = False) -> bool:
+        """Open and follow a file; False when it cannot be opened now (retried at a rescan)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno in NO_FDS:
+                self.counters.fd_exhausted += 1
+                log.debug("cannot open %s: %s; it waits for a free descriptor", path, exc.strerror)
+                return False
+            if path not in self._warned:
+                self._warned.add(path)
+                self.counters.errors += 1
+                log.error("cannot open %s: %s", path, exc.strerror)
+            return True
+        self._warned.discard(path)
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in self.files:
+            os.close(fd)
+            return True
+        identity, offset = None, 0
+        known = [self.saved[self._saved_ids[key]]] if key in self._saved_ids else []
+        if not known and key in self.closed:
+            known = [self.closed[key]]
+        for state in known:
+            self.saved.pop(state.file_id, None)
+            self._saved_ids.pop(key, None)
+            self.closed.pop(key, None)
+            ident = state.identity()
+            if ident.fingerprint.matches_fd(fd) and state.offset <= st.st_size:
+                identity, offset = ident, state.offset
+            else:
+                log.info("%s: inode reused or truncated since it was last read; reading from 0", path)
+                self._finish_from_copy(path, inp, state, mono)
+        if identity is None and self._copy_of_followed(path, fd):
+            os.close(fd)
+            self.copies.add(key)
+            log.info("%s is a copy of a followed file; not shipped again", path)
+            return True
+        if identity is None and self.fresh_start and self.cfg.start_at == "end":
+            offset = st.st_size
+        f = TailedFile.open(path, fd, st, inp, self.settings, identity=identity, offset=offset, mono=mono)
+        f.detached = detached
+        self.files[key] = f
+        if self._by_path is not None:
+            self._by_path[path] = f
+        self.counters.files_opened += 1
+        log.info("following %s (%s) from offset %d", path, f.stream.file_id, offset)
+        return True
+
+    def _finish_from_copy(
+        self, path: str, inp: InputConfig, state: checkpoint.FileState, mono: float
+    ) -> None:
+        """Read the rest of a file truncated while not followed from its rotated copy.
+
+        copytruncate while the agent was stopped (or the file closed for idleness). The copy
+        continues the old `kl.file` id at the acknowledged offset (no gap, no duplicate).
+        Without a copy the rest is gone; how much is unknown (the agent never saw it), so it is
+        logged, not counted.
+        """
+        ident = state.identity()
+        found = find_rotated_copy(path, ident.fingerprint, state.offset, frozenset(self.files))
+        if found is None:
+            log.warning(
+                "%s was truncated while not followed and no rotated copy holds its rest: any bytes "
+                "of %s after offset %d were not shipped",
+                path,
+                state.file_id,
+                state.offset,
+            )
+            return
+        copy_path, fd, st = found
+        key = (st.st_dev, st.st_ino)
+        moved = FileIdentity(ident.file_id, st.st_dev, st.st_ino, ident.fingerprint)
+        f = TailedFile.open(path, fd, st, inp, self.settings, identity=moved, offset=state.offset, mono=mono)
+        f.detached = True
+        self.files[key] = f
+        self.copies.discard(key)
+        self.counters.files_opened += 1
+        log.info(
+            "%s was truncated while not followed; reading the rest of %s from %s (offset %d of %d)",
+            path,
+            state.file_id,
+            copy_path,
+            state.offset,
+            st.st_size,
+        )
+
+    def _copy_of_followed(self, path: str, fd: int) -> bool:
+        """Tell whether a new file is a rotated copy (by name and first bytes) of a followed one.
+
+        Looked up by the names it could be a copy of (`app.log.1` -> `app.log`), not by walking
+        every followed file: opening thousands of files must not cost files x files.
+        """
+        directory, name = os.path.split(path)
+        by_path = self._by_path if self._by_path is not None else {f.path: f for f in self.files.values()}
+        for i, char in enumerate(name):
+            if char not in ROTATED_SEPARATORS or i == 0:
+                continue
+            f = by_path.get(os.path.join(directory, name[:i]))
+            if f is None or not is_rotated_name(name[:i], name):
+                continue
+            fp = f.stream.identity.fingerprint
+            if fp.length > 0 and fp.matches_fd(fd):
+                return True
+        return False
+
+    def _finish_moved(
+        self, mono: float, states: list[checkpoint.FileState], why: str, *, follow_at_end: bool
+    ) -> None:
+        """Finish known files no glob matches any more: found by inode in their directory.
+
+        A file rotated away while the agent was stopped, or while it was closed for idleness,
+        may hold lines written after the agent last read it, or get them later: the writer keeps
+        its descriptor until it reopens, and the rescan that sees the rename (inotify wakes it at
+        once) can come before the writer's last lines. So such a file is followed, even when
+        nothing was added yet (`follow_at_end`), for close_inactive_s like any rotated file.
+        A file already finished that way is only opened again when it grew. Each directory is
+        listed once.
+        """
+        by_dir: dict[str, list[checkpoint.FileState]] = {}
+        for state in states:
+            by_dir.setdefault(os.path.dirname(state.path), []).append(state)
+        for directory, group in by_dir.items():
+            wanted = {(s.dev, s.ino): s for s in group}
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                state = wanted.get((st.st_dev, st.st_ino))
+                if state is None or st.st_size < state.offset:
+                    continue
+                if st.st_size == state.offset and not follow_at_end:
+                    continue
+                inp = next(
+                    (i for i in self.cfg.inputs if any(fnmatch.fnmatchcase(state.path, p) for p in i.paths)),
+                    None,
+                )
+                if inp is not None:
+                    log.info("%s was rotated to %s %s; finishing it", state.path, entry.path, why)
+                    self.open(entry.path, inp, mono, detached=True)
+
+    def finish_detached(self, mono: float) -> None:
+        """Close rotated/deleted files once read to the end, quiet, and fully acknowledged."""
+        for key, f in list(self.files.items()):
+            if not f.detached or not f.at_eof or f.idle_for(mono) < self.cfg.limits.close_inactive_s:
+                continue
+            if not f.finishing:
+                f.finishing = True
+                self.ledger.send(f, f.stream, f.assembler.flush())
+            if f.fully_acked():
+                self._retire(key, f)
+                log.info("finished %s (%s) at offset %d", f.path, f.stream.file_id, f.stream.acks.acked)
+
+    def truncated(self, f: TailedFile, mono: float) -> bool:
+        """Restart a truncated file at 0 under a new id; return True if a rotated copy was found.
+
+        The old id's unread rest (and any of its records that still fail) is then read from the
+        copy, under the old id and offsets: nothing lost, no gap, no duplicate.
+        """
+        self.counters.truncations += 1
+        old = f.stream
+        offset, seen = f.read_offset, f.prev_size
+        found = find_rotated_copy(f.path, old.identity.fingerprint, offset, frozenset(self.files))
+        if found is not None and found[2].st_size == offset and f.fully_acked():
+            os.close(found[1])  # nothing left to read or to re-read: the copy is not needed
+            found = None
+        if found is not None:
+            path, fd, st = found
+            self.files[(st.st_dev, st.st_ino)] = f.split_off(fd, st, self.settings, mono)
+            log.info(
+                "%s truncated; reading the rest of %s from %s (offset %d of %d)",
+                f.path,
+                old.file_id,
+                path,
+                offset,
+                st.st_size,
+            )
+            offset = max(offset, st.st_size)
+        held = f.restart(self.settings)
+        self.ledger.send(f, old, [c for _, c in held])
+        if seen > offset:
+            self.counters.lost_bytes += seen - offset
+            log.warning(
+                "%s: %d bytes of %s were truncated before they were read", f.path, seen - offset, old.file_id
+            )
+        log.info("%s truncated; now %s from offset 0", f.path, f.stream.file_id)
+        return found is not None
