@@ -154,11 +154,11 @@ def test_unread_and_failed_bytes_of_a_truncated_file_come_from_the_copy(tmp_path
                 stream, offset = token[1], token[2]
                 assert got[stream.file_id].setdefault(offset, value) == value, "a replay differs"
         fake.complete(fail=fail)
-        agent._results()
+        agent.ledger.results()
 
     try:
-        agent._scan(time.monotonic())
-        agent._read_all(time.time(), time.monotonic())
+        agent.fileset.scan(time.monotonic())
+        agent.reader.read_all(time.time(), time.monotonic())
         (old_id,) = {t[1].file_id for _, t in fake.sent}
         # The first records are still in flight when the file is copied and truncated, with
         # lines the agent has not read yet.
@@ -168,12 +168,12 @@ def test_unread_and_failed_bytes_of_a_truncated_file_come_from_the_copy(tmp_path
         os.truncate(log, 0)
         second = lines("second", 5)
         append(log, second)
-        agent._read_all(time.time(), time.monotonic())
-        agent._read_all(time.time(), time.monotonic())
+        agent.reader.read_all(time.time(), time.monotonic())
+        agent.reader.read_all(time.time(), time.monotonic())
         # Every record of the first identity sent before the truncation fails: re-read from the copy.
         ship(fail=lambda token: token[1].file_id == old_id and token[2] < len(first))
         for _ in range(3):
-            agent._read_all(time.time(), time.monotonic())
+            agent.reader.read_all(time.time(), time.monotonic())
             ship()
         assert agent.counters.lost_bytes == 0
         assert agent.counters.truncations == 1
@@ -182,7 +182,7 @@ def test_unread_and_failed_bytes_of_a_truncated_file_come_from_the_copy(tmp_path
         (new_id,) = set(contents) - {old_id}
         assert contents[new_id] == second
         # The copy is closed once read, quiet and acknowledged; the state then holds one file.
-        agent._finish_detached(time.monotonic() + 1)
+        agent.fileset.finish_detached(time.monotonic() + 1)
         assert [f.path for f in agent.files.values()] == [str(log)]
     finally:
         for f in agent.files.values():
@@ -208,13 +208,13 @@ def test_truncation_without_a_copy_counts_the_unread_bytes_lost(tmp_path):
     agent = Agent(cfg, use_inotify=False)
     agent.sender = FakeSender()
     try:
-        agent._scan(time.monotonic())
-        agent._read_all(time.time(), time.monotonic())
+        agent.fileset.scan(time.monotonic())
+        agent.reader.read_all(time.time(), time.monotonic())
         (f,) = agent.files.values()
         append(log, lines("unread", 10))
         f.refresh(time.monotonic())  # the agent saw the size, but did not read yet
         os.truncate(log, 0)
-        agent._read_all(time.time(), time.monotonic())
+        agent.reader.read_all(time.time(), time.monotonic())
         assert agent.counters.truncations == 1
         assert agent.counters.lost_bytes == len(lines("unread", 10))
     finally:

@@ -130,7 +130,7 @@ def test_an_ack_to_an_idle_agent_is_checkpointed_within_the_interval_not_at_the_
     try:
         _wait(lambda: len(sender.sent) == 1 and _checkpointed(tmp_path, [0]))
         time.sleep(1)  # the checkpoint interval passes: nothing left for it to write
-        assert agent._watched_all  # the idle mode that sleeps until the next rescan (10 s)
+        assert agent.fileset.watched_all  # the idle mode that sleeps until the next rescan (10 s)
         t0 = time.monotonic()
         sender.ack(0)
         _wait(lambda: _checkpointed(tmp_path, [len(sender.sent[0][0])]), timeout=20)
@@ -175,7 +175,7 @@ def test_drain_with_a_full_buffer_waits_for_acks_and_reads_on(tmp_path, logdir):
     thread.start()
     data = lines("big", 20_000)  # 1.2 MB: 18 times the buffer
     try:
-        _wait(lambda: agent.sender.connected and agent._next_scan > 0)  # scanned: no file yet
+        _wait(lambda: agent.sender.connected and agent.fileset.next_scan > 0)  # scanned: no file yet
         _stop_then(agent, lambda: append(log, data))
     finally:
         agent.request_stop()
@@ -205,3 +205,32 @@ def test_split_lines_are_counted_and_an_undecodable_file_name_keeps_metrics_vali
     assert b"".join(v for v, _ in sender.sent) == odd.read_bytes()
     pieces = [v for v, _ in sender.sent if not v.endswith(b"\n")]
     assert [len(v) for v in pieces] == [1024] * 10  # the rest, 1 byte + newline, ends a record
+
+
+def test_the_names_of_the_former_single_class_reach_the_parts(tmp_path, logdir):
+    """Agent was one class; the names callers used keep working, delegated to the part that owns each."""
+    log = logdir / "app.log"
+    append(log, lines("n", 3))
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True)
+    try:
+        assert agent.sender is sender and agent.ledger.sender is sender
+        assert agent.files is agent.fileset.files is agent.ledger.files is agent.reader.files
+        assert agent.closed is agent.fileset.closed
+        sender.connect()
+        agent._scan(time.monotonic())
+        assert len(agent.files) == 1
+        assert agent._next_scan == agent.fileset.next_scan > 0
+        assert agent._watched_all is agent.fileset.watched_all
+        agent._next_scan = 0.0
+        assert agent.fileset.next_scan == 0.0
+        agent._read_all(time.time(), time.monotonic())
+        agent._results()
+        assert agent.ledger.inflight == 0 and agent.counters.records_acked == 1
+        assert b"".join(v for v, _ in sender.sent) == log.read_bytes()
+        agent._finish_detached(time.monotonic())  # nothing rotated: nothing closed
+        assert len(agent.files) == 1 and not agent.closed
+    finally:
+        for f in agent.files.values():
+            f.close()
+        agent.watcher.close()
+        agent.waker.close()

@@ -83,7 +83,7 @@ def test_a_rescan_without_descriptors_marks_nothing_deleted(tmp_path, logdir, mo
             raise OSError(errno.EMFILE, "Too many open files")
 
         monkeypatch.setattr(os, "scandir", no_fds)
-        agent._next_scan = 0.0
+        agent.fileset.next_scan = 0.0
         agent.waker.wake()
         deadline = time.monotonic() + 10
         while agent.counters.fd_exhausted == 0:
@@ -196,7 +196,7 @@ def test_only_files_inotify_names_are_looked_at(tmp_path, logdir, monkeypatch):
     finally:
         agent.request_stop()
         thread.join(10)
-    assert agent._watched_all  # the fault condition: every file is in a watched directory
+    assert agent.fileset.watched_all  # the fault condition: every file is in a watched directory
     # every-file looks would be ~40 x 301 = 12,000; one periodic sweep of 301 may fall inside
     assert looks["n"] < 1000, f"{looks['n']} file looks for 40 writes to one file"
 
@@ -217,7 +217,7 @@ def test_a_glob_through_subdirectories_is_still_looked_at_every_second(tmp_path,
     finally:
         agent.request_stop()
         thread.join(10)
-    assert not agent._watched_all
+    assert not agent.fileset.watched_all
     assert took < 3.0, f"a write in a subdirectory took {took:.1f} s to be shipped"
 
 
@@ -232,7 +232,7 @@ def test_a_file_closed_for_idleness_is_reopened_at_once_when_written(tmp_path, l
         # closed at a rescan, which comes every 10 s when inotify watches every file
         _wait(lambda: len(agent.closed) == 1 and not agent.files, "idle file not closed", timeout=30)
         time.sleep(1.5)  # the rescan after closing it is past: the next periodic one is 10 s away
-        assert agent._watched_all
+        assert agent.fileset.watched_all
         append(log, lines("second", 5))
         took = _wait(lambda: sum(len(v) for v, _ in sender.sent) == log.stat().st_size, "not resumed")
     finally:
