@@ -168,7 +168,17 @@ class FileSet:
         if self.watched_all and not waiting:
             self.next_scan = mono + RESCAN_WATCHED_S
         if self.saved:
-            self._finish_moved(mono, list(self.saved.values()), "while stopped", follow_at_end=True)
+            # Saved files a glob still matches that got no descriptor slot have not moved: they
+            # wait like files closed for idleness (resumed by identity, kept in the state file),
+            # not "finished" past the limit as if rotated while the agent was stopped.
+            waits = {
+                key: s
+                for s in self.saved.values()
+                if (key := (s.dev, s.ino)) in found and key not in self.files
+            }
+            self.closed.update(waits)
+            moved = [s for s in self.saved.values() if (s.dev, s.ino) not in waits]
+            self._finish_moved(mono, moved, "while stopped", follow_at_end=True)
             self.saved.clear()
             self._saved_ids.clear()
         self.fresh_start = False

@@ -8,6 +8,8 @@ for a slot, idle files are closed (remembered by identity) to make room, and non
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
 import threading
 import time
@@ -239,3 +241,67 @@ def test_a_file_closed_for_idleness_is_reopened_at_once_when_written(tmp_path, l
         agent.request_stop()
         thread.join(10)
     assert took < 2.0, f"a write to an idle-closed file took {took:.1f} s to be shipped"
+
+
+def _close(agent) -> None:
+    for f in agent.files.values():
+        f.close()
+    agent.watcher.close()
+    agent.waker.close()
+
+
+def test_a_restart_with_more_known_files_than_slots_keeps_to_the_limit(tmp_path, logdir, caplog):
+    """At a restart, files a glob still matches that wait for a descriptor slot have not moved:
+    they wait, remembered by identity and in the state file, and resume from their offsets. They
+    must not be taken for files rotated while the agent was stopped and opened past the limit
+    (with the limit near RLIMIT_NOFILE such an open fails, and the file's state was dropped)."""
+    paths = [logdir / f"f{i}.log" for i in range(5)]
+    for p in paths:
+        append(p, lines(p.stem, 10))
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True)
+    try:
+        sender.connect()
+        agent.fileset.scan(time.monotonic())
+        agent.reader.read_all(time.time(), time.monotonic())
+        agent.ledger.results()
+        agent.ledger.checkpoint(agent.fileset.closed)
+        ids = {f.path: f.stream.file_id for f in agent.files.values()}
+    finally:
+        _close(agent)
+    assert len(ids) == 5
+    first = {p: p.stat().st_size for p in paths}
+    for p in paths:
+        append(p, lines(p.stem + "-again", 10))
+
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True, max_open_files=2)
+    caplog.set_level(logging.INFO, logger="keplerlog.agent")
+    try:
+        sender.connect()
+        mono = time.monotonic()
+        agent.fileset.scan(mono)
+        assert len(agent.files) == 2 and agent.fileset.waiting == 3
+        assert "rotated" not in caplog.text
+        agent.ledger.checkpoint(agent.fileset.closed)  # the waiting files' states stay in it
+        state = json.loads((tmp_path / "state" / "agent-state.json").read_text())["files"]
+        assert sorted(state) == sorted(ids.values())
+        for _ in range(5):  # read, acknowledge, close idle files to make room, open the next ones
+            agent.reader.read_all(time.time(), mono)
+            agent.ledger.results()
+            mono += 2  # past close_inactive_s (1 s), the idle time that frees a slot for waiters
+            agent.fileset.scan(mono)
+            assert len(agent.files) <= 2
+    finally:
+        _close(agent)
+    assert agent.counters.rotations == 0
+    shipped: dict[str, bytes] = {}
+    for value, token in sender.sent:
+        stream, offset = token[1], token[2]
+        got = shipped.setdefault(stream.file_id, b"")
+        assert offset == first_offset(first, ids, stream.file_id) + len(got), "a gap or a re-send"
+        shipped[stream.file_id] = got + value
+    assert shipped == {ids[str(p)]: p.read_bytes()[first[p] :] for p in paths}
+
+
+def first_offset(first, ids, file_id: str) -> int:
+    (path,) = [p for p in first if ids[str(p)] == file_id]
+    return first[path]
