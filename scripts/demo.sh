@@ -52,9 +52,9 @@ show() {
     tail -n 3 "$f" | cut -c1-160
   done
   echo "-- live view (make status; WATCH=5 keeps it open)"
-  # the first minute's rates need two scrapes in it: wait for the consumers' written lines
-  for _ in $(seq 1 12); do
-    "$root/.venv/bin/python" scripts/status.py 2>/dev/null | grep -qE '^[a-z]+/[a-z]+ +[0-9]' && break
+  # the first minute's rates need two scrapes of every target: wait for the agents' acks
+  for _ in $(seq 1 18); do
+    "$root/.venv/bin/python" scripts/status.py 2>/dev/null | grep -qE 'acked by Kafka +[0-9]' && break
     sleep 5
   done
   "$root/.venv/bin/python" scripts/status.py || true
