@@ -111,7 +111,7 @@ def test_config(host):
         "layout": "{service}/{module}.{day}",
         "timezone": "UTC",
         "max_open_files": 256,
-        "metrics": {"port": 9310},
+        "metrics": {"port": 9310, "host": "127.0.0.1"},
     }
 
 
