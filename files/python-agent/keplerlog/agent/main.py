@@ -58,7 +58,7 @@ class Agent:
     def _is_stopping(self) -> bool:
         return self.stopping
 
-    # -- the parts' state under the names it had when all of it was this class ---------------
+    # -- what callers and tests reach through the Agent ----------------------------------------
 
     @property
     def sender(self) -> Sender:
@@ -73,30 +73,6 @@ class Agent:
     def closed(self) -> dict[FileKey, checkpoint.FileState]:
         """Files shipped to their end and closed, remembered by identity (the file set's)."""
         return self.fileset.closed
-
-    @property
-    def _watched_all(self) -> bool:
-        return self.fileset.watched_all
-
-    @property
-    def _next_scan(self) -> float:
-        return self.fileset.next_scan
-
-    @_next_scan.setter
-    def _next_scan(self, when: float) -> None:
-        self.fileset.next_scan = when
-
-    def _scan(self, mono: float) -> None:
-        self.fileset.scan(mono)
-
-    def _read_all(self, wall: float, mono: float, *, draining: bool = False) -> None:
-        self.reader.read_all(wall, mono, draining=draining)
-
-    def _results(self) -> None:
-        self.ledger.results()
-
-    def _finish_detached(self, mono: float) -> None:
-        self.fileset.finish_detached(mono)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -207,8 +207,9 @@ def test_split_lines_are_counted_and_an_undecodable_file_name_keeps_metrics_vali
     assert [len(v) for v in pieces] == [1024] * 10  # the rest, 1 byte + newline, ends a record
 
 
-def test_the_names_of_the_former_single_class_reach_the_parts(tmp_path, logdir):
-    """Agent was one class; the names callers used keep working, delegated to the part that owns each."""
+def test_the_parts_share_one_file_table_and_one_step_ships_a_file(tmp_path, logdir):
+    """The file set, reader and ledger work on one table of files; a scan, a read pass and the
+    results of the sends ship a file once and close nothing that was not rotated."""
     log = logdir / "app.log"
     append(log, lines("n", 3))
     agent, sender = in_process(tmp_path, logdir, auto_ack=True)
@@ -217,17 +218,14 @@ def test_the_names_of_the_former_single_class_reach_the_parts(tmp_path, logdir):
         assert agent.files is agent.fileset.files is agent.ledger.files is agent.reader.files
         assert agent.closed is agent.fileset.closed
         sender.connect()
-        agent._scan(time.monotonic())
+        agent.fileset.scan(time.monotonic())
         assert len(agent.files) == 1
-        assert agent._next_scan == agent.fileset.next_scan > 0
-        assert agent._watched_all is agent.fileset.watched_all
-        agent._next_scan = 0.0
-        assert agent.fileset.next_scan == 0.0
-        agent._read_all(time.time(), time.monotonic())
-        agent._results()
+        assert agent.fileset.next_scan > 0
+        agent.reader.read_all(time.time(), time.monotonic())
+        agent.ledger.results()
         assert agent.ledger.inflight == 0 and agent.counters.records_acked == 1
         assert b"".join(v for v, _ in sender.sent) == log.read_bytes()
-        agent._finish_detached(time.monotonic())  # nothing rotated: nothing closed
+        agent.fileset.finish_detached(time.monotonic())  # nothing rotated: nothing closed
         assert len(agent.files) == 1 and not agent.closed
     finally:
         for f in agent.files.values():
