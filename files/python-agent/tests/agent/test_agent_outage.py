@@ -31,10 +31,13 @@ def _metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.split()
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+PAUSED_MEMORY = 'keplerlog_agent_paused{reason="memory"}'
 
 
 def _rss_mb(pid: int) -> float:
@@ -82,10 +85,12 @@ def test_kafka_down_longer_than_every_client_timeout(tmp_path):
         append(bulk, lines("down", 100_000, width=100))  # 10 MB at once while Kafka is down
         peak_inflight = peak_rss = 0.0
         max_read = 0.0
+        paused_samples = []
         while time.monotonic() - down_at < OUTAGE_S:
             m = _metrics(port)
             peak_inflight = max(peak_inflight, m["keplerlog_agent_inflight_bytes"])
             max_read = m["keplerlog_agent_bytes_read_total"]
+            paused_samples.append(m[PAUSED_MEMORY])
             peak_rss = max(peak_rss, _rss_mb(pid))
             assert agent.proc.poll() is None, agent.output()
             time.sleep(2)
@@ -94,6 +99,8 @@ def test_kafka_down_longer_than_every_client_timeout(tmp_path):
         assert peak_inflight <= CAP
         assert max_read < 2.5 * CAP + writer.n * 100, "kept reading past its buffer cap"
         assert peak_rss < 80, f"RSS {peak_rss:.0f} MB during the outage"
+        # and said so: paused for memory in most samples once the 10 MB were waiting
+        assert sum(paused_samples) >= len(paused_samples) // 2, paused_samples
         acked_before = _metrics(port)["keplerlog_agent_bytes_acked_total"]
         for node in cluster.nodes:
             node.start()
@@ -110,6 +117,7 @@ def test_kafka_down_longer_than_every_client_timeout(tmp_path):
         # content() asserts no gap and that every replay equals what it replays
         reader.wait_contents({str(log): [log.read_bytes()], str(bulk): [bulk.read_bytes()]}, timeout=120)
         assert agent.proc.pid == pid and agent.proc.poll() is None, "the agent restarted"
+        assert _metrics(port)[PAUSED_MEMORY] == 0  # everything shipped: reading is not paused
         assert agent.stop() == 0, agent.output()
         state = json.loads((tmp_path / "state" / "agent-state.json").read_text())["files"]
         sizes = sorted([log.stat().st_size, bulk.stat().st_size])
