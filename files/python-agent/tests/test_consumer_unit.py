@@ -230,6 +230,26 @@ def test_journal_recovery_rollback_and_roll_forward(tmp_path):
     assert target.read_bytes() == data and live.intent_path.exists()
 
 
+def test_written_counters_past_the_label_cap_and_the_latency_samples_past_their_cap(tmp_path, monkeypatch):
+    """More day files than the router remembers labels for (cap 2 here, 5 modules): each batch's
+    bytes and lines are still counted for the right service and module; a batch of 1,000 records
+    costs at most LATENCY_SAMPLES_PER_BATCH latency observations."""
+    from keplerlog.consumer import metrics as metrics_mod
+    from keplerlog.consumer import route as route_mod
+
+    monkeypatch.setattr(route_mod, "LABELS_CAP", 2)
+    sink = make_sink(tmp_path)
+    recs = [rec(i, batch(0, b"x\ny\n", module=f"m{i}", file_id=f"f{i}"), b"x\ny\n") for i in range(5)]
+    sink.write({TP: recs})
+    assert len(sink.router.labels) <= 2
+    assert dict(sink.metrics.written_bytes) == {("shop", f"m{i}"): 4 for i in range(5)}
+    assert dict(sink.metrics.written_lines) == {("shop", f"m{i}"): 2 for i in range(5)}
+    m = Metrics()
+    m.observe_latency(10_000, [9_000] * 1_000)
+    count = [s.value for f in m.latency.collect() for s in f.samples if s.name.endswith("_count")]
+    assert 0 < count[0] <= metrics_mod.LATENCY_SAMPLES_PER_BATCH and len(count) == 1
+
+
 def test_bounded_open_files(tmp_path):
     sink = make_sink(tmp_path, max_open=2)
     recs = [rec(i, batch(0, b"x\n", module=f"m{i}", file_id=f"f{i}"), b"x\n") for i in range(5)]

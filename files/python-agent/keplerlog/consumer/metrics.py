@@ -130,7 +130,7 @@ class Metrics:
         """Record end-to-end latencies in seconds, at most LATENCY_SAMPLES_PER_BATCH per batch."""
         if not read_ts_ms:
             return
-        step = max(1, len(read_ts_ms) // LATENCY_SAMPLES_PER_BATCH)
+        step = -(-len(read_ts_ms) // LATENCY_SAMPLES_PER_BATCH)  # ceil: never more samples than that
         for ts in read_ts_ms[::step]:
             self.latency.observe(max(0.0, (now_ms - ts) / 1000))
 

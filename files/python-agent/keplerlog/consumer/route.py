@@ -26,6 +26,7 @@ from .lines import MARKER, Held, Holds, LinePolicy
 log = logging.getLogger(__name__)
 
 _BUCKET_MS = 15 * 60 * 1000  # every time zone offset is a multiple of 15 minutes
+LABELS_CAP = 65_536  # day files whose (service, module) the router remembers for the written counters
 LEGACY_DEFAULT_MODULE = "default"
 
 
@@ -48,6 +49,7 @@ class Plan:
     counts: Counter[str] = field(default_factory=Counter)
     quarantine_reasons: Counter[str] = field(default_factory=Counter)
     read_ts_ms: list[int] = field(default_factory=list)
+    labels: dict[str, tuple[str, str]] = field(default_factory=dict)  # day file -> (service, module)
 
     def add(self, rel: str, data: bytes) -> None:
         """Queue bytes for a file (in record order)."""
@@ -137,9 +139,10 @@ class Router:
         # because a held line end is flushed in a later batch than the one that named its file.
         self.labels: dict[str, tuple[str, str]] = {}
 
-    def _label(self, rel: str, service: str, module: str) -> None:
+    def _label(self, rel: str, service: str, module: str, plan: Plan) -> None:
+        plan.labels[rel] = (service, module)  # this batch's own: never lost to the cache's clear
         if rel not in self.labels:
-            if len(self.labels) > 65_536:  # days x services x modules: a clear costs a miss or two
+            if len(self.labels) >= LABELS_CAP:  # days x services x modules: a clear costs a miss or two
                 self.labels.clear()
             self.labels[rel] = (service, module)
 
@@ -147,7 +150,7 @@ class Router:
         """Bytes and lines a plan appends, per (service, module); quarantine is counted apart."""
         out: dict[tuple[str, str], tuple[int, int]] = {}
         for rel, chunks in plan.chunks.items():
-            labels = self.labels.get(rel)
+            labels = plan.labels.get(rel) or self.labels.get(rel)
             if labels is None:
                 continue
             nbytes, nlines = out.get(labels, (0, 0))
@@ -211,7 +214,7 @@ class Router:
         except (ValueError, OverflowError, OSError) as exc:
             self.quarantine(rec, value, f"bad kl.ts or path: {exc}", plan, now_ms)
             return
-        self._label(rel, batch.service, batch.module)
+        self._label(rel, batch.service, batch.module, plan)
 
         key = f"{batch.service}\x1f{batch.host}\x1f{batch.file_id}"
         source = _Source(key, rel, batch.path, batch.host, batch.file_id)
@@ -355,7 +358,7 @@ class Router:
         for module, texts in out.items():
             data = b"\n".join(texts) + b"\n"
             rel = self.layout.render(self.legacy_service, module, day)
-            self._label(rel, self.legacy_service, module)
+            self._label(rel, self.legacy_service, module, plan)
             plan.add(rel, data)
             plan.counts["bytes"] += len(data)
         plan.counts["legacy_records"] += 1
