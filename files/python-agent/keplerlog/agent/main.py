@@ -225,7 +225,10 @@ class Agent:
             "files_open_limit": fileset.open_limit,
             "files_waiting": fileset.waiting,
             "files_closed_known": len(fileset.closed),
-            "kafka_connected": 1 if ledger.sender.connected else 0,
+            # idle connections are closed (client and broker, ~10 min): an idle agent is not cut off
+            "kafka_connected": 1
+            if ledger.sender.broker_connected or (ledger.sender.connected and not ledger.inflight)
+            else 0,
         }
 
     def _snapshot(self) -> Snapshot:

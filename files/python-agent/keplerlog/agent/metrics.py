@@ -176,7 +176,7 @@ _GAUGE_HELP = {
     "files_open_limit": "Files the agent may keep open at once (descriptor limit minus a reserve).",
     "files_waiting": "Files a glob matches that wait for a free descriptor slot.",
     "files_closed_known": "Files shipped to their end, closed, and remembered by identity.",
-    "kafka_connected": "1 while the producer is connected to Kafka.",
+    "kafka_connected": "1 while Kafka is reachable: a live broker connection, or nothing waiting to be sent.",
 }
 _FILE_GAUGES = (
     ("file_lag_bytes", "lag", "Bytes of the file not yet acknowledged by Kafka."),

@@ -79,6 +79,24 @@ class Sender:
         return self._producer is not None
 
     @property
+    def broker_connected(self) -> bool:
+        """True while a producer exists and holds at least one live broker connection.
+
+        `connected` stays True through an outage (the producer lives on and retries), so the
+        metric an operator alerts on reads kafka-python's client instead: with every broker
+        down it has no connection. Read at scrape time only; should the library's internals
+        change, it falls back to `connected` rather than reporting an outage that is not one.
+        """
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            client = producer._sender._client
+            return any(client.connected(broker.node_id) for broker in client.cluster.brokers())
+        except Exception:  # private internals moved: the coarser answer
+            return True
+
+    @property
     def broken(self) -> bool:
         """True when the producer is in kafka-python's fatal state: it will never deliver again."""
         manager = getattr(self._producer, "_transaction_manager", None)

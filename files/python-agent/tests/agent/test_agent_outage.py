@@ -38,6 +38,7 @@ def _metrics(port: int) -> dict[str, float]:
 
 
 PAUSED_MEMORY = 'keplerlog_agent_paused{reason="memory"}'
+CONNECTED = "keplerlog_agent_kafka_connected"
 
 
 def _rss_mb(pid: int) -> float:
@@ -79,18 +80,20 @@ def test_kafka_down_longer_than_every_client_timeout(tmp_path):
         reader.wait_for(lambda: bool(reader.records))
         reader.close()
         reader = None
+        assert _metrics(port)[CONNECTED] == 1
         for node in cluster.nodes:
             node.stop(signal.SIGKILL)  # a crash; also much faster than a clean shutdown
         down_at = time.monotonic()
         append(bulk, lines("down", 100_000, width=100))  # 10 MB at once while Kafka is down
         peak_inflight = peak_rss = 0.0
         max_read = 0.0
-        paused_samples = []
+        paused_samples, connected_samples = [], []
         while time.monotonic() - down_at < OUTAGE_S:
             m = _metrics(port)
             peak_inflight = max(peak_inflight, m["keplerlog_agent_inflight_bytes"])
             max_read = m["keplerlog_agent_bytes_read_total"]
             paused_samples.append(m[PAUSED_MEMORY])
+            connected_samples.append(m[CONNECTED])
             peak_rss = max(peak_rss, _rss_mb(pid))
             assert agent.proc.poll() is None, agent.output()
             time.sleep(2)
@@ -101,6 +104,8 @@ def test_kafka_down_longer_than_every_client_timeout(tmp_path):
         assert peak_rss < 80, f"RSS {peak_rss:.0f} MB during the outage"
         # and said so: paused for memory in most samples once the 10 MB were waiting
         assert sum(paused_samples) >= len(paused_samples) // 2, paused_samples
+        # and that Kafka is away: no broker connection after the first seconds (the alert's input)
+        assert sum(connected_samples[5:]) == 0, connected_samples
         acked_before = _metrics(port)["keplerlog_agent_bytes_acked_total"]
         for node in cluster.nodes:
             node.start()
@@ -118,6 +123,7 @@ def test_kafka_down_longer_than_every_client_timeout(tmp_path):
         reader.wait_contents({str(log): [log.read_bytes()], str(bulk): [bulk.read_bytes()]}, timeout=120)
         assert agent.proc.pid == pid and agent.proc.poll() is None, "the agent restarted"
         assert _metrics(port)[PAUSED_MEMORY] == 0  # everything shipped: reading is not paused
+        assert _metrics(port)[CONNECTED] == 1
         assert agent.stop() == 0, agent.output()
         state = json.loads((tmp_path / "state" / "agent-state.json").read_text())["files"]
         sizes = sorted([log.stat().st_size, bulk.stat().st_size])
