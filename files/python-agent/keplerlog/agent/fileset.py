@@ -97,6 +97,12 @@ class FileSet:
         # when their path moves on, only bytes written since count. A file closed for idleness
         # is followed where it went, like a live file that rotates (see `_finish_moved`).
         self._finished: set[FileKey] = set()
+        # The modification time (ns) of each closed file when it was closed. "Same inode, same
+        # size" is not "unchanged": a file system reuses a deleted file's inode at once, and a
+        # new file of the old one's size would be skipped unread. With the mtime too it is
+        # opened, its first bytes checked, and read from 0. Missing (closed files loaded from
+        # the state file): opened once to check.
+        self._closed_mtime: dict[FileKey, int] = {}
         # Copies of followed files (copytruncate's `app.log.1` matched by the glob before the
         # truncation was noticed): their bytes are the followed file's, shipped under its id.
         self.copies: set[FileKey] = set()
@@ -115,7 +121,7 @@ class FileSet:
         if not self._can_list(dirs):
             return  # glob would see nothing: that must not read as "every file was deleted"
         self.watched_all = self.watcher.watch_dirs(dirs) and self._flat_globs
-        found: dict[FileKey, tuple[str, InputConfig, int]] = {}
+        found: dict[FileKey, tuple[str, InputConfig, int, int]] = {}
         for inp in self.cfg.inputs:
             for pattern in inp.paths:
                 for path in sorted(glob.glob(pattern)):
@@ -126,7 +132,7 @@ class FileSet:
                     except OSError:
                         continue
                     if stat.S_ISREG(st.st_mode):
-                        found.setdefault((st.st_dev, st.st_ino), (path, inp, st.st_size))
+                        found.setdefault((st.st_dev, st.st_ino), (path, inp, st.st_size, st.st_mtime_ns))
         for key, f in self.files.items():
             if key not in found and not f.detached:
                 f.detached = True
@@ -141,15 +147,17 @@ class FileSet:
             for key in gone:
                 self.closed.pop(key, None)  # deleted, or moved and followed: nothing to resume
         self._finished &= self.closed.keys()
+        if len(self._closed_mtime) > len(self.closed):
+            self._closed_mtime = {k: m for k, m in self._closed_mtime.items() if k in self.closed}
         self.copies &= found.keys()
         waiting = 0
         self._by_path = {f.path: f for f in self.files.values()}  # kept up to date by open()
         try:
-            for key, (path, inp, size) in found.items():
+            for key, (path, inp, size, mtime) in found.items():
                 if key in self.files or key in self.copies:
                     continue
                 done = self.closed.get(key)
-                if done is not None and size == done.offset:
+                if done is not None and size == done.offset and self._closed_mtime.get(key) == mtime:
                     continue  # shipped to its end and unchanged: not even opened
                 if len(self.files) >= self.open_limit or not self.open(path, inp, mono):
                     waiting += 1
@@ -226,6 +234,10 @@ class FileSet:
 
     def _retire(self, key: FileKey, f: TailedFile) -> None:
         """Close a file shipped to its end and remember it by identity (see `closed`)."""
+        try:
+            self._closed_mtime[key] = os.fstat(f.fd).st_mtime_ns
+        except OSError:
+            self._closed_mtime.pop(key, None)  # unknown: opened and checked at the next rescan
         f.close()
         del self.files[key]
         self.closed[key] = checkpoint.state_of(f)
@@ -266,6 +278,8 @@ class FileSet:
             ident = state.identity()
             if ident.fingerprint.matches_fd(fd) and state.offset <= st.st_size:
                 identity, offset = ident, state.offset
+            elif key in self._finished:  # shipped to its end after a rotation: a new file
+                log.info("%s: inode of finished %s reused; reading from 0", path, state.file_id)
             else:
                 log.info("%s: inode reused or truncated since it was last read; reading from 0", path)
                 self._finish_from_copy(path, inp, state, mono)

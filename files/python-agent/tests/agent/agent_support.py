@@ -212,6 +212,10 @@ class FakeSender:
         self.connected = True
         return True
 
+    @property
+    def broker_connected(self) -> bool:
+        return self.connected
+
     def send(self, value: bytes, key: bytes, headers: list, token: tuple) -> None:
         self.sent.append((value, token))
         if self._auto:
