@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         "--threshold", type=float, default=DEFAULT_THRESHOLD, help="loss rate that fails (default 0.0001)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed): a return code
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         day = _day(args.day)
         threshold = _threshold(args.threshold)

@@ -152,7 +152,7 @@ def parse(data: bytes, day: str | None = None) -> Report:
     if not isinstance(body, dict):
         raise ReportError("not a JSON object")
     if body.get("format") != FORMAT:
-        raise ReportError(f"format {str(body.get('format'))[:20]!r} not supported (expected {FORMAT})")
+        raise ReportError(f"format {json.dumps(body.get('format'))[:20]} not supported (expected {FORMAT})")
     found_day = body.get("day")
     if not isinstance(found_day, str) or not is_day(found_day):
         raise ReportError("day is not YYYYMMDD")
