@@ -663,3 +663,29 @@ def test_plan_never_carries_a_watermark(tmp_path):
         router.route(rec, files, plan, DAY1, holds, mk)
     assert b"".join(b"".join(c) for c in plan.chunks.values()) == b"".join(lines(2))
     assert plan.audit_days == {("t", 0, "20231114")} and list(mk) == [KEY]
+
+
+def test_a_partition_read_again_from_a_pinned_offset_keeps_its_marks(tmp_path):
+    """A held line pins the partition's offset: after a restart the watermarks behind it are read
+    again onto marks that already hold them (day 1 and day 2). They are skipped, not re-applied
+    (re-applying yesterday's first watermark would pull today's window back)."""
+    held = data_records([b"x\nheld without end"], file_id="f2")  # Kafka offset 0: the pin
+    f1 = [
+        data_records([b"abcd\n"], first_kafka=1)[0],
+        wm(2, acked=5),
+        data_records([b"efgh\n"], first_kafka=3, offset=5)[0],
+        wm(4, acked=10),
+        data_records([b"012345678\n"], first_kafka=5, offset=10)[0],
+        wm(6, acked=20, ts=DAY2),
+    ]
+    sink = make_sink(tmp_path, "one")
+    sink.write({TP: [*held, *f1]})
+    assert Journal(str(tmp_path), "r").load(*TP).next_offset == 0  # the pin really holds the offset
+    before = _reports(tmp_path)
+    assert json.loads(before[report_rel("20231115", *TP)])["sources"][0]["shipped"] == 10
+    die(sink)
+    again = make_sink(tmp_path, "two")
+    assert again.assign([TP]) == {TP: 0}
+    again.write({TP: [*held, *f1]})
+    assert again.metrics.counts["watermarks_replayed"] == 3 and again.metrics.counts["watermarks"] == 0
+    assert _reports(tmp_path) == before

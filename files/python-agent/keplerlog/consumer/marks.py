@@ -13,7 +13,10 @@ are immutable (a batch that fails is planned again from the previous ones) and l
 partition state (journal.py), saved atomically with the coverage they were computed from.
 
 Reconciling is deterministic: replaying the same records onto the same state gives the same
-mark (no wall-clock time enters a report), so a crash anywhere replays to the same report.
+mark (no wall-clock time enters a report), so a crash anywhere replays to the same report. A
+partition can also be read again from *before* records its state already holds (a held line
+pins the offset, lines.py): a watermark that is not newer than the mark's, by Kafka offset and
+by agent clock, was reconciled already and is skipped (`replayed`).
 
 Size: a mark is one compact JSON list, ~250 bytes for a typical file, encoded once when it is
 made (the state is rewritten every batch; unchanged marks cost a string join, not an encode).
@@ -94,6 +97,7 @@ class Mark:
     host: str
     file_id: str
     heard_ms: int  # consumer clock of the latest watermark: expiry only, never reported
+    offset: int  # Kafka offset of the latest watermark (in this partition)
     cur: Snap
     prev: Snap | None = None
     given_up: tuple[Span, ...] = ()  # holes coverage treats as written although never stored
@@ -114,6 +118,7 @@ class Mark:
             self.host,
             self.file_id,
             self.heard_ms,
+            self.offset,
             _flat(self.given_up),
             _snap_list(cur, None),
             None if prev is None else _snap_list(prev, cur),
@@ -148,19 +153,30 @@ def _snap_list(snap: Snap, shared: Snap | None) -> list[object]:
 # -- reconciliation ------------------------------------------------------------------------------
 
 
+def replayed(old: Mark | None, wm: Watermark, offset: int) -> bool:
+    """Tell whether watermark `wm` at Kafka `offset` is already in the mark (read again).
+
+    Both must hold: an agent clock that went back is still a new watermark (higher offset), and
+    so is one on a topic that was recreated (offsets from 0 again, a later clock).
+    """
+    return old is not None and offset <= old.offset and wm.ts_ms <= old.cur.ts_ms
+
+
 def reconcile(
     old: Mark | None,
     wm: Watermark,
     day: str,
     entry: coverage.Entry | None,
     held: Held | None,
+    offset: int,
     heard_ms: int,
     now_ms: int,
 ) -> Mark:
     """Return the source's mark after watermark `wm` (of `day`), given its coverage and holds.
 
-    `heard_ms`: the watermark record's Kafka timestamp, the "incomplete since" time (the same on
-    a replay). An agent clock that went back to an earlier day keeps the mark on its day.
+    `offset`, `heard_ms`: the watermark record's Kafka offset and timestamp (the "incomplete
+    since" time, the same on a replay). An agent clock that went back to an earlier day keeps
+    the mark on its day.
     """
     lost_counted: tuple[Span, ...] = ()
     if old is not None and day <= old.cur.day:
@@ -204,7 +220,7 @@ def reconcile(
         since_ms=since,
         lost_counted=lost_counted,
     )
-    return Mark(wm.service, wm.host, wm.file_id, now_ms, cur, prev, given_up)
+    return Mark(wm.service, wm.host, wm.file_id, now_ms, offset, cur, prev, given_up)
 
 
 def _disjoint(lost: Lost) -> Lost:
@@ -316,14 +332,14 @@ def _pairs(value: object, limit: int) -> tuple[Span, ...]:
 
 
 def _mark_from(item: object) -> Mark:
-    if not isinstance(item, list) or len(item) != 7:
-        raise ValueError("a mark is a list of 7")
+    if not isinstance(item, list) or len(item) != 8:
+        raise ValueError("a mark is a list of 8")
     service = _str(item[0], MAX_HEADER_BYTES["kl.service"])
     host = _str(item[1], MAX_HEADER_BYTES["kl.host"])
     file_id = _str(item[2], MAX_HEADER_BYTES["kl.file"])
-    cur = _snap_from(item[5], None)
-    prev = None if item[6] is None else _snap_from(item[6], cur)
-    return Mark(service, host, file_id, _int(item[3]), cur, prev, _pairs(item[4], MAX_SPANS))
+    cur = _snap_from(item[6], None)
+    prev = None if item[7] is None else _snap_from(item[7], cur)
+    return Mark(service, host, file_id, _int(item[3]), _int(item[4]), cur, prev, _pairs(item[5], MAX_SPANS))
 
 
 def _snap_from(item: object, shared: Snap | None) -> Snap:

@@ -22,7 +22,7 @@ from keplerlog.record import RecordFormatError, decode_headers, decode_watermark
 
 from . import coverage, spans
 from .lines import MARKER, Held, Holds, LinePolicy
-from .marks import Mark, note_given_up, reconcile
+from .marks import Mark, note_given_up, reconcile, replayed
 
 log = logging.getLogger(__name__)
 
@@ -263,16 +263,22 @@ class Router:
         except (ValueError, OverflowError, OSError) as exc:
             self.quarantine(rec, value, f"bad kl.ts or path: {exc}", plan, now_ms)
             return
-        plan.counts["watermarks"] += 1
         key = f"{wm.service}\x1f{wm.host}\x1f{wm.file_id}"
         entry = files.get(key)
         if entry is not None and entry[0] < now_ms:  # still followed: its ranges must not expire
             files[key] = [now_ms, *entry[1:]]
         if marks is None:
+            plan.counts["watermarks"] += 1
             return
+        old = marks.get(key)
+        if replayed(old, wm, rec.offset):  # read again from before the state's end (a pin)
+            plan.counts["watermarks_replayed"] += 1
+            return
+        plan.counts["watermarks"] += 1
         heard_ms = rec.timestamp if rec.timestamp is not None and rec.timestamp > 0 else now_ms
-        marks[key] = reconcile(marks.get(key), wm, day, entry, holds.get(key), heard_ms, now_ms)
-        plan.audit_days.add((rec.topic, rec.partition, marks[key].cur.day))
+        mark = reconcile(old, wm, day, entry, holds.get(key), rec.offset, heard_ms, now_ms)
+        marks[key] = mark
+        plan.audit_days.add((rec.topic, rec.partition, mark.cur.day))
 
     def _accept(
         self,

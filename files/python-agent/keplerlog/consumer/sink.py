@@ -220,8 +220,8 @@ class Sink:
             return
         try:
             self.report_writer.write(due)
-        except OSError as exc:
-            if exc.errno in DISK_FULL_ERRNOS:
+        except (OSError, ValueError) as exc:  # ValueError: a topic name that is no file name
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
                 raise
             plan.counts["audit_report_failures"] += 1
             log.error("audit reports not written: %s", exc)
