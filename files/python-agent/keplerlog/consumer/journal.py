@@ -28,6 +28,7 @@ from keplerlog.paths import UnsafePathError, make_dirs, open_beneath
 from . import coverage
 from .files import parallel
 from .locks import Locks
+from .marks import Mark, decode_all, encode_all
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,25 @@ class PartitionState:
     """What one partition has durably written.
 
     `next_offset` is the next Kafka offset to read (authoritative over the group commit);
-    `files` maps a source file key to its written byte ranges (coverage.py) for replay dedup.
+    `files` maps a source file key to its written byte ranges (coverage.py) for replay dedup;
+    `marks` maps it to its latest reconciled watermark (marks.py), for the completeness audit.
     """
 
     next_offset: int | None = None
     files: dict[str, coverage.Entry] = field(default_factory=dict)
+    marks: dict[str, Mark] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         """Return the serialisable form."""
-        return {"next_offset": self.next_offset, "files": self.files}
+        body: dict[str, object] = json.loads(self.dumps())
+        return body
+
+    def dumps(self) -> str:
+        """Return the JSON text; marks are joined from their own, already encoded, JSON."""
+        head = json.dumps({"next_offset": self.next_offset, "files": self.files})
+        if not self.marks:
+            return head
+        return f'{head[:-1]}, "marks": {encode_all(self.marks)}}}'
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> PartitionState:
@@ -58,7 +69,11 @@ class PartitionState:
             raise ValueError("next_offset is not an integer")
         if not isinstance(files, dict):
             raise ValueError("files is not a mapping")
-        return cls(next_offset, {str(k): coverage.from_state(v) for k, v in files.items()})
+        return cls(
+            next_offset,
+            {str(k): coverage.from_state(v) for k, v in files.items()},
+            decode_all(data.get("marks")),  # absent in state files older than the audit
+        )
 
 
 def state_name(topic: str, partition: int) -> str:
@@ -107,7 +122,7 @@ class Journal:
                 tmp = self.dir / f".{name}.tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
                 fds.append(fd)
-                view = memoryview(json.dumps(state.to_json()).encode())
+                view = memoryview(state.dumps().encode())
                 while view:
                     view = view[os.write(fd, view) :]
             parallel(os.fsync, fds)
@@ -126,13 +141,9 @@ class Journal:
 
     def commit(self, files: dict[str, tuple[int, int]], states: dict[str, PartitionState]) -> None:
         """Mark the appended data as complete: from here on recovery rolls forward."""
-        body = {
-            "consumer": self.consumer_id,
-            "phase": "commit",
-            "files": files,
-            "states": {name: s.to_json() for name, s in states.items()},
-        }
-        atomic_write(self.intent_path, json.dumps(body).encode())
+        head = json.dumps({"consumer": self.consumer_id, "phase": "commit", "files": files})
+        encoded = ", ".join(f"{json.dumps(name)}: {s.dumps()}" for name, s in states.items())
+        atomic_write(self.intent_path, f'{head[:-1]}, "states": {{{encoded}}}}}'.encode())
 
     def finish(self, states: dict[str, PartitionState]) -> None:
         """Apply the committed states and drop the intent."""

@@ -15,13 +15,15 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from keplerlog import __version__
 from keplerlog.metrics_http import FunctionCollector, Server, new_registry, serve
+
+from . import route
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,16 @@ COUNTERS = {
     "commit_failures": "Kafka offset commits that failed (the state file is authoritative)",
     "connect_failures": "Attempts to reach Kafka that failed at start (the log says why)",
     "recovered_intents": "Write-ahead intents of dead consumers completed or undone",
+    "watermarks": "Agent watermarks reconciled with the stored byte ranges (never written to a day file)",
+    "watermarks_replayed": "Watermarks read again after a restart (already reconciled: skipped)",
+    "audit_marks_evicted": "Audit marks forgotten because a partition tracked more than its cap",
+    "audit_report_failures": "Daily audit report writes that failed for another reason than a full disk",
+}
+# Per service and module, from the latest watermark of every file this consumer's partitions hold.
+AUDIT_GAUGES = {
+    "audit_missing_bytes": "Bytes agents had acknowledged that are in no day file (e.g. deleted unread).",
+    "audit_files_incomplete": "Source files with missing bytes as of their latest watermark.",
+    "audit_source_lost_bytes": "Bytes agents reported lost at the source (truncated, rotated, deleted).",
 }
 
 
@@ -84,6 +96,7 @@ class Metrics:
         self.written_lines: Counter[tuple[str, str]] = Counter()
         self.gauges: dict[str, float] = {}
         self.lag: dict[tuple[str, int], int] = {}
+        self.audit: dict[tuple[str, str], tuple[int, int, int]] = {}
         self.registry = new_registry()
         self.registry.register(FunctionCollector(self._families))
         self.latency = Histogram(
@@ -134,6 +147,24 @@ class Metrics:
         for ts in read_ts_ms[::step]:
             self.latency.observe(max(0.0, (now_ms - ts) / 1000))
 
+    def set_audit(self, per_partition: Iterable[dict[tuple[str, str], tuple[int, int, int]]]) -> None:
+        """Replace the audit gauges: per (service, module) missing bytes, incomplete files, lost bytes.
+
+        At most route.LABELS_CAP label pairs (those with the most missing, then lost bytes), so
+        crafted names cannot grow a scrape without bound.
+        """
+        merged: dict[tuple[str, str], tuple[int, int, int]] = {}
+        for totals in per_partition:
+            for labels, (missing, incomplete, lost) in totals.items():
+                m, i, lo = merged.get(labels, (0, 0, 0))
+                merged[labels] = (m + missing, i + incomplete, lo + lost)
+        cap = route.LABELS_CAP
+        if len(merged) > cap:
+            top = sorted(merged, key=lambda k: (merged[k][0], merged[k][2]), reverse=True)[:cap]
+            merged = {k: merged[k] for k in top}
+        with self._lock:
+            self.audit = merged
+
     def set_lag(self, lag: dict[tuple[str, int], int]) -> None:
         """Replace the per-partition lag (records not yet durable and committed)."""
         with self._lock:
@@ -156,6 +187,7 @@ class Metrics:
             gauges = dict(self.gauges)
             written = [(k, self.written_bytes[k], self.written_lines[k]) for k in sorted(self.written_bytes)]
             lag = sorted(self.lag.items())
+            audit = sorted(self.audit.items())
         for name, help_text in COUNTERS.items():
             yield CounterMetricFamily(f"{PREFIX}{name}", help_text, value=counts.get(name, 0))
         by_reason = CounterMetricFamily(
@@ -187,6 +219,11 @@ class Metrics:
         for (topic, partition), value in lag:
             lag_family.add_metric([topic, str(partition)], value)
         yield lag_family
+        for column, (name, help_text) in enumerate(AUDIT_GAUGES.items()):
+            family = GaugeMetricFamily(f"{PREFIX}{name}", help_text, labels=["service", "module"])
+            for (service, module), values in audit:
+                family.add_metric([service, module], values[column])
+            yield family
         for name, value in sorted(gauges.items()):
             yield GaugeMetricFamily(f"{PREFIX}{name}", GAUGE_HELP.get(name, name), value=value)
         if self.root:

@@ -18,16 +18,18 @@ from zoneinfo import ZoneInfo
 from keplerlog.layout import Layout, quarantine_path
 from keplerlog.names import name_problem
 from keplerlog.paths import PathGuard, UnsafePathError
-from keplerlog.record import RecordFormatError, decode_headers, split_legacy
+from keplerlog.record import RecordFormatError, decode_headers, decode_watermark, is_watermark, split_legacy
 
-from . import coverage
+from . import coverage, spans
 from .lines import MARKER, Held, Holds, LinePolicy
+from .marks import Mark, note_given_up, reconcile, replayed
 
 log = logging.getLogger(__name__)
 
 _BUCKET_MS = 15 * 60 * 1000  # every time zone offset is a multiple of 15 minutes
 LABELS_CAP = 65_536  # day files whose (service, module) the router remembers for the written counters
 LEGACY_DEFAULT_MODULE = "default"
+_FULL_ENTRY = 2 * coverage.MAX_RANGES + 1  # a coverage entry this long gives up a hole on its next gap
 
 
 class RecordLike(Protocol):
@@ -50,6 +52,7 @@ class Plan:
     quarantine_reasons: Counter[str] = field(default_factory=Counter)
     read_ts_ms: list[int] = field(default_factory=list)
     labels: dict[str, tuple[str, str]] = field(default_factory=dict)  # day file -> (service, module)
+    audit_days: set[tuple[str, int, str]] = field(default_factory=set)  # watermarks' (topic, partition, day)
 
     def add(self, rel: str, data: bytes) -> None:
         """Queue bytes for a file (in record order)."""
@@ -180,17 +183,23 @@ class Router:
         plan: Plan,
         now_ms: int,
         holds: Holds | None = None,
+        marks: dict[str, Mark] | None = None,
     ) -> None:
         """Route one record; never raises for bad input (it goes to quarantine instead).
 
-        `files` (written ranges) and `holds` (incomplete line ends) are the partition's, changed
-        in place; the caller passes copies and keeps them only once the batch is durable.
-        Without `holds`, an incomplete end is held only until the end of this call's record.
+        `files` (written ranges), `holds` (incomplete line ends) and `marks` (reconciled
+        watermarks) are the partition's, changed in place; the caller passes copies and keeps
+        them only once the batch is durable. Without `holds`, an incomplete end is held only
+        until the end of this call's record; without `marks`, watermarks are checked, counted
+        and dropped.
         """
         if holds is None:
             holds = {}
         value = rec.value or b""
         if not value:
+            if is_watermark(rec.headers):  # a watermark is never empty: a malformed one
+                self.quarantine(rec, value, "watermark value empty", plan, now_ms)
+                return
             plan.counts["empty_records"] += 1
             return
         headers = rec.headers
@@ -200,7 +209,10 @@ class Router:
         try:
             batch = decode_headers(headers)
         except RecordFormatError as exc:
-            self.quarantine(rec, value, str(exc), plan, now_ms)
+            if is_watermark(headers):  # off the data records' path: they decode
+                self._watermark(rec, value, files, holds, marks, plan, now_ms)
+            else:
+                self.quarantine(rec, value, str(exc), plan, now_ms)
             return
         problem = name_problem(batch.service) or name_problem(batch.module)
         if problem:
@@ -218,7 +230,55 @@ class Router:
 
         key = f"{batch.service}\x1f{batch.host}\x1f{batch.file_id}"
         source = _Source(key, rel, batch.path, batch.host, batch.file_id)
-        self._accept(source, batch.offset, value, batch.ts_ms, rec.offset, files, holds, plan, now_ms)
+        self._accept(source, batch.offset, value, batch.ts_ms, rec.offset, files, holds, plan, now_ms, marks)
+
+    def _watermark(
+        self,
+        rec: RecordLike,
+        value: bytes,
+        files: dict[str, coverage.Entry],
+        holds: Holds,
+        marks: dict[str, Mark] | None,
+        plan: Plan,
+        now_ms: int,
+    ) -> None:
+        """Reconcile a watermark with its source's stored ranges; it is never written to a day file.
+
+        Checked as a data record is (format, names, day, path), and quarantined alike. Its day
+        (of the agent's clock, in the day files' zone) picks the report it goes into.
+        """
+        try:
+            wm = decode_watermark(rec.headers, value)
+        except RecordFormatError as exc:
+            self.quarantine(rec, value, str(exc), plan, now_ms)
+            return
+        problem = name_problem(wm.service) or name_problem(wm.module)
+        if problem:
+            plan.counts["unsafe_names"] += 1
+            self.quarantine(rec, value, f"unsafe service/module: {problem}", plan, now_ms)
+            return
+        try:
+            day = self.day(self.ts_window.pick(wm.ts_ms, now_ms, plan.counts))
+            self.guard.check(self.layout.render(wm.service, wm.module, day))
+        except (ValueError, OverflowError, OSError) as exc:
+            self.quarantine(rec, value, f"bad kl.ts or path: {exc}", plan, now_ms)
+            return
+        key = f"{wm.service}\x1f{wm.host}\x1f{wm.file_id}"
+        entry = files.get(key)
+        if entry is not None and entry[0] < now_ms:  # still followed: its ranges must not expire
+            files[key] = [now_ms, *entry[1:]]
+        if marks is None:
+            plan.counts["watermarks"] += 1
+            return
+        old = marks.get(key)
+        if replayed(old, wm, rec.offset):  # read again from before the state's end (a pin)
+            plan.counts["watermarks_replayed"] += 1
+            return
+        plan.counts["watermarks"] += 1
+        heard_ms = rec.timestamp if rec.timestamp is not None and rec.timestamp > 0 else now_ms
+        mark = reconcile(old, wm, day, entry, holds.get(key), rec.offset, heard_ms, now_ms)
+        marks[key] = mark
+        plan.audit_days.add((rec.topic, rec.partition, mark.cur.day))
 
     def _accept(
         self,
@@ -231,6 +291,7 @@ class Router:
         holds: Holds,
         plan: Plan,
         now_ms: int,
+        marks: dict[str, Mark] | None = None,
     ) -> None:
         """Join a record with its source's held bytes, hold its incomplete end, write the rest."""
         held = holds.get(src.key)
@@ -252,17 +313,17 @@ class Router:
             elif start < held.start:  # a re-send ending inside the held bytes: keep its head
                 value, end = value[: held.start - start], held.start
             else:  # the source went on elsewhere (a gap): the held line will not be completed
-                self.flush(src.key, holds, files, plan, now_ms, cut=False)
+                self.flush(src.key, holds, files, plan, now_ms, cut=False, marks=marks)
         cut = value.rfind(b"\n") + 1
         if cut < len(value) and not coverage.covered(files.get(src.key), start + cut, end):
             if cut:  # the whole lines first, then the incomplete end (file order kept)
-                self._write(src, start, value[:cut], ts_ms, files, plan, now_ms)
+                self._write(src, start, value[:cut], ts_ms, files, plan, now_ms, marks)
             tail = value[cut:]
             holds[src.key] = Held(src.rel, start + cut, tail, ts_ms, kafka_offset, time.monotonic(), src.path)
             if len(tail) >= self.lines.max_line_bytes:
-                self.flush(src.key, holds, files, plan, now_ms, cut=True)
+                self.flush(src.key, holds, files, plan, now_ms, cut=True, marks=marks)
             return
-        self._write(src, start, value, ts_ms, files, plan, now_ms)
+        self._write(src, start, value, ts_ms, files, plan, now_ms, marks)
 
     def flush(
         self,
@@ -272,6 +333,7 @@ class Router:
         plan: Plan,
         now_ms: int,
         cut: bool,
+        marks: dict[str, Mark] | None = None,
     ) -> None:
         """Write a source's held bytes now, marked as a piece (`cut`) or with a newline added.
 
@@ -279,7 +341,7 @@ class Router:
         """
         held = holds.pop(key)
         src = _Source(key, held.rel, held.path, "", "")
-        if self._write(src, held.start, held.data, held.ts_ms, files, plan, now_ms):
+        if self._write(src, held.start, held.data, held.ts_ms, files, plan, now_ms, marks):
             plan.add(held.rel, MARKER if cut else b"\n")
             plan.counts["lines_cut" if cut else "newlines_added"] += 1
             plan.counts["bytes"] += len(MARKER) if cut else 1
@@ -293,11 +355,15 @@ class Router:
         files: dict[str, coverage.Entry],
         plan: Plan,
         now_ms: int,
+        marks: dict[str, Mark] | None = None,
     ) -> int:
         """Append the parts of [start, start + len(value)) not written yet; returns their size."""
         gaps_before = plan.counts["gaps"]
-        decision = coverage.decide(files.get(src.key), start, start + len(value), now_ms, plan.counts)
+        old = files.get(src.key)
+        decision = coverage.decide(old, start, start + len(value), now_ms, plan.counts)
         files[src.key] = decision.entry
+        if old is not None and len(old) == _FULL_ENTRY and marks:  # a hole may have been given up
+            self._given_up(src.key, old, decision.entry, start, start + len(value), marks)
         if plan.counts["gaps"] != gaps_before:
             self.limited.warning(
                 "gap",
@@ -321,6 +387,18 @@ class Router:
         plan.counts["bytes"] += written
         plan.read_ts_ms.append(ts_ms)
         return written
+
+    @staticmethod
+    def _given_up(
+        key: str, old: coverage.Entry, new: coverage.Entry, start: int, end: int, marks: dict[str, Mark]
+    ) -> None:
+        """Keep holes coverage gave up (treated as written) as missing in the source's mark."""
+        mark = marks.get(key)
+        if mark is None:  # no watermark yet: nothing to reconcile the hole with
+            return
+        gone = spans.given_up(old[1:], new[1:], start, end)
+        if gone:
+            marks[key] = note_given_up(mark, gone)
 
     def _legacy(self, rec: RecordLike, value: bytes, plan: Plan, now_ms: int) -> None:
         """Original Flume records: `module##$$##text` lines, filed under the legacy service.

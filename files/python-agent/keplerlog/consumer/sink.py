@@ -12,10 +12,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from keplerlog.paths import UnsafePathError
 
-from . import coverage, lines
-from .files import DiskFullError, FileCache
+from . import coverage, lines, marks, reports
+from .files import DISK_FULL_ERRNOS, DiskFullError, FileCache
 from .journal import Journal, PartitionState, state_name
 from .lines import Holds
+from .marks import Mark
 from .metrics import Metrics
 from .route import Plan, RecordLike, Router
 
@@ -38,6 +39,7 @@ class Sink:
         metrics: Metrics,
         state_ttl_ms: int = STATE_TTL_MS,
         max_sources: int = MAX_SOURCES,
+        max_marks: int = marks.MAX_MARKS,
     ) -> None:
         self.router = router
         self.files = files
@@ -45,6 +47,10 @@ class Sink:
         self.metrics = metrics
         self.state_ttl_ms = state_ttl_ms
         self.max_sources = max_sources
+        self.max_marks = max_marks
+        self.report_writer = reports.ReportWriter(journal.root, router.guard)
+        # Per partition: missing bytes, incomplete files, lost bytes per (service, module).
+        self.audit_totals: dict[TopicPartition, dict[tuple[str, str], tuple[int, int, int]]] = {}
         self.states: dict[TopicPartition, PartitionState] = {}
         # Incomplete line ends per partition (lines.py) and the next offset to read, in memory
         # only: after a restart they are rebuilt by reading from the state's next_offset.
@@ -66,7 +72,22 @@ class Sink:
             self.holds.pop(tp, None)  # read again from next_offset: held lines come back
             if state.next_offset is not None:
                 resume[tp] = state.next_offset
+            self._rewrite_reports(tp, state.marks)
+            self.audit_totals[tp] = marks.totals(state.marks.values())
+        self.metrics.set_audit(self.audit_totals.values())
         return resume
+
+    def _rewrite_reports(self, tp: TopicPartition, loaded: dict[str, Mark]) -> None:
+        """Write the reports of a loaded state: a previous owner may have left them behind it."""
+        if not loaded:
+            return
+        try:
+            self.report_writer.write(
+                reports.build(tp[0], tp[1], day, loaded.values()) for day in reports.days(loaded.values())
+            )
+        except (OSError, ValueError) as exc:
+            self.metrics.inc("audit_report_failures")
+            log.error("audit reports of %s-%d not rewritten: %s", tp[0], tp[1], exc)
 
     def has_expired_holds(self) -> bool:
         """Tell whether a held line end is due to be written although no record came."""
@@ -78,7 +99,9 @@ class Sink:
             self.states.pop(tp, None)
             self.holds.pop(tp, None)
             self.consumed.pop(tp, None)
+            self.audit_totals.pop(tp, None)
             self.journal.locks.release_partition(tp[0], tp[1])
+        self.metrics.set_audit(self.audit_totals.values())
 
     def write(self, batch: Mapping[TopicPartition, Sequence[RecordLike]]) -> dict[TopicPartition, int]:
         """Make a polled batch durable; returns the next offset per partition to commit.
@@ -102,6 +125,7 @@ class Sink:
         new_states: dict[str, PartitionState] = {}
         new_holds: dict[TopicPartition, Holds] = {}
         new_consumed: dict[TopicPartition, int] = {}
+        new_totals: dict[TopicPartition, dict[tuple[str, str], tuple[int, int, int]]] = {}
         offsets: dict[TopicPartition, int] = {}
         policy = self.router.lines
         for tp in [*batch, *(tp for tp in self.holds if tp not in batch)]:
@@ -123,26 +147,35 @@ class Sink:
             state = self.states.setdefault(tp, PartitionState())
             files = dict(state.files)
             holds = dict(holds)
+            tp_marks = dict(state.marks)
             for rec in records:
-                self.router.route(rec, files, plan, now_ms, holds)
+                self.router.route(rec, files, plan, now_ms, holds, tp_marks)
             for key in lines.expired(holds, policy):
-                self.router.flush(key, holds, files, plan, now_ms, cut=False)
-            self._maybe_prune(tp, files, now_ms)
+                self.router.flush(key, holds, files, plan, now_ms, cut=False, marks=tp_marks)
+            self._maybe_prune(tp, files, tp_marks, now_ms)
             if len(files) > self.max_sources:
                 self._evict(files, plan)
+            if len(tp_marks) > self.max_marks:
+                plan.counts["audit_marks_evicted"] += marks.evict(tp_marks, self.max_marks)
+            if tp_marks == state.marks:  # values compared by identity first: cheap when unchanged
+                tp_marks = state.marks
+            else:
+                new_totals[tp] = marks.totals(tp_marks.values())
             consumed = records[-1].offset + 1 if records else self.consumed[tp]
             pinned = lines.pin(holds)  # a held line's first record must be read again after a crash
             offsets[tp] = consumed if pinned is None else min(pinned, consumed)
-            new_states[state_name(tp[0], tp[1])] = PartitionState(offsets[tp], files)
+            new_states[state_name(tp[0], tp[1])] = PartitionState(offsets[tp], files, tp_marks)
             new_holds[tp] = holds
             new_consumed[tp] = consumed
         if not offsets:
             self.metrics.add(plan.counts, plan.quarantine_reasons)  # e.g. unowned_records
             return {}
+        due = self._reports_due(plan, new_states, offsets)
         if plan.chunks:
-            self._append(plan, new_states)
-        else:  # only duplicates, empties or drops: the state still moves on
+            self._append(plan, new_states, due)
+        else:  # only duplicates, empties, watermarks or drops: the state still moves on
             try:
+                self._write_reports(due, plan)
                 self.journal.save_states(new_states)
             except OSError as exc:
                 raise _as_disk_full(exc) from exc
@@ -150,6 +183,9 @@ class Sink:
             self.states[tp] = new_states[state_name(tp[0], tp[1])]
             self.holds[tp] = new_holds[tp]
             self.consumed[tp] = new_consumed[tp]
+        if new_totals:
+            self.audit_totals.update(new_totals)
+            self.metrics.set_audit(self.audit_totals.values())
         self.metrics.gauges["held_bytes"] = sum(
             len(h.data) for hs in self.holds.values() for h in hs.values()
         )
@@ -161,7 +197,36 @@ class Sink:
         self.metrics.gauges["open_files"] = len(self.files)
         return offsets
 
-    def _append(self, plan: Plan, new_states: dict[str, PartitionState]) -> None:
+    def _reports_due(
+        self, plan: Plan, new_states: dict[str, PartitionState], offsets: dict[TopicPartition, int]
+    ) -> list[reports.Report]:
+        """Build the reports of the days this batch's watermarks went into, from the new marks."""
+        due = []
+        for topic, partition, day in sorted(plan.audit_days):
+            if (topic, partition) in offsets:
+                new_marks = new_states[state_name(topic, partition)].marks
+                due.append(reports.build(topic, partition, day, new_marks.values()))
+        return due
+
+    def _write_reports(self, due: list[reports.Report], plan: Plan) -> None:
+        """Write reports before the state that holds their marks is committed.
+
+        A full disk rolls the batch back like any write of it (retried, then the same reports
+        are written again). Any other failure (a permission, a planted symlink) is logged and
+        counted but does not stop the logs: the reports come back with the next watermark of
+        their day or the next assignment of the partition.
+        """
+        if not due:
+            return
+        try:
+            self.report_writer.write(due)
+        except (OSError, ValueError) as exc:  # ValueError: a topic name that is no file name
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+                raise
+            plan.counts["audit_report_failures"] += 1
+            log.error("audit reports not written: %s", exc)
+
+    def _append(self, plan: Plan, new_states: dict[str, PartitionState], due: list[reports.Report]) -> None:
         data = {
             rel: b"".join(chunks) if len(chunks) > 1 else chunks[0] for rel, chunks in plan.chunks.items()
         }
@@ -182,6 +247,7 @@ class Sink:
                 t0 = time.monotonic()
                 self.files.sync()
                 self.metrics.fsync.observe(time.monotonic() - t0)
+                self._write_reports(due, plan)
                 self.journal.commit(sizes, new_states)
             except OSError as exc:
                 locked = False  # if the rollback fails, the locks stay until the process exits
@@ -231,8 +297,13 @@ class Sink:
         except OSError as exc:
             log.error("cannot remove intent: %s", exc)
 
-    def _maybe_prune(self, tp: TopicPartition, files: dict[str, coverage.Entry], now_ms: int) -> None:
-        """Forget source files not seen for the TTL so the state stays small (checked rarely)."""
+    def _maybe_prune(
+        self, tp: TopicPartition, files: dict[str, coverage.Entry], tp_marks: dict[str, Mark], now_ms: int
+    ) -> None:
+        """Forget source files and audit marks not seen for their TTL (checked rarely).
+
+        A watermark refreshes its file's coverage entry, so a followed file keeps its ranges.
+        """
         now = time.monotonic()
         if now - self._pruned_at.get(tp, 0.0) < _PRUNE_EVERY_S:
             return
@@ -240,6 +311,7 @@ class Sink:
         limit = now_ms - self.state_ttl_ms
         for key in [k for k, entry in files.items() if coverage.seen_ms(entry) < limit]:
             del files[key]
+        marks.expire(tp_marks, now_ms - min(self.state_ttl_ms, marks.MARK_TTL_MS))
 
     def _evict(self, files: dict[str, coverage.Entry], plan: Plan) -> None:
         """Past `max_sources`, forget the least recently seen tenth (a replay of them repeats)."""
@@ -258,8 +330,6 @@ class Sink:
 def _as_disk_full(exc: OSError) -> OSError:
     if isinstance(exc, DiskFullError):
         return exc
-    from .files import DISK_FULL_ERRNOS
-
     if exc.errno in DISK_FULL_ERRNOS:
         return DiskFullError(exc.errno, exc.strerror)
     return exc

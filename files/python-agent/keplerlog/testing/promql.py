@@ -103,6 +103,12 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         "keplerlog_consumer_quarantined_by_reason_total",
         "keplerlog_consumer_written_bytes_total",
         "keplerlog_consumer_written_lines_total",
+        # consumer completeness audit: watermarks reconciled (or skipped as read again), marks
+        # evicted, report writes that failed
+        "keplerlog_consumer_watermarks_total",
+        "keplerlog_consumer_watermarks_replayed_total",
+        "keplerlog_consumer_audit_marks_evicted_total",
+        "keplerlog_consumer_audit_report_failures_total",
         # consumer gauges; lag_records has topic, partition; info has group, version
         "keplerlog_consumer_lag_records",
         "keplerlog_consumer_last_commit_timestamp_seconds",
@@ -112,6 +118,10 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         "keplerlog_consumer_data_root_size_bytes",
         "keplerlog_consumer_disk_full_paused",
         "keplerlog_consumer_info",
+        # consumer audit gauges, per service and module (keplerlog/consumer/marks.py)
+        "keplerlog_consumer_audit_missing_bytes",
+        "keplerlog_consumer_audit_files_incomplete",
+        "keplerlog_consumer_audit_source_lost_bytes",
         # consumer histograms
         "keplerlog_consumer_latency_seconds_bucket",
         "keplerlog_consumer_latency_seconds_sum",
