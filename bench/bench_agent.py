@@ -8,6 +8,8 @@ Measures, with the agent pinned to one core:
   * end-to-end latency at 10,000 lines/s: each line carries its write time; a consumer records
     when the line becomes readable in Kafka. Consumer visibility comes after the acks=all ack, so
     this p99 is an honest upper bound of write-to-ack latency.
+  * only with `--watermark-cost` (not part of the default run): what watermarks cost, CPU at
+    200 lines/s spread over 1,000 files (most idle), watermarks every 60 s vs off.
 
 The agent runs with its default settings except where a row says otherwise (the comparison
 row uses the old 16 MiB `max_buffer_bytes`); each row records the effective `max_buffer_bytes`
@@ -15,6 +17,8 @@ and `kafka.linger_ms` as the agent itself resolved them from the config.
 
 Usage: .venv/bin/python bench/bench_agent.py --out bench/results/agent.json [--lines 1000000]
        [--brokers 3] (--brokers 1 for a quick, lighter run: replication drops to 1)
+       Watermark cost only: ... --watermark-cost --out bench/results/agent-watermarks.json
+       [--watermark-runs 2] [--watermark-files 1000] [--watermark-seconds 150]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -97,7 +102,12 @@ class Agent:
         security: dict[str, str] | None = None,
         serve_metrics: bool = True,
         code: Path | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        nofile: int | None = None,
     ) -> None:
+        """`log` may be a glob; `extra`: more top-level config sections (e.g. watermarks);
+        `nofile`: the agent's RLIMIT_NOFILE soft limit (capped at the hard one)."""
         self.port = free_port() if serve_metrics else 0
         state = work / "state"
         shutil.rmtree(state, ignore_errors=True)
@@ -111,7 +121,7 @@ class Agent:
             "inputs": [{"paths": [str(log)]}],
             "metrics": {"port": self.port, "log_interval_s": 0},
             "limits": limits or {},
-        }
+        } | (extra or {})
         path = work / "agent.yml"
         path.write_text(yaml.safe_dump(cfg))
         # What the agent resolves from this file (defaults included), for the JSON.
@@ -128,8 +138,15 @@ class Agent:
         if core < os.cpu_count():  # type: ignore[operator]
             cmd = ["taskset", "-c", str(core), *cmd]
         env = os.environ | ({"PYTHONPATH": str(code)} if code else {})  # `code`: another version of it
+
+        def limit() -> None:
+            if nofile is not None:
+                _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                soft = nofile if hard == resource.RLIM_INFINITY else min(nofile, hard)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
         self.proc = subprocess.Popen(
-            cmd, stdout=(work / "agent.out").open("ab"), stderr=subprocess.STDOUT, env=env
+            cmd, stdout=(work / "agent.out").open("ab"), stderr=subprocess.STDOUT, env=env, preexec_fn=limit
         )
         if not serve_metrics:  # nothing to ask: give it the time it takes to connect
             time.sleep(5)
@@ -405,6 +422,145 @@ def bench_metrics_cost(
     return out
 
 
+def spread_writer(paths: list[Path], rate: int, stop: threading.Event, batch_every: float = 0.05) -> int:
+    """Append `rate` lines/s in total, round-robin over `paths`, until `stop` is set."""
+    written = 0
+    start = time.monotonic()
+    handles = [p.open("ab", buffering=0) for p in paths]
+    try:
+        while not stop.is_set():
+            due = int((time.monotonic() - start) * rate)
+            while written < due:
+                handles[written % len(handles)].write(make_line(written, "wm"))
+                written += 1
+            time.sleep(batch_every)
+    finally:
+        for fh in handles:
+            fh.close()
+    return written
+
+
+def watermark_run(
+    work: Path,
+    cluster: KafkaCluster,
+    core: int,
+    interval_s: float,
+    *,
+    files: int,
+    busy: int,
+    rate: int,
+    seconds: float,
+) -> dict:
+    """One run of `bench_watermark_cost`: a fresh log directory, agent, warm-up, CPU over `seconds`."""
+    topic = "bench-wm"
+    cluster.create_topic(topic, partitions=4, replication=replication(cluster), exist_ok=True)
+    logs = work / "logs-wm"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    paths = [logs / f"app-{i:04d}.log" for i in range(files)]
+    for i, p in enumerate(paths):  # every file holds a little at the start: the idle ones stay so
+        p.write_bytes(b"".join(make_line(n, f"idle{i}") for n in range(5)))
+    agent = Agent(
+        work,
+        cluster.bootstrap,
+        topic,
+        logs / "*.log",
+        core,
+        extra={"watermarks": {"interval_s": interval_s}},
+        nofile=files + 1024,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while metrics(agent.port).get("lines_acked_total", 0) < 5 * files:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the initial lines of the files were not shipped in 120 s")
+            time.sleep(0.2)
+        stop = threading.Event()
+        holder: dict[str, int] = {}
+        t = threading.Thread(target=lambda: holder.update(n=spread_writer(paths[:busy], rate, stop)))
+        t.start()
+        time.sleep(3)  # warm-up
+        m0 = metrics(agent.port)
+        c0, t0 = cpu_seconds(agent.proc.pid), time.monotonic()
+        time.sleep(seconds)
+        c1, t1 = cpu_seconds(agent.proc.pid), time.monotonic()
+        m1 = metrics(agent.port)
+        stop.set()
+        t.join()
+        rss = proc_status(agent.proc.pid, "VmRSS")
+    finally:
+        agent.stop()
+    return {
+        "interval_s": interval_s,
+        "cpu_percent_of_one_core": round(100 * (c1 - c0) / (t1 - t0), 3),
+        "rss_mb": round(rss / 1024, 1),
+        "watermarks_sent": int(m1.get("watermarks_sent_total", 0) - m0.get("watermarks_sent_total", 0)),
+        "lines_acked": int(m1.get("lines_acked_total", 0) - m0.get("lines_acked_total", 0)),
+        "files_open": int(m1.get("files_open", 0)),
+    }
+
+
+def bench_watermark_cost(
+    work: Path,
+    cluster: KafkaCluster,
+    core: int,
+    runs: int = 2,
+    *,
+    files: int = 1000,
+    busy: int = 50,
+    rate: int = 200,
+    seconds: float = 150.0,
+    interval_s: float = 60.0,
+) -> dict:
+    """What watermarks cost the agent: CPU at `rate` lines/s spread over `busy` of `files` files
+    (the others idle), watermarks every `interval_s` (the default 60 s) vs off (interval_s 0).
+
+    `runs` rounds of A B, the order flipped every round (A B B A ...), so a drift of the machine
+    hits both; each measures `seconds` after the files' first lines are shipped and a warm-up:
+    150 s hold two full passes at 60 s (the first one sends a watermark for each of the 1,000
+    files, the next ones only for the busy files). Medians and spread per mode.
+    """
+    samples: dict[str, list[dict]] = {"on": [], "off": []}
+    for i in range(runs):
+        order = ["on", "off"] if i % 2 == 0 else ["off", "on"]
+        for mode in order:
+            samples[mode].append(
+                watermark_run(
+                    work,
+                    cluster,
+                    core,
+                    interval_s if mode == "on" else 0,
+                    files=files,
+                    busy=busy,
+                    rate=rate,
+                    seconds=seconds,
+                )
+            )
+    out: dict[str, Any] = {
+        "runs": runs,
+        "files": files,
+        "busy_files": busy,
+        "lines_per_s": rate,
+        "seconds": seconds,
+        "interval_s": interval_s,
+    }
+    for mode, rows in samples.items():
+        cpu = sorted(r["cpu_percent_of_one_core"] for r in rows)
+        rss = sorted(r["rss_mb"] for r in rows)
+        out[mode] = {
+            "cpu_percent_median": statistics.median(cpu),
+            "cpu_percent_spread": [cpu[0], cpu[-1]],
+            "rss_mb_median": statistics.median(rss),
+            "rss_mb_spread": [rss[0], rss[-1]],
+            "watermarks_sent": [r["watermarks_sent"] for r in rows],
+            "lines_acked": [r["lines_acked"] for r in rows],
+            "files_open": [r["files_open"] for r in rows],
+        }
+    out["cpu_percent_cost"] = round(out["on"]["cpu_percent_median"] - out["off"]["cpu_percent_median"], 3)
+    out["rss_mb_cost"] = round(out["on"]["rss_mb_median"] - out["off"]["rss_mb_median"], 1)
+    return out
+
+
 def bench_latency(
     work: Path,
     cluster: KafkaCluster,
@@ -475,6 +631,14 @@ def main() -> int:
     parser.add_argument("--metrics-runs", type=int, default=3, help="alternating runs of the metrics cost")
     parser.add_argument("--brokers", type=int, default=3, help="Kafka brokers (1: quick run, RF 1)")
     parser.add_argument(
+        "--watermark-cost",
+        action="store_true",
+        help="measure only what watermarks cost (on vs off, alternating) and write that JSON",
+    )
+    parser.add_argument("--watermark-runs", type=int, default=2, help="rounds of on/off")
+    parser.add_argument("--watermark-files", type=int, default=1000)
+    parser.add_argument("--watermark-seconds", type=float, default=150.0, help="measured per run")
+    parser.add_argument(
         "--work",
         type=Path,
         default=ROOT / "bench" / "work",
@@ -484,6 +648,8 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="agent-", dir=args.work))
     cluster = KafkaCluster(work / "kafka", size=args.brokers)
+    if args.watermark_cost:
+        return main_watermarks(args, work, cluster)
     try:
         cluster.start()
         results = {
@@ -538,6 +704,35 @@ def main() -> int:
         print(f"{name:52} {value!s:>10}  {target}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main_watermarks(args: argparse.Namespace, work: Path, cluster: KafkaCluster) -> int:
+    """`--watermark-cost`: only that measurement, its table and its JSON."""
+    try:
+        cluster.start()
+        wm = bench_watermark_cost(
+            work,
+            cluster,
+            args.core,
+            args.watermark_runs,
+            files=args.watermark_files,
+            seconds=args.watermark_seconds,
+        )
+    finally:
+        cluster.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{'measure':52} {'value':>10}  target")
+    for mode in ("off", "on"):
+        row = wm[mode]
+        when = f"every {wm['interval_s']:g} s" if mode == "on" else "off"
+        name = f"CPU, watermarks {when} (% of one core)"
+        print(f"{name:52} {row['cpu_percent_median']!s:>10}  spread {row['cpu_percent_spread']}")
+    print(f"{'watermark CPU cost (% of one core)':52} {wm['cpu_percent_cost']!s:>10}  (next to nothing)")
+    print(f"{'watermarks sent per run':52} {wm['on']['watermarks_sent']!s:>10}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"watermark_cost_200_lines_s": wm}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

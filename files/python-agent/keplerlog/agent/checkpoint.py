@@ -1,7 +1,11 @@
 """The state file: per file identity, the offset up to which Kafka acknowledged every byte.
 
 Written only from acknowledged offsets (never from read offsets), so after a crash or
-`kill -9` the agent re-sends at most what was in flight: at-least-once. The write is atomic
+`kill -9` the agent re-sends at most what was in flight: at-least-once. Two more numbers per
+file only feed the watermarks (watermarks.py) across a restart, never a read position: `first`,
+where shipping of the id began (above 0 only for `start_at: end`), and `seen`, the size last
+seen, so a file rotated away while the agent was stopped is reported with the bytes it had seen
+and not shipped. The write is atomic
 and durable: a temporary file in the same directory is written and fsynced, renamed over the
 old one, and the directory is fsynced so the rename itself survives a power cut.
 """
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +39,11 @@ class FileState:
     fp_len: int
     fp_hash: str
     offset: int
+    first: int = 0  # where shipping of this id began (watermarks)
+    # The file's size when last seen, at least `offset` (watermarks). Not compared: a file that
+    # only grew (Kafka away) must not cost a state file write (an fsync) every interval; it is
+    # written with the next change of an offset, and always at shutdown (Ledger.checkpoint).
+    seen: int = field(default=0, compare=False)
 
     def identity(self) -> FileIdentity:
         """Return the identity to resume this file under."""
@@ -49,6 +58,8 @@ class FileState:
             "fp_len": self.fp_len,
             "fp": self.fp_hash,
             "offset": self.offset,
+            "first": self.first,
+            "seen": max(self.seen, self.offset),
         }
 
 
@@ -58,6 +69,7 @@ def state_of(f: TailedFile) -> FileState:
     Never the read offset: a restart must re-send whatever was in flight (at-least-once).
     """
     ident = f.stream.identity
+    acked = f.stream.acks.acked
     return FileState(
         file_id=ident.file_id,
         path=f.path,
@@ -65,15 +77,21 @@ def state_of(f: TailedFile) -> FileState:
         ino=ident.ino,
         fp_len=ident.fingerprint.length,
         fp_hash=ident.fingerprint.digest,
-        offset=f.stream.acks.acked,
+        offset=acked,
+        first=f.stream.first,
+        seen=max(f.size, acked),
     )
 
 
-def load(path: Path) -> dict[str, FileState]:
+def load(path: Path, *, first_unknown_at_offset: bool = False) -> dict[str, FileState]:
     """Read the state file; a missing file is an empty state, a corrupt one is logged and ignored.
 
     Ignoring a corrupt state re-ships files from the start (duplicates, not loss), which beats
-    refusing to start and shipping nothing.
+    refusing to start and shipping nothing. A state written before watermarks has no `first`
+    and `seen`: `seen` is then the offset (nothing seen beyond it is known), and `first` 0, or
+    the offset with `first_unknown_at_offset` (start_at: end, where files found at the very
+    first start began at their end: claiming 0 would make the audit miss bytes never meant to
+    be shipped).
     """
     try:
         raw = json.loads(path.read_bytes())
@@ -87,6 +105,8 @@ def load(path: Path) -> dict[str, FileState]:
         if raw.get("version") != STATE_VERSION:
             raise ValueError(f"unknown state version {raw.get('version')!r}")
         for file_id, item in raw["files"].items():
+            offset = int(item["offset"])
+            first = int(item.get("first", offset if first_unknown_at_offset else 0))
             out[file_id] = FileState(
                 file_id=str(file_id),
                 path=str(item["path"]),
@@ -94,7 +114,9 @@ def load(path: Path) -> dict[str, FileState]:
                 ino=int(item["ino"]),
                 fp_len=int(item["fp_len"]),
                 fp_hash=str(item["fp"]),
-                offset=int(item["offset"]),
+                offset=offset,
+                first=min(first, offset),
+                seen=max(int(item.get("seen", offset)), offset),
             )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         log.error("state file %s malformed (%s); starting without it", path, exc)

@@ -117,6 +117,24 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WatermarkConfig:
+    """How often the agent accounts for each file's bytes to the consumer's audit (record.py).
+
+    Every `interval_s` (0: never, no watermark at all) one watermark goes out per file whose
+    account changed; an unchanged file still gets one every `refresh_s`, so the audit can tell
+    an idle file of a live agent from a file whose agent is gone.
+    """
+
+    interval_s: float = 60.0
+    refresh_s: float = 3600.0
+
+    @property
+    def enabled(self) -> bool:
+        """False when watermarks are switched off (`interval_s: 0`)."""
+        return self.interval_s > 0
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     """The whole agent configuration, validated."""
 
@@ -129,6 +147,7 @@ class AgentConfig:
     limits: Limits = field(default_factory=Limits)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     start_at: str = "beginning"
+    watermarks: WatermarkConfig = field(default_factory=WatermarkConfig)
 
 
 _TOP_KEYS = {
@@ -142,6 +161,7 @@ _TOP_KEYS = {
     "metrics",
     "start_at",
     "one_line_per_record",
+    "watermarks",
 }
 _KAFKA_KEYS = {"bootstrap_servers", "topic", "compression", "linger_ms", "max_record_bytes", "security"}
 _INPUT_KEYS = {"paths", "module", "multiline", "one_line_per_record"}
@@ -161,6 +181,12 @@ _LIMIT_KEYS = {
     "ionice",
 }
 _METRIC_KEYS = {"port", "log_interval_s", "host"}
+_WATERMARK_KEYS = {"interval_s", "refresh_s"}
+# Bounds of the watermark settings: more often than every 0.1 s would be a record per file per
+# wake-up (a cost, no audit needs it); less often than daily, the audit could not tell an idle
+# file from a lost agent for days.
+WATERMARK_MIN_S = 0.1
+WATERMARK_MAX_S = 86_400.0
 
 
 def _address(raw: Any, where: str) -> str:
@@ -169,6 +195,25 @@ def _address(raw: Any, where: str) -> str:
         return str(ipaddress.ip_address(str(raw)))
     except ValueError:
         raise ConfigError(f"{where}: {raw!r} is not an IP address (e.g. 127.0.0.1 or 0.0.0.0)") from None
+
+
+def _watermarks(raw: Any) -> WatermarkConfig:
+    sec = _section(raw, "watermarks", _WATERMARK_KEYS)
+    d = WatermarkConfig()
+    interval = _float(sec.get("interval_s", d.interval_s), "watermarks.interval_s", 0)
+    refresh = _float(sec.get("refresh_s", d.refresh_s), "watermarks.refresh_s", WATERMARK_MIN_S)
+    for name, value in (("interval_s", interval), ("refresh_s", refresh)):
+        if not value <= WATERMARK_MAX_S:  # NaN too (YAML's .nan passes a >= check)
+            raise ConfigError(
+                f"watermarks.{name}: must be at most {WATERMARK_MAX_S:.0f} s (a day), got {value}"
+            )
+    if 0 < interval < WATERMARK_MIN_S:
+        raise ConfigError(f"watermarks.interval_s: must be 0 (off) or >= {WATERMARK_MIN_S}, got {interval}")
+    if interval and refresh < interval:
+        raise ConfigError(
+            f"watermarks.refresh_s ({refresh}) must be at least watermarks.interval_s ({interval})"
+        )
+    return WatermarkConfig(interval_s=interval, refresh_s=refresh)
 
 
 def _multiline(raw: Any, where: str) -> Multiline | None:
@@ -378,6 +423,7 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
         limits=limits,
         metrics=metrics,
         start_at=_choice(top.get("start_at", "beginning"), "start_at", START_AT),
+        watermarks=_watermarks(top.get("watermarks")),
     )
 
 

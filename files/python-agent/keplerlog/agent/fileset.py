@@ -9,7 +9,10 @@ identity from such a copy after a truncation, following files rotated away to th
 closing them, closing idle files, and the descriptor budget (`open_limit`, `waiting`).
 
 Identity decisions all need the same remembered state (saved, closed, finished, copies); kept
-here, one place answers "have we seen this file, and up to where?".
+here, one place answers "have we seen this file, and up to where?". The same place therefore
+knows when a file id ends and which of its bytes can never be shipped (truncated before they
+were read, deleted before the file got a descriptor, rotated away while the agent was stopped):
+it tells the watermarks' book (watermarks.py), which accounts for them to the consumer's audit.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from keplerlog.agent.tailer import (
     is_rotated_name,
 )
 from keplerlog.agent.watch import Watcher
+from keplerlog.agent.watermarks import Book, Ended, unknown_file_id
 
 if TYPE_CHECKING:
     from keplerlog.agent.ledger import Ledger
@@ -70,18 +74,20 @@ class FileSet:
         watcher: Watcher,
         ledger: Ledger,
         files: dict[FileKey, TailedFile],
+        book: Book,
     ) -> None:
         self.cfg = cfg
         self.counters = counters
         self.watcher = watcher
         self.ledger = ledger  # chunks still held by a file that is truncated or finished
         self.files = files
+        self.book = book  # ends of file ids and lost bytes, for the watermarks
         self.settings = AssemblerSettings(
             max_record_bytes=cfg.kafka.max_record_bytes,
             max_line_bytes=cfg.limits.max_line_bytes,
             partial_timeout_s=cfg.limits.partial_line_timeout_ms / 1000,
         )
-        self.saved = checkpoint.load(cfg.state_file)
+        self.saved = checkpoint.load(cfg.state_file, first_unknown_at_offset=cfg.start_at == "end")
         self._saved_ids = {(st.dev, st.ino): file_id for file_id, st in self.saved.items()}
         self._by_path: dict[str, TailedFile] | None = None  # followed files by path, during a scan
         # The directory watched for each glob (glob_base: the same one the state file must stay
@@ -96,7 +102,7 @@ class FileSet:
         # Of those, the ones finished after a rotation (read on for close_inactive_s past it):
         # when their path moves on, only bytes written since count. A file closed for idleness
         # is followed where it went, like a live file that rotates (see `_finish_moved`).
-        self._finished: set[FileKey] = set()
+        self.finished: set[FileKey] = set()
         # The modification time (ns) of each closed file when it was closed. "Same inode, same
         # size" is not "unchanged": a file system reuses a deleted file's inode at once, and a
         # new file of the old one's size would be skipped unread. With the mtime too it is
@@ -108,6 +114,9 @@ class FileSet:
         self.copies: set[FileKey] = set()
         self.open_limit = open_file_limit(cfg.limits.max_open_files)
         self.waiting = 0  # files a glob matches that wait for a free descriptor slot
+        # Those files (path, input, size at the last rescan): one deleted before it got a slot
+        # was never read, and its size is all the agent can say about what it held.
+        self.unopened: dict[FileKey, tuple[str, InputConfig, int]] = {}
         self._blind = False  # the last rescan could not list a directory (no descriptors)
         self.fresh_start = not self.saved and not cfg.state_file.exists()
         self.next_scan = 0.0
@@ -138,18 +147,29 @@ class FileSet:
                 f.detached = True
                 self.counters.rotations += 1
                 log.info("%s rotated or deleted; finishing it", f.path)
+        vanished = [
+            k for k in self.unopened if k not in found and k not in self.files and k not in self.closed
+        ]
+        if vanished:
+            self._unopened_gone(vanished)
         gone = [k for k in self.closed if k not in found]
         if gone:
-            idle = [self.closed[k] for k in gone if k not in self._finished]
+            idle = [self.closed[k] for k in gone if k not in self.finished]
             self._finish_moved(mono, idle, "while closed", follow_at_end=True)
-            done = [self.closed[k] for k in gone if k in self._finished]
+            done = [self.closed[k] for k in gone if k in self.finished]
             self._finish_moved(mono, done, "after it was finished", follow_at_end=False)
             for key in gone:
-                self.closed.pop(key, None)  # deleted, or moved and followed: nothing to resume
-        self._finished &= self.closed.keys()
+                # Still here: not followed where it went (deleted, or moved out of reach), nothing
+                # to resume. Opened again by `_finish_moved`: it left `closed` then.
+                state = self.closed.pop(key, None)
+                if state is not None:
+                    size = self.unopened[key][2] if key in self.unopened else 0
+                    self._end(state, size, "deleted", state.path)
+        self.finished &= self.closed.keys()
         if len(self._closed_mtime) > len(self.closed):
             self._closed_mtime = {k: m for k, m in self._closed_mtime.items() if k in self.closed}
         self.copies &= found.keys()
+        unopened: dict[FileKey, tuple[str, InputConfig, int]] = {}
         waiting = 0
         self._by_path = {f.path: f for f in self.files.values()}  # kept up to date by open()
         try:
@@ -161,8 +181,10 @@ class FileSet:
                     continue  # shipped to its end and unchanged: not even opened
                 if len(self.files) >= self.open_limit or not self.open(path, inp, mono):
                     waiting += 1
+                    unopened[key] = (path, inp, size)
         finally:
             self._by_path = None
+            self.unopened = unopened
         if waiting and not self.waiting:
             log.warning(
                 "%d files wait for a descriptor slot (%d open, limit %d); idle files are closed "
@@ -187,6 +209,9 @@ class FileSet:
             self.closed.update(waits)
             moved = [s for s in self.saved.values() if (s.dev, s.ino) not in waits]
             self._finish_moved(mono, moved, "while stopped", follow_at_end=True)
+            for s in moved:
+                if s.file_id in self.saved:  # not found where it went: `open` takes what it finds
+                    self._end(s, 0, "rotated", s.path)
             self.saved.clear()
             self._saved_ids.clear()
         self.fresh_start = False
@@ -242,10 +267,11 @@ class FileSet:
         del self.files[key]
         self.closed[key] = checkpoint.state_of(f)
         if f.detached:
-            self._finished.add(key)
+            self.finished.add(key)
         else:
-            self._finished.discard(key)
+            self.finished.discard(key)
         self.counters.files_closed += 1
+        self.book.note(key)  # closed or finished: the audit hears it at once
 
     def open(self, path: str, inp: InputConfig, mono: float, *, detached: bool = False) -> bool:
         """Open and follow a file; False when it cannot be opened now (retried at a rescan)."""
@@ -267,7 +293,7 @@ class FileSet:
         if key in self.files:
             os.close(fd)
             return True
-        identity, offset = None, 0
+        identity, offset, first = None, 0, None
         known = [self.saved[self._saved_ids[key]]] if key in self._saved_ids else []
         if not known and key in self.closed:
             known = [self.closed[key]]
@@ -277,8 +303,8 @@ class FileSet:
             self.closed.pop(key, None)
             ident = state.identity()
             if ident.fingerprint.matches_fd(fd) and state.offset <= st.st_size:
-                identity, offset = ident, state.offset
-            elif key in self._finished:  # shipped to its end after a rotation: a new file
+                identity, offset, first = ident, state.offset, state.first
+            elif key in self.finished:  # shipped to its end after a rotation: a new file
                 log.info("%s: inode of finished %s reused; reading from 0", path, state.file_id)
             else:
                 log.info("%s: inode reused or truncated since it was last read; reading from 0", path)
@@ -290,7 +316,9 @@ class FileSet:
             return True
         if identity is None and self.fresh_start and self.cfg.start_at == "end":
             offset = st.st_size
-        f = TailedFile.open(path, fd, st, inp, self.settings, identity=identity, offset=offset, mono=mono)
+        f = TailedFile.open(
+            path, fd, st, inp, self.settings, identity=identity, offset=offset, mono=mono, first=first
+        )
         f.detached = detached
         self.files[key] = f
         if self._by_path is not None:
@@ -306,24 +334,36 @@ class FileSet:
 
         copytruncate while the agent was stopped (or the file closed for idleness). The copy
         continues the old `kl.file` id at the acknowledged offset (no gap, no duplicate).
-        Without a copy the rest is gone; how much is unknown (the agent never saw it), so it is
-        logged, not counted.
+        Without a copy the rest is gone: the bytes the agent had seen (the saved `seen`) are
+        counted lost; how many more there were is unknown (the agent never saw them).
         """
         ident = state.identity()
         found = find_rotated_copy(path, ident.fingerprint, state.offset, frozenset(self.files))
         if found is None:
             log.warning(
                 "%s was truncated while not followed and no rotated copy holds its rest: any bytes "
-                "of %s after offset %d were not shipped",
+                "of %s after offset %d were not shipped (%d of them seen)",
                 path,
                 state.file_id,
                 state.offset,
+                max(0, state.seen - state.offset),
             )
+            self._end(state, 0, "truncated", path, inp, warn=False)
             return
         copy_path, fd, st = found
         key = (st.st_dev, st.st_ino)
         moved = FileIdentity(ident.file_id, st.st_dev, st.st_ino, ident.fingerprint)
-        f = TailedFile.open(path, fd, st, inp, self.settings, identity=moved, offset=state.offset, mono=mono)
+        f = TailedFile.open(
+            path,
+            fd,
+            st,
+            inp,
+            self.settings,
+            identity=moved,
+            offset=state.offset,
+            mono=mono,
+            first=state.first,
+        )
         f.detached = True
         self.files[key] = f
         self.copies.discard(key)
@@ -390,10 +430,7 @@ class FileSet:
                     continue
                 if st.st_size == state.offset and not follow_at_end:
                     continue
-                inp = next(
-                    (i for i in self.cfg.inputs if any(fnmatch.fnmatchcase(state.path, p) for p in i.paths)),
-                    None,
-                )
+                inp = self.input_of(state.path)
                 if inp is not None:
                     log.info("%s was rotated to %s %s; finishing it", state.path, entry.path, why)
                     self.open(entry.path, inp, mono, detached=True)
@@ -435,12 +472,101 @@ class FileSet:
                 st.st_size,
             )
             offset = max(offset, st.st_size)
+        else:
+            # The old id ends here: its last account goes out once its held bytes come back.
+            self.book.end(old.file_id, Ended(f.path, f.inp.module, old.first, max(seen, offset), 0, old))
         held = f.restart(self.settings)
         self.ledger.send(f, old, [c for _, c in held])
         if seen > offset:
-            self.counters.lost_bytes += seen - offset
+            self.counters.lost_bytes += self.book.lose(old.file_id, offset, seen, "truncated")
             log.warning(
                 "%s: %d bytes of %s were truncated before they were read", f.path, seen - offset, old.file_id
             )
+            if found is not None:
+                self.book.note((found[2].st_dev, found[2].st_ino))  # the copy carries the old id on
         log.info("%s truncated; now %s from offset 0", f.path, f.stream.file_id)
         return found is not None
+
+    # -- for the watermarks ------------------------------------------------------------------
+
+    def input_of(self, path: str) -> InputConfig | None:
+        """Return the input whose globs match `path` (None: none does any more)."""
+        return next(
+            (i for i in self.cfg.inputs if any(fnmatch.fnmatchcase(path, p) for p in i.paths)),
+            None,
+        )
+
+    def _end(
+        self,
+        state: checkpoint.FileState,
+        size: int,
+        reason: str,
+        path: str,
+        inp: InputConfig | None = None,
+        *,
+        warn: bool = True,
+    ) -> None:
+        """End a known file id that is not followed: its bytes [acknowledged, seen) are lost.
+
+        `size` is a size seen since the state was saved (a file that waited for a slot); `reason`
+        is from record.LOSS_REASONS.
+        Counted in `lost_bytes` and told to the book, whose watermark says `gone` (or
+        `finished` when nothing was lost).
+        """
+        seen = max(state.seen, size, state.offset)
+        lost = self.book.lose(state.file_id, state.offset, seen, reason)
+        self.counters.lost_bytes += lost
+        if lost and warn:
+            log.warning(
+                "%s (%s): %d bytes seen and never shipped (offset %d of %d): %s",
+                path,
+                state.file_id,
+                lost,
+                state.offset,
+                seen,
+                "rotated away while the agent was stopped, not found" if reason == "rotated" else "deleted",
+            )
+        inp = inp or self.input_of(state.path)
+        module = inp.module if inp is not None else self.cfg.module
+        self.book.end(state.file_id, Ended(path, module, state.first, seen, state.offset))
+
+    def _unopened_gone(self, keys: list[FileKey]) -> None:
+        """Files that waited for a slot and left the globs before they got one: never read.
+
+        Their whole size is lost; a watermark under `w:{dev}:{ino}` (no fingerprint without
+        reading) says so: `rotated` if the inode is still in its directory under a name no glob
+        matches, else `deleted`.
+        """
+        by_dir: dict[str, set[FileKey]] = {}
+        for key in keys:
+            by_dir.setdefault(os.path.dirname(self.unopened[key][0]), set()).add(key)
+        present: set[FileKey] = set()
+        for directory, wanted in by_dir.items():
+            inodes = {ino for _, ino in wanted}
+            try:
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        if entry.inode() not in inodes:
+                            continue  # no stat for the other files of the directory
+                        try:
+                            k = (entry.stat(follow_symlinks=False).st_dev, entry.inode())
+                        except OSError:
+                            continue
+                        if k in wanted:
+                            present.add(k)
+            except OSError:
+                continue
+        for key in keys:
+            path, inp, size = self.unopened[key]
+            if size <= 0:
+                continue
+            reason = "rotated" if key in present else "deleted"
+            file_id = unknown_file_id(key)
+            self.counters.lost_bytes += self.book.lose(file_id, 0, size, reason)
+            log.warning(
+                "%s (%d bytes) left the globs (%s) before a descriptor slot was free: never shipped",
+                path,
+                size,
+                reason,
+            )
+            self.book.end(file_id, Ended(path, inp.module, 0, size, 0))

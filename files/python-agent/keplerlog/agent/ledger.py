@@ -11,7 +11,9 @@ trackers' contiguous acknowledged offsets (`checkpoint.state_of`), never from re
 
 The ledger does not decide which files exist: it sees the followed files (`files`, the dict the
 file set fills) only to find the descriptor that re-reads a failed record and to list what
-the state file must hold.
+the state file must hold. Watermarks (watermarks.py) go through the same producer but are not
+its business: their outcomes go back to their owner (`token.done`), and bytes that can never be
+re-read are told to the watermarks' book.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from keplerlog.agent.identity import FileKey
 from keplerlog.agent.metrics import AgentMetrics, Counters
 from keplerlog.agent.sender import Sender
 from keplerlog.agent.tailer import Stream, TailedFile
+from keplerlog.agent.watermarks import Book
 from keplerlog.record import Batch
 
 # One logger for the whole agent loop (main, fileset, reader, ledger): the log lines name
@@ -46,10 +49,12 @@ class Ledger:
         sender: Sender,
         counters: Counters,
         files: dict[FileKey, TailedFile],
+        book: Book,
     ) -> None:
         self.cfg = cfg
         self.sender = sender
         self.counters = counters
+        self.book = book  # bytes lost for good, for the watermarks
         # Set by the Agent once its registry exists (registering takes a snapshot of every part).
         self.metrics: AgentMetrics
         self.files = files
@@ -109,7 +114,13 @@ class Ledger:
                 outcome = results.get_nowait()
             except queue.Empty:
                 return
-            f, stream, offset, size, lines, ts_ms = outcome.token
+            token = outcome.token
+            if token.__class__ is not tuple:  # a watermark: its owner applies the outcome
+                token.done(outcome.error)
+                if outcome.error is not None and self.sender.broken:
+                    self._renew_producer(outcome.error)
+                continue
+            f, stream, offset, size, lines, ts_ms = token
             self.inflight -= size
             stream.inflight -= size
             stream.records_inflight -= 1
@@ -152,7 +163,7 @@ class Ledger:
         if stream is not f.stream or f.fd < 0:
             copy = next((c for c in self.files.values() if c.stream is stream and c.fd >= 0), None)
             if copy is None:
-                self.counters.lost_bytes += size
+                self.counters.lost_bytes += self.book.lose(stream.file_id, offset, offset + size, "truncated")
                 log.warning(
                     "%s: %d bytes at offset %d of %s lost (truncated)", f.path, size, offset, stream.file_id
                 )
@@ -163,12 +174,19 @@ class Ledger:
             f.rewind(target)
             self.counters.rewinds += 1
 
-    def checkpoint(self, closed: dict[FileKey, checkpoint.FileState]) -> None:
-        """Write the acknowledged offsets of the followed files and of the `closed` ones."""
+    def checkpoint(self, closed: dict[FileKey, checkpoint.FileState], *, final: bool = False) -> None:
+        """Write the acknowledged offsets of the followed files and of the `closed` ones.
+
+        A change of `seen` alone (a file grew, nothing more acknowledged) is written with the
+        next change, or at the `final` checkpoint of a shutdown: a restart must know what the
+        agent had seen and not shipped when it stopped.
+        """
         states = [checkpoint.state_of(f) for f in self.files.values()]
         ids = {s.file_id for s in states}
         states += [s for s in closed.values() if s.file_id not in ids]
-        if states == self.last_state:
+        last = self.last_state
+        seen_moved = final and last is not None and [s.seen for s in states] != [s.seen for s in last]
+        if states == last and not seen_moved:
             self.acked_unsaved = False
             return
         try:

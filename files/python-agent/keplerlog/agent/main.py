@@ -5,9 +5,10 @@ enabled). `Agent` owns no file or Kafka state of its own; it runs three parts, e
 job, in a fixed order per step: the ledger applies Kafka results (ledger.py) -> the file set
 rescans the globs when directories changed (fileset.py) -> the reader reads what files grew
 by, within the memory budget, and flushes timed-out partial lines and events (reader.py) ->
-the file set closes finished rotated files -> the ledger checkpoints -> block in the watcher
-until something happens. It also owns the lifecycle (signals, the drain at shutdown) and the
-metrics snapshot, which reads all three parts.
+the file set closes finished rotated files -> the ledger checkpoints -> the watermarks account
+for the files (watermarks.py: every interval, and at once for files that ended or closed) ->
+block in the watcher until something happens. It also owns the lifecycle (signals, the drain at
+shutdown) and the metrics snapshot, which reads all three parts.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from keplerlog.agent.reader import Reader
 from keplerlog.agent.sender import Sender
 from keplerlog.agent.tailer import TailedFile
 from keplerlog.agent.watch import Waker, Watcher
+from keplerlog.agent.watermarks import Book, Watermarks
 
 log = logging.getLogger("keplerlog.agent")
 
@@ -46,9 +48,13 @@ class Agent:
         # The followed files by (dev, inode): the file set opens and closes them, the reader
         # reads them, the ledger re-reads failed records through them and checkpoints them.
         self.files: dict[FileKey, TailedFile] = {}
-        self.ledger = Ledger(cfg, sender, self.counters, self.files)
-        self.fileset = FileSet(cfg, self.counters, self.watcher, self.ledger, self.files)
+        # What the file set and the ledger tell the watermarks (ends of files, lost bytes).
+        book = Book(cfg.watermarks.enabled)
+        self.ledger = Ledger(cfg, sender, self.counters, self.files, book)
+        self.fileset = FileSet(cfg, self.counters, self.watcher, self.ledger, self.files, book)
         self.reader = Reader(cfg, self.counters, self.watcher, self.fileset, self.ledger, self._is_stopping)
+        self.watermarks = Watermarks(cfg, self.counters, book, self.files)
+        self.watermarks.ledger, self.watermarks.fileset = self.ledger, self.fileset
         self.stopping = False
         self._next_log = time.monotonic() + cfg.metrics.log_interval_s
         # Last: registering the metrics takes a first snapshot, which reads all three parts.
@@ -114,6 +120,7 @@ class Agent:
         if mono >= ledger.next_checkpoint:
             ledger.checkpoint(fileset.closed)
             ledger.next_checkpoint = mono + self.cfg.limits.checkpoint_interval_ms / 1000
+        self.watermarks.step(time.monotonic())
         if self.cfg.metrics.log_interval_s and mono >= self._next_log:
             log.info("stats %s", summary(self.counters, self._gauges(), self._global_gauges()))
             self._next_log = mono + self.cfg.metrics.log_interval_s
@@ -140,6 +147,9 @@ class Agent:
         ledger, fileset = self.ledger, self.fileset
         limit = self.cfg.limits.poll_interval_ms / 1000 if not self.watcher.inotify else RESCAN_S
         deadlines = [fileset.next_scan, self.reader.next_fp_check]
+        marks = self.watermarks.deadline()
+        if marks is not None and marks > mono:  # overdue: Kafka is away, the loop looks often
+            deadlines.append(marks)
         # Idle with every file watched by name, nothing else needs a look: sleep until an event
         # or one of the deadlines. Otherwise (polling, bytes in flight, Kafka away, a send
         # backing off) look again within a second, as always.
@@ -184,7 +194,8 @@ class Agent:
             if ledger.inflight:
                 self.watcher.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         ledger.results()
-        ledger.checkpoint(self.fileset.closed)
+        self.watermarks.final()  # after the last acks; may apply late ones: checkpointed next
+        ledger.checkpoint(self.fileset.closed, final=True)
         pending, unread = ledger.unacknowledged()
         if pending:
             log.warning(

@@ -52,6 +52,8 @@ class Counters:
     lost_bytes: int = 0
     fd_exhausted: int = 0
     producer_renewals: int = 0
+    watermarks_sent: int = 0
+    watermarks_failed: int = 0
 
 
 _HELP = {
@@ -73,8 +75,13 @@ _HELP = {
     "files_closed": "Files closed after being fully shipped (rotated, deleted or idle).",
     "fd_exhausted": "Opens or rescans refused for want of file descriptors (EMFILE/ENFILE).",
     "checkpoints": "State file writes.",
-    "lost_bytes": "Bytes that failed to send after their file was truncated (cannot be re-read).",
+    "lost_bytes": (
+        "Bytes seen but never shipped: truncated before they were read or failed after, rotated away "
+        "while the agent was stopped, deleted before they were read."
+    ),
     "producer_renewals": "Kafka producers replaced after failing for good (kafka-python's fatal state).",
+    "watermarks_sent": "Watermarks (per-file byte accounts for the audit) handed to the Kafka producer.",
+    "watermarks_failed": "Watermarks whose send failed (sent again at the next interval).",
 }
 
 

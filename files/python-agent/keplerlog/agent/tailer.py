@@ -111,6 +111,9 @@ class Stream:
     acks: AckTracker
     inflight: int = 0
     records_inflight: int = 0
+    # Where shipping of this identity began: 0, or the size at the very first start with
+    # `start_at: end` (bytes before it were deliberately not shipped). For the watermarks.
+    first: int = 0
 
     @property
     def file_id(self) -> str:
@@ -163,8 +166,12 @@ class TailedFile:
         identity: FileIdentity | None,
         offset: int,
         mono: float,
+        first: int | None = None,
     ) -> TailedFile:
-        """Wrap an already opened descriptor; `identity` None mints a new one."""
+        """Wrap an already opened descriptor; `identity` None mints a new one.
+
+        `first`: where shipping of a resumed identity began (default: `offset`, a new one's).
+        """
         if identity is None:
             prefix = read_prefix(fd, min(offset, FINGERPRINT_BYTES))
             identity = FileIdentity(
@@ -179,7 +186,9 @@ class TailedFile:
             path=path,
             fd=fd,
             inp=inp,
-            stream=Stream(identity, AckTracker(offset)),
+            stream=Stream(
+                identity, AckTracker(offset), first=min(offset, offset if first is None else first)
+            ),
             assembler=_assembler(offset, inp, settings),
             size=st.st_size,
             last_growth=mono,

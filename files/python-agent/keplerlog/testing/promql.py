@@ -53,6 +53,8 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         "keplerlog_agent_lost_bytes_total",
         "keplerlog_agent_fd_exhausted_total",
         "keplerlog_agent_producer_renewals_total",
+        "keplerlog_agent_watermarks_sent_total",
+        "keplerlog_agent_watermarks_failed_total",
         # agent gauges; file_* have labels path, file, module; paused has reason; info service, version
         "keplerlog_agent_inflight_bytes",
         "keplerlog_agent_files_open",

@@ -21,7 +21,7 @@ from kafka import KafkaConsumer
 from keplerlog.agent.config import load
 from keplerlog.agent.main import Agent
 from keplerlog.agent.sender import Outcome
-from keplerlog.record import decode_headers
+from keplerlog.record import Watermark, decode_headers, decode_watermark, is_watermark
 
 
 def write_config(tmp: Path, bootstrap: str, topic: str, paths: list[str], **over) -> Path:
@@ -99,7 +99,11 @@ class AgentProcess:
 
 
 class TopicReader:
-    """Reads the topic back and rebuilds each file's bytes from (kl.file, kl.offset)."""
+    """Reads the topic back and rebuilds each file's bytes from (kl.file, kl.offset).
+
+    Watermarks are kept apart (`marks`, in topic order), with where each record landed
+    (`where`: partition and offset of every data record per file id, and of every watermark).
+    """
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.consumer = KafkaConsumer(
@@ -112,16 +116,28 @@ class TopicReader:
         self.records: dict[str, list[tuple[int, bytes]]] = defaultdict(list)
         self.paths: dict[str, str] = {}
         self.batches: list = []
+        self.marks: list[tuple[Watermark, int, int]] = []  # (watermark, partition, offset)
+        self.where: dict[str, list[tuple[int, int]]] = defaultdict(list)  # data: (partition, offset)
 
     def poll(self, timeout_ms: int = 200) -> None:
         for msgs in self.consumer.poll(timeout_ms=timeout_ms).values():
             for m in msgs:
+                if is_watermark(m.headers):
+                    mark = decode_watermark(m.headers, m.value)
+                    assert m.key == mark.key()
+                    self.marks.append((mark, m.partition, m.offset))
+                    continue
                 batch = decode_headers(m.headers)
                 assert m.key == batch.key()
                 assert batch.offset >= 0
                 self.batches.append((batch, m.value))
                 self.records[batch.file_id].append((batch.offset, m.value))
                 self.paths[batch.file_id] = batch.path
+                self.where[batch.file_id].append((m.partition, m.offset))
+
+    def marks_of(self, file_id: str) -> list[Watermark]:
+        """The watermarks of one file id, in the order they were produced."""
+        return [w for w, _, _ in sorted(self.marks, key=lambda x: (x[1], x[2])) if w.file_id == file_id]
 
     def content(self, file_id: str) -> bytes:
         """The file's bytes: records sorted by offset; replays must equal what they replay."""
@@ -198,11 +214,17 @@ def lines(prefix: str, n: int, start: int = 0, width: int = 60) -> bytes:
 
 
 class FakeSender:
-    """Stands in for `Sender`: keeps every record; acknowledges on request (or at once)."""
+    """Stands in for `Sender`: keeps every record; acknowledges on request (or at once).
+
+    Data records go to `sent`, watermarks (decoded) to `marks`, acknowledged at once when
+    `auto_ack` (else `ack_marks`): the tests of data records never see them.
+    """
 
     def __init__(self, wake, *, auto_ack: bool) -> None:
         self.results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
         self.sent: list[tuple[bytes, tuple]] = []
+        self.marks: list[Watermark] = []
+        self.mark_tokens: list = []
         self.connected = False
         self.broken = False
         self._wake = wake
@@ -217,13 +239,27 @@ class FakeSender:
         return self.connected
 
     def send(self, value: bytes, key: bytes, headers: list, token: tuple) -> None:
-        self.sent.append((value, token))
+        if is_watermark(headers):
+            mark = decode_watermark(headers, value)
+            assert key == mark.key()
+            self.marks.append(mark)
+            if not self._auto:
+                self.mark_tokens.append(token)
+        else:
+            self.sent.append((value, token))
         if self._auto:
             self.results.put(Outcome(token, None))
             self._wake()
 
     def ack(self, index: int, error: BaseException | None = None) -> None:
         self.results.put(Outcome(self.sent[index][1], error))
+        self._wake()
+
+    def ack_marks(self, error: BaseException | None = None) -> None:
+        """Report an outcome for every watermark not reported yet."""
+        for token in self.mark_tokens:
+            self.results.put(Outcome(token, error))
+        self.mark_tokens.clear()
         self._wake()
 
     def poke(self) -> None:
@@ -237,8 +273,15 @@ class FakeSender:
 
 
 def in_process(
-    tmp_path: Path, logdir: Path, *, auto_ack: bool, paths: list[str] | None = None, **limits
+    tmp_path: Path,
+    logdir: Path,
+    *,
+    auto_ack: bool,
+    paths: list[str] | None = None,
+    watermarks: dict | None = None,
+    **limits,
 ) -> tuple[Agent, FakeSender]:
+    over = {"watermarks": watermarks} if watermarks is not None else {}
     cfg_path = write_config(
         tmp_path,
         "127.0.0.1:1",
@@ -246,6 +289,7 @@ def in_process(
         paths or [str(logdir / "*.log")],
         limits={"shutdown_timeout_s": 1, "read_coalesce_ms": 0, **limits},
         kafka={"max_record_bytes": 65536},
+        **over,
     )
     agent = Agent(load(str(cfg_path)))
     sender = FakeSender(agent.waker.wake, auto_ack=auto_ack)
