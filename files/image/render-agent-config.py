@@ -17,6 +17,8 @@ Environment (the agent applies the KEPLERLOG_* overrides of docs/interfaces.md i
   KEPLERLOG_METRICS_PORT       Prometheus endpoint on KEPLERLOG_METRICS_HOST:port when > 0 (default 0)
   KEPLERLOG_METRICS_HOST       its address (default 127.0.0.1; 0.0.0.0 for a scraper on the
                                containers' network)
+  KEPLERLOG_WATERMARK_INTERVAL_S  watermarks.interval_s (default: unset, the agent's 60 s; 0 off);
+                               applied by the agent's own override, not written here
   KEPLERLOG_LINGER_MS          kafka.linger_ms (default: unset, the agent picks it by mode)
   KEPLERLOG_MAX_BUFFER_BYTES   limits.max_buffer_bytes (default: unset, the agent's 3 MiB)
   KEPLERLOG_DRAIN_TIMEOUT      supervisord's stop wait for the agent (s); the agent's

@@ -273,6 +273,7 @@ ENV_OVERRIDES = {
     "KEPLERLOG_STATE_FILE": ("state_file",),
     "KEPLERLOG_METRICS_PORT": ("metrics", "port"),
     "KEPLERLOG_METRICS_HOST": ("metrics", "host"),
+    "KEPLERLOG_WATERMARK_INTERVAL_S": ("watermarks", "interval_s"),
 }
 
 

@@ -137,8 +137,14 @@ def test_config_env_overrides():
         "KEPLERLOG_INPUTS": "/x/*.log, /y/a.log",
         "KEPLERLOG_STATE_FILE": "/var/lib/k/s.json",
         "KEPLERLOG_METRICS_PORT": "9311",
+        "KEPLERLOG_METRICS_HOST": "0.0.0.0",
+        "KEPLERLOG_WATERMARK_INTERVAL_S": "5",
     }
     cfg = parse(BASE, env=env)
+    assert (cfg.metrics.host, cfg.watermarks.interval_s) == ("0.0.0.0", 5)
+    assert parse(BASE, env={"KEPLERLOG_WATERMARK_INTERVAL_S": "0"}).watermarks.interval_s == 0
+    with pytest.raises(ConfigError, match=r"watermarks\.interval_s"):
+        parse(BASE, env={"KEPLERLOG_WATERMARK_INTERVAL_S": "soon"})
     assert (cfg.kafka.bootstrap_servers, cfg.kafka.topic, cfg.service, cfg.module, cfg.host) == (
         "k9:9092",
         "other",
