@@ -59,6 +59,15 @@ show() {
   done
   "$root/.venv/bin/python" scripts/status.py || true
   echo
+  echo "-- completeness audit of today (keplerlog-audit; the agents send a watermark every 10 s here)"
+  local day
+  day=$(date +%Y%m%d)
+  for _ in $(seq 1 12); do
+    compgen -G "$CENTRAL/.keplerlog/audit/$day/*.json" >/dev/null && break
+    sleep 5
+  done
+  "$root/.venv/bin/keplerlog-audit" --root "$CENTRAL" --day "$day" || true
+  echo
   echo "Kafka: kl-lab-kafka-{1,2,3}:9092 (SASL_SSL, SCRAM; CA .lab/pki/kafka-ca/ca.crt, passwords .lab/secrets)"
   echo "Prometheus: http://$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' kl-lab-prometheus):9090" \
     "(alert rules loaded; dashboard: files/grafana/keplerlog-pipeline.json)"

@@ -133,3 +133,21 @@ def test_cli(tree, tmp_path, capsys):
     cfg.write_text(f"root: {root}\nlayout: '{{service}}/{{module}}.{{day}}'\n")
     assert main(["--config", str(cfg), "--days", "100000"]) == 0
     assert set(names["old"]) <= set(listing(root))
+
+
+def test_audit_reports_go_with_their_day(tmp_path):
+    root = tmp_path / "root"
+    old = make(root, ".keplerlog/audit/20240229/keplerlog-0.json", b"{}")
+    make(root, ".keplerlog/audit/20240229/keplerlog-1.json", b"{}")
+    kept = make(root, ".keplerlog/audit/20240301/keplerlog-0.json", b"{}")
+    odd = make(root, ".keplerlog/audit/20240101/notes.txt")  # not only reports: left alone
+    other = make(root, ".keplerlog/audit/notes/keplerlog-0.json", b"{}")
+    outside = make(tmp_path, "outside/20200101/keplerlog-0.json", b"{}")
+    (root / ".keplerlog/audit/20200101").symlink_to(outside.parent)
+    dry = run(str(root), LAYOUT, 30, now=TODAY, dry_run=True)
+    assert dry.audit_days == 1 and old.exists()
+    report = run(str(root), LAYOUT, 30, now=TODAY)
+    assert report.audit_days == 1
+    assert not old.parent.exists()
+    assert kept.exists() and odd.exists() and other.exists() and outside.exists()
+    assert (root / ".keplerlog/audit/20200101").is_symlink()

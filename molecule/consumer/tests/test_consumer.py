@@ -15,6 +15,7 @@ CONFIG = "/etc/keplerlog/consumer.yml"
 ROOT = "/srv/keplerlog"
 USER = "keplerlog"
 CRON_FILE = "/etc/cron.d/keplerlog-retention"
+AUDIT_CRON_FILE = "/etc/cron.d/keplerlog-audit"
 PASSWORD_FILE = "/etc/keplerlog/kafka.password"
 PRUNE_CMD = f"{VENV}/bin/keplerlog-prune --config {CONFIG} --days 30 --compress-after 7 --compression gzip"
 
@@ -208,6 +209,13 @@ def test_cron_file(host):
     lines = [line for line in cron.content_string.splitlines() if line and not line.startswith("#")]
     assert lines == [f"23 4 * * * {USER} {PRUNE_CMD}"]
     assert host.service("cron").is_running
+    audit = host.file(AUDIT_CRON_FILE)
+    assert audit.is_file and audit.user == "root"
+    lines = [line for line in audit.content_string.splitlines() if line and not line.startswith("#")]
+    assert lines == [f"30 0 * * * {USER} {VENV}/bin/keplerlog-audit --config {CONFIG} --threshold 0.0001"]
+    # the job's command works on this host: no report for an old day is a clear usage error (2)
+    out = host.run(f"runuser -u {USER} -- {VENV}/bin/keplerlog-audit --config {CONFIG} --day 20000101")
+    assert out.rc == 2 and "20000101" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_prune_removes_exactly_expired_files(host):

@@ -894,6 +894,70 @@ def test_every_line_exactly_once_in_the_right_file():
     assert counters["gaps"] == 0 and counters["gap_bytes"] == 0, counters
 
 
+# The bytes of every file in a service's log directory the agent ships (`*.log` and the rotated
+# `*.log.N` it follows after a rename or reads the rest of after copytruncate), by name.
+LOG_BYTES = r"""
+import glob, json, os, sys
+print(json.dumps({os.path.basename(p): os.path.getsize(p)
+                  for p in glob.glob(sys.argv[1] + "/*.log") + glob.glob(sys.argv[1] + "/*.log.*")}))
+"""
+
+# Every source of the consumers' daily audit reports ({root}/.keplerlog/audit/{day}/*.json).
+AUDIT_SOURCES = r"""
+import glob, json, sys
+rows = []
+for path in sorted(glob.glob(sys.argv[1] + "/.keplerlog/audit/*/*.json")):
+    rows += json.load(open(path))["sources"]
+print(json.dumps(rows))
+"""
+
+AUDIT = "/opt/keplerlog/venv/bin/keplerlog-audit"
+
+
+def test_the_audit_accounts_for_every_byte_after_the_faults():
+    """keplerlog-audit after every fault: loss rate 0, and the agents' watermarks (every 5 s here)
+    account for every byte of every file the services wrote, no more, no less."""
+    stop_load()
+    host = host_of(CONSUMER)
+    sizes = {
+        svc.service: json.loads(
+            host_of(svc.container).check_output("python3 -c %s %s", LOG_BYTES, svc.log_dir)
+        )
+        for svc in SERVICES
+    }
+
+    def accounted() -> dict[str, int] | None:
+        rows = json.loads(host.check_output("%s -c %s %s", VENV_PY, AUDIT_SOURCES, ROOT))
+        shipped: dict[str, int] = {}
+        for row in rows:
+            shipped[row["service"]] = shipped.get(row["service"], 0) + row["shipped"]
+        return shipped if shipped == {s: sum(v.values()) for s, v in sizes.items()} else None
+
+    # the last lines' watermarks: the files stopped growing, one interval and a batch later
+    shipped = wait_for("watermarks covering every byte written", accounted, timeout=90, interval=3)
+    days = sorted(host.check_output("ls %s/.keplerlog/audit", ROOT).split())
+    assert days, "no audit report"
+    for day in days:
+        out = host.run("%s --config /etc/keplerlog/consumer.yml --day %s --json", AUDIT, day)
+        assert out.rc in (0, 1), out.stderr
+        audit = json.loads(out.stdout)
+        total = audit["total"]
+        print(
+            f"\naudit {day}: {total['files']} files, {total['shipped']} B shipped, {total['stored']} B stored, "
+            f"missing {total['missing_bytes']} B, lost at source {total['lost_bytes']} B, "
+            f"loss rate {total['loss_rate']}, silent {audit['silent']}"
+        )
+        assert out.rc == 0 and audit["ok"], out.stdout
+        assert total["missing_bytes"] == 0 and total["lost_bytes"] == 0 and not audit["incomplete"]
+        assert total["stored"] == total["shipped"] > 0
+    # the watermarks' bytes are the bytes in the services' files, per service
+    assert shipped == {s: sum(v.values()) for s, v in sizes.items()}
+    # and the consumers reconciled watermarks, never wrote one into a day file (checked above:
+    # every line of the central files is a line of the services' files)
+    reconciled = sum(v for _, v in metric_values(consumer_metrics(), "keplerlog_consumer_watermarks_total"))
+    assert reconciled > 0
+
+
 def _run_stamp() -> str:
     """When, where and from which code this run was made (for the published table).
 

@@ -71,13 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         tz=tz,
     )
     logging.info(
-        "prune %s: deleted=%d compressed=%d kept=%d busy=%d errors=%d",
+        "prune %s: deleted=%d compressed=%d kept=%d busy=%d errors=%d audit_days=%d",
         "(dry run)" if args.dry_run else "",
         report.deleted,
         report.compressed,
         report.kept,
         report.busy,
         report.errors,
+        report.audit_days,
     )
     return 1 if report.errors else 0
 

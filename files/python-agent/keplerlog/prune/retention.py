@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from keplerlog import daylock
+from keplerlog.audit.report import AUDIT_DIR
 from keplerlog.durable import fsync_dir
 from keplerlog.layout import QUARANTINE_DIR, STATE_DIR, Layout
 
@@ -72,6 +73,7 @@ class Report:
     kept: int = 0
     busy: int = 0  # due, but a consumer holds it open: retried on the next run
     errors: int = 0
+    audit_days: int = 0  # daily audit report directories deleted with their day
 
 
 def today(tz: ZoneInfo) -> dt.date:
@@ -150,7 +152,46 @@ def run(
             report.errors += 1
         finally:
             os.close(lock)
+    report.audit_days = prune_audit(root, delete_before, dry_run)
     return report
+
+
+def prune_audit(root: str, before: dt.date, dry_run: bool = False) -> int:
+    """Delete the daily audit reports of days before `before`; return how many days went.
+
+    The reports (`.keplerlog/audit/YYYYMMDD/`) go with the day files they account for.
+    Only directories named by a date, holding only regular `*.json` files, are removed: nothing
+    else below the root is touched, and a symlink is never followed.
+    """
+    base = os.path.join(os.path.realpath(root), AUDIT_DIR)
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return 0  # no report yet (or no root): nothing to prune
+    removed = 0
+    for name in names:
+        try:
+            day = dt.datetime.strptime(name, "%Y%m%d").date()
+        except ValueError:
+            continue
+        directory = os.path.join(base, name)
+        if day >= before or os.path.islink(directory) or not os.path.isdir(directory):
+            continue
+        try:
+            files = os.listdir(directory)
+            if any(not f.endswith(".json") or os.path.islink(os.path.join(directory, f)) for f in files):
+                log.warning("%s/%s holds other files than reports: left alone", AUDIT_DIR, name)
+                continue
+            log.info("%s audit reports of %s", "would delete" if dry_run else "deleted", name)
+            if not dry_run:
+                for f in files:
+                    os.unlink(os.path.join(directory, f))
+                os.rmdir(directory)
+        except OSError as exc:
+            log.error("cannot delete the audit reports of %s: %s", name, exc)
+            continue
+        removed += 1
+    return removed
 
 
 def compress(path: str, compression: str) -> str:
