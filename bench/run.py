@@ -62,7 +62,17 @@ PARTS = [
     Part("files", "bench_files.py", 1200, quick=["--sizes", "100,1000", "--seconds", "5"]),
     # TLS + SCRAM against plaintext on the same broker, alternating: the ratio is what matters
     Part("security", "bench_security.py", 1800, quick=["--lines", "50000", "--mb", "64", "--runs", "1"]),
+    # what the completeness audit's watermarks cost the agent: 1,000 files, on vs off, alternating
+    Part(
+        "watermarks",
+        "bench_agent.py",
+        1800,
+        args=["--watermark-cost"],
+        quick=["--watermark-runs", "1", "--watermark-files", "100", "--watermark-seconds", "20"],
+    ),
 ]
+
+WATERMARK_COST_TARGET = 0.2  # % of one core: "next to nothing", the same bound as the metrics
 
 
 def run_part(part: Part, quick: bool) -> dict[str, Any]:
@@ -305,6 +315,10 @@ def missed_targets(merged: dict[str, Any]) -> list[str]:
         stale = "" if part.get("rerun") else " (from an earlier run)"
         if name == "agent":
             out += [f"agent: {m} {t}{stale}" for m, _, t, ok, _ in agent_checks(data) if ok is False]
+        elif name == "watermarks":
+            cost = (data.get("watermark_cost_200_lines_s") or {}).get("cpu_percent_cost")
+            if _le(cost, WATERMARK_COST_TARGET) is False:
+                out.append(f"watermarks: CPU cost <= {WATERMARK_COST_TARGET} % of one core{stale}")
         elif name == "files":
             targets = data.get("targets", {})
             out += [
@@ -448,6 +462,37 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
     return out
 
 
+def watermarks_table(part: dict[str, Any]) -> list[str]:
+    """bench_agent.py --watermark-cost: the agent's CPU and RSS with watermarks on and off."""
+    wm = (part.get("data") or {}).get("watermark_cost_200_lines_s")
+    if not isinstance(wm, dict) or "on" not in wm:
+        return [f"_watermarks: failed — {part.get('error', '')}_"]
+    rows = []
+    for mode in ("off", "on"):
+        r = wm[mode]
+        lo, hi = r["cpu_percent_spread"]
+        when = f"every {wm['interval_s']:g} s" if mode == "on" else "off"
+        rows.append(
+            [
+                f"watermarks {when}",
+                f"{_num(r['cpu_percent_median'], 2)} ({_num(lo, 2)}–{_num(hi, 2)})",
+                _num(r["rss_mb_median"], 1),
+                ", ".join(str(n) for n in r["watermarks_sent"]),
+            ]
+        )
+    out = _table(["agent", "CPU % of one core: median (min–max)", "RSS MB", "watermarks sent per run"], rows)
+    met = _le(wm.get("cpu_percent_cost"), WATERMARK_COST_TARGET)
+    verdict = "met" if met else "**missed**" if met is False else "–"
+    out += [
+        "",
+        f"{wm['lines_per_s']} lines/s over {wm['busy_files']} of {_num(wm['files'])} files (the others idle), "
+        f"{wm['runs']} rounds per mode, alternating, {wm['seconds']:g} s measured per run. Cost: "
+        f"{_num(wm.get('cpu_percent_cost'), 3)} % of one core, RSS {wm.get('rss_mb_cost')} MB "
+        f"(target <= {WATERMARK_COST_TARGET} %: {verdict}).",
+    ]
+    return out
+
+
 def security_table(part: dict[str, Any]) -> list[str]:
     """bench_security.py: agent and consumer over SASL_SSL (SCRAM) as a ratio to plaintext."""
     data = part.get("data")
@@ -528,6 +573,11 @@ def markdown(merged: dict[str, Any]) -> str:
         f"{_when(merged['parts'].get('security', {}))}",
         "",
         *security_table(merged["parts"].get("security", {})),
+        "",
+        "**Completeness audit: what the agent's watermarks cost (bench/bench_agent.py --watermark-cost)**"
+        + _when(merged["parts"].get("watermarks", {})),
+        "",
+        *watermarks_table(merged["parts"].get("watermarks", {})),
         "",
         "**End-to-end latency (file → agent → Kafka → consumer → day file)**"
         + _when(merged["parts"].get("latency", {})),
