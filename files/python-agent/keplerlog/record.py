@@ -34,6 +34,9 @@ LEGACY_SEPARATOR = b"##$$##"
 # so a record over a bound is rejected (the consumer quarantines it) instead of bloating state.
 # Hostnames are at most 253 bytes (DNS), paths at most PATH_MAX; agent file ids are ~30 bytes.
 MAX_NAME_BYTES = 100  # service and module names (they become path components)
+# A watermark's offsets and sizes fit a signed 64-bit integer, as Kafka's own do: larger ones are
+# forged, and would break float conversions downstream (the audit's gauges).
+MAX_NUMBER = 2**63 - 1
 MAX_HEADER_BYTES = {
     "kl.service": MAX_NAME_BYTES,
     "kl.module": MAX_NAME_BYTES,
@@ -41,6 +44,19 @@ MAX_HEADER_BYTES = {
     "kl.file": 64,
     "kl.path": 4096,
 }
+
+
+def label_bytes(text: str) -> int:
+    """Return a decoded label's size as it was on the wire (what MAX_HEADER_BYTES bounds).
+
+    Labels are decoded with surrogateescape (undecodable bytes kept), so that is how they are
+    measured: `surrogatepass` would count an escaped byte as 3 and refuse what the header check
+    let through. A lone surrogate that escape cannot encode (not from a record) counts as 3.
+    """
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        return len(text.encode("utf-8", "surrogatepass"))
 
 
 class RecordFormatError(ValueError):
@@ -227,6 +243,11 @@ def merge_lost(ranges: Iterable[tuple[int, int, str]]) -> tuple[tuple[int, int, 
     return tuple(out)
 
 
+def _number(value: object) -> bool:
+    """Tell whether a JSON value is an offset: an integer in [0, MAX_NUMBER], not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_NUMBER
+
+
 def decode_watermark(headers: Sequence[tuple[str, bytes]] | None, value: bytes | None) -> Watermark:
     """Decode a watermark record, or raise RecordFormatError saying what is wrong."""
     found: dict[str, bytes] = {}
@@ -245,14 +266,14 @@ def decode_watermark(headers: Sequence[tuple[str, bytes]] | None, value: bytes |
         raise RecordFormatError(f"watermark value empty or over {MAX_WATERMARK_BYTES} bytes")
     try:
         body = json.loads(value)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: [[[[...]]]] nested past the stack
         raise RecordFormatError("watermark value is not JSON") from exc
     if not isinstance(body, dict):
         raise RecordFormatError("watermark value is not an object")
 
     def number(name: str) -> int:
         v = body.get(name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        if not _number(v):
             raise RecordFormatError(f"watermark {name} is not a non-negative integer")
         return v
 
@@ -270,7 +291,7 @@ def decode_watermark(headers: Sequence[tuple[str, bytes]] | None, value: bytes |
         if (
             not isinstance(item, list)
             or len(item) != 3
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in item[:2])
+            or not all(_number(x) for x in item[:2])
             or item[2] not in LOSS_REASONS
             or item[1] < item[0]
         ):

@@ -689,3 +689,58 @@ def test_a_partition_read_again_from_a_pinned_offset_keeps_its_marks(tmp_path):
     again.write({TP: [*held, *f1]})
     assert again.metrics.counts["watermarks_replayed"] == 3 and again.metrics.counts["watermarks"] == 0
     assert _reports(tmp_path) == before
+
+
+# -- hostile and late watermarks (found in review) -------------------------------------------
+
+
+def test_a_watermark_nested_past_the_stack_is_quarantined_not_a_crash_loop(tmp_path):
+    sink = make_sink(tmp_path)
+    good = wm(1, 100)
+    nested = Rec("t", 0, 1, DAY1, good.headers, b"[" * 2048 + b"]" * 2048)
+    sink.write({TP: [*data_records(lines(10)), nested]})
+    assert sink.metrics.counts["quarantined"] == 1 and sink.metrics.counts["watermarks"] == 0
+    assert day_files(tmp_path)["shop/portal.20231114"] == b"".join(lines(10))
+
+
+def test_a_number_no_float_holds_is_quarantined_and_the_page_still_renders(tmp_path):
+    sink = make_sink(tmp_path)
+    good = wm(1, 100)
+    huge = b'{"first":0,"seen":0,"acked":1' + b"0" * 4000 + b',"state":"open","lost":[]}'
+    sink.write({TP: [Rec("t", 0, 1, DAY1, good.headers, huge)]})
+    assert sink.metrics.counts["quarantined"] == 1
+    assert "keplerlog_consumer_quarantined_total 1.0" in sink.metrics.render()
+
+
+def test_a_host_of_undecodable_bytes_is_measured_as_on_the_wire(tmp_path):
+    sink = make_sink(tmp_path)
+    good = wm(10, 100)
+    headers = [(n, b"\xff" * 200 if n == "kl.host" else v) for n, v in good.headers]
+    data = [Rec(*r[:4], [(n, b"\xff" * 200 if n == "kl.host" else v) for n, v in r.headers], r.value)
+            for r in data_records(lines(10))]  # fmt: skip
+    sink.write({TP: [*data, Rec("t", 0, 10, DAY1, headers, good.value)]})
+    assert len(sink.states[TP].marks) == 1
+    (found,) = load_day(str(tmp_path), "20231114")  # the audit reads the report back
+    assert [r.missing_bytes for r in found.sources] == [0]
+    again = Journal(str(tmp_path), "other").load("t", 0)  # and a new owner the state
+    assert len(again.marks) == 1
+
+
+def test_a_long_path_is_kept_short_in_the_marks(tmp_path):
+    sink = make_sink(tmp_path)
+    path = "/" + "d" * 4000
+    sink.write({TP: [wm(0, 0, path=path)]})
+    (mark,) = sink.states[TP].marks.values()
+    assert len(mark.cur.path.encode()) == marks.MAX_PATH_BYTES and path.startswith(mark.cur.path)
+
+
+def test_a_watermark_from_days_ago_does_not_rebuild_an_old_report_without_its_files(tmp_path):
+    sink = make_sink(tmp_path)
+    sink.write({TP: [*data_records(lines(10)), wm(10, 100, ts=DAY1)]})
+    sink.write({TP: [wm(11, 100, ts=DAY2)]})  # f1 goes on the next day
+    before = {r["file_id"] for r in report(tmp_path)["sources"]}
+    # a new source whose agent clock is three days behind the newest mark
+    sink.write({TP: [wm(12, 50, ts=DAY1 - 2 * 86_400_000, file_id="other")]})
+    assert sink.metrics.counts["watermarks_late"] == 1
+    assert {r["file_id"] for r in report(tmp_path)["sources"]} >= before  # the day kept its file
+    assert not (tmp_path / report_rel("20231112", "t", 0)).exists()

@@ -116,6 +116,10 @@ def test_a_consumer_that_predates_watermarks_quarantines_them_instead_of_writing
         (b'{"first":0,"seen":9,"acked":4,"state":"sleeping"}', "state"),
         (b'{"first":0,"seen":9,"acked":4,"lost":[[5,4,"deleted"]]}', "lost"),
         (b'{"first":0,"seen":9,"acked":4,"lost":[[4,5,"stolen"]]}', "lost"),
+        (b"[" * 2048 + b"]" * 2048, "not JSON"),  # nested past the interpreter's stack
+        (b'{"first":0,"seen":9,"acked":1' + b"0" * 4000 + b"}", "acked"),  # no float can hold it
+        (b'{"first":0,"seen":9,"acked":9223372036854775808}', "acked"),
+        (b'{"first":0,"seen":9,"acked":4,"lost":[[4,9223372036854775808,"deleted"]]}', "lost"),
         (
             b'{"first":0,"seen":9,"acked":4,"lost":' + b'[[4,5,"deleted"]' + b',[6,7,"deleted"]' * 16 + b"]}",
             "lost",

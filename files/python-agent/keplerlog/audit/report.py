@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keplerlog.layout import STATE_DIR
-from keplerlog.record import LOSS_REASONS, MAX_HEADER_BYTES, WATERMARK_STATES
+from keplerlog.record import LOSS_REASONS, MAX_HEADER_BYTES, WATERMARK_STATES, label_bytes
 
 FORMAT = 1
 AUDIT_DIR = f"{STATE_DIR}/audit"
@@ -187,7 +187,7 @@ def _count(value: object, name: str) -> int:
 
 def _text(item: dict[str, Any], name: str, limit: int) -> str:
     value = item.get(name)
-    if not isinstance(value, str) or len(value.encode("utf-8", "surrogatepass")) > limit:
+    if not isinstance(value, str) or label_bytes(value) > limit:
         raise ReportError(f"{name} is not a string of at most {limit} bytes")
     return value
 

@@ -34,7 +34,14 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from keplerlog.record import LOSS_REASONS, MAX_HEADER_BYTES, MAX_LOST_RANGES, WATERMARK_STATES, Watermark
+from keplerlog.record import (
+    LOSS_REASONS,
+    MAX_HEADER_BYTES,
+    MAX_LOST_RANGES,
+    WATERMARK_STATES,
+    Watermark,
+    label_bytes,
+)
 
 from . import coverage, spans
 from .lines import Held
@@ -44,6 +51,9 @@ log = logging.getLogger(__name__)
 
 MAX_SPANS = coverage.MAX_RANGES  # missing spans kept per file (and given-up holes)
 MAX_MARKS = 20_000  # per partition: ~5 MB of state at ~250 bytes a mark
+# A mark keeps at most this much of its file's path (it names the file in reports; the key is
+# host and file id). 4 KB paths in 20,000 forged watermarks would make ~80 MB of state a batch.
+MAX_PATH_BYTES = 512
 MARK_TTL_MS = 3 * 86_400_000  # today, yesterday's late rewrites, and a day of slack
 
 Lost = tuple[tuple[int, int, str], ...]
@@ -206,7 +216,7 @@ def reconcile(
     cur = Snap(
         day=day,
         module=wm.module,
-        path=wm.path,
+        path=short_path(wm.path),
         state=wm.state,
         first=wm.first,
         acked=wm.acked,
@@ -310,6 +320,12 @@ def decode_all(value: object) -> dict[str, Mark]:
     return out
 
 
+def short_path(path: str) -> str:
+    """Return `path` cut to MAX_PATH_BYTES on the wire (undecodable bytes stay escaped)."""
+    raw = path.encode("utf-8", "surrogateescape") if label_bytes(path) > MAX_PATH_BYTES else b""
+    return raw[:MAX_PATH_BYTES].decode("utf-8", "surrogateescape") if raw else path
+
+
 def _int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError("not a non-negative integer")
@@ -317,7 +333,7 @@ def _int(value: object) -> int:
 
 
 def _str(value: object, limit: int) -> str:
-    if not isinstance(value, str) or len(value.encode("utf-8", "surrogatepass")) > limit:
+    if not isinstance(value, str) or label_bytes(value) > limit:
         raise ValueError("not a string within its bound")
     return value
 

@@ -58,6 +58,7 @@ COUNTERS = {
     "recovered_intents": "Write-ahead intents of dead consumers completed or undone",
     "watermarks": "Agent watermarks reconciled with the stored byte ranges (never written to a day file)",
     "watermarks_replayed": "Watermarks read again after a restart (already reconciled: skipped)",
+    "watermarks_late": "Watermarks dated before yesterday by the agent's clock, counted for yesterday",
     "audit_marks_evicted": "Audit marks forgotten because a partition tracked more than its cap",
     "audit_report_failures": "Daily audit report writes that failed for another reason than a full disk",
 }

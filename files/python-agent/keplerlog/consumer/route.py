@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
@@ -25,6 +25,7 @@ from .lines import MARKER, Held, Holds, LinePolicy
 from .marks import Mark, note_given_up, reconcile, replayed
 
 log = logging.getLogger(__name__)
+
 
 _BUCKET_MS = 15 * 60 * 1000  # every time zone offset is a multiple of 15 minutes
 LABELS_CAP = 65_536  # day files whose (service, module) the router remembers for the written counters
@@ -53,6 +54,7 @@ class Plan:
     read_ts_ms: list[int] = field(default_factory=list)
     labels: dict[str, tuple[str, str]] = field(default_factory=dict)  # day file -> (service, module)
     audit_days: set[tuple[str, int, str]] = field(default_factory=set)  # watermarks' (topic, partition, day)
+    newest_day: dict[tuple[str, int], str] = field(default_factory=dict)  # of a partition's marks
 
     def add(self, rel: str, data: bytes) -> None:
         """Queue bytes for a file (in record order)."""
@@ -95,6 +97,11 @@ class RateLimitedLog:
         suppressed = self._suppressed.pop(kind, 0)
         self._last[kind] = now
         log.warning(msg + (f" (+{suppressed} similar suppressed)" if suppressed else ""), *args)
+
+
+def day_before(day: str) -> str:
+    """Return the YYYYMMDD before a YYYYMMDD."""
+    return (datetime.strptime(day, "%Y%m%d") - timedelta(days=1)).strftime("%Y%m%d")
 
 
 @dataclass(frozen=True)
@@ -275,10 +282,24 @@ class Router:
             plan.counts["watermarks_replayed"] += 1
             return
         plan.counts["watermarks"] += 1
+        # Marks hold a source's current and previous day only, and a day's report is rebuilt
+        # from them: a watermark dated before the day before the partition's newest (an agent
+        # clock behind, a long-buffered one) counts for that day, or it would rebuild an old
+        # day's report without the files it held.
+        tp = (rec.topic, rec.partition)
+        newest = plan.newest_day.get(tp)
+        if newest is None:
+            newest = plan.newest_day[tp] = max((m.cur.day for m in marks.values()), default=day)
+        earliest = day_before(newest)
+        if day < earliest:
+            day = earliest
+            plan.counts["watermarks_late"] += 1
         heard_ms = rec.timestamp if rec.timestamp is not None and rec.timestamp > 0 else now_ms
         mark = reconcile(old, wm, day, entry, holds.get(key), rec.offset, heard_ms, now_ms)
         marks[key] = mark
         plan.audit_days.add((rec.topic, rec.partition, mark.cur.day))
+        if mark.cur.day > newest:
+            plan.newest_day[tp] = mark.cur.day
 
     def _accept(
         self,

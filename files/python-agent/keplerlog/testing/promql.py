@@ -109,6 +109,7 @@ KNOWN_METRICS: frozenset[str] = frozenset(
         # evicted, report writes that failed
         "keplerlog_consumer_watermarks_total",
         "keplerlog_consumer_watermarks_replayed_total",
+        "keplerlog_consumer_watermarks_late_total",
         "keplerlog_consumer_audit_marks_evicted_total",
         "keplerlog_consumer_audit_report_failures_total",
         # consumer gauges; lag_records has topic, partition; info has group, version
