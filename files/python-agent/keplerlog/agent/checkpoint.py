@@ -44,6 +44,10 @@ class FileState:
     # only grew (Kafka away) must not cost a state file write (an fsync) every interval; it is
     # written with the next change of an offset, and always at shutdown (Ledger.checkpoint).
     seen: int = field(default=0, compare=False)
+    # The module of the input that followed it: a watermark of the file, sent when it is no
+    # longer followed, must go on its data's key (partition). Found again from the path, an
+    # input over /var/log/*.log could claim /var/log/nginx/a.log, or a rotated name none.
+    module: str = ""
 
     def identity(self) -> FileIdentity:
         """Return the identity to resume this file under."""
@@ -60,6 +64,7 @@ class FileState:
             "offset": self.offset,
             "first": self.first,
             "seen": max(self.seen, self.offset),
+            "module": self.module,
         }
 
 
@@ -80,6 +85,7 @@ def state_of(f: TailedFile) -> FileState:
         offset=acked,
         first=f.stream.first,
         seen=max(f.size, acked),
+        module=f.inp.module,
     )
 
 
@@ -117,6 +123,7 @@ def load(path: Path, *, first_unknown_at_offset: bool = False) -> dict[str, File
                 offset=offset,
                 first=min(first, offset),
                 seen=max(int(item.get("seen", offset)), offset),
+                module=str(item.get("module", "")),
             )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         log.error("state file %s malformed (%s); starting without it", path, exc)

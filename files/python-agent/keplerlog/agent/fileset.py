@@ -64,6 +64,18 @@ def open_file_limit(configured: int) -> int:
     return max(1, min(configured, soft - FD_RESERVE))
 
 
+def glob_matches(path: str, pattern: str) -> bool:
+    """Tell whether glob.glob(pattern) could have returned `path`.
+
+    Wildcards stay inside one path component, as in glob: fnmatch alone lets `/var/log/*.log`
+    match `/var/log/nginx/a.log`, which gave that file the wrong input (and module).
+    """
+    parts, wanted = path.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(
+        fnmatch.fnmatchcase(a, b) for a, b in zip(parts, wanted, strict=True)
+    )
+
+
 class FileSet:
     """Finds, opens, identifies and closes the followed files (`files`)."""
 
@@ -492,7 +504,7 @@ class FileSet:
     def input_of(self, path: str) -> InputConfig | None:
         """Return the input whose globs match `path` (None: none does any more)."""
         return next(
-            (i for i in self.cfg.inputs if any(fnmatch.fnmatchcase(path, p) for p in i.paths)),
+            (i for i in self.cfg.inputs if any(glob_matches(path, p) for p in i.paths)),
             None,
         )
 
@@ -527,7 +539,7 @@ class FileSet:
                 "rotated away while the agent was stopped, not found" if reason == "rotated" else "deleted",
             )
         inp = inp or self.input_of(state.path)
-        module = inp.module if inp is not None else self.cfg.module
+        module = state.module or (inp.module if inp is not None else self.cfg.module)
         self.book.end(state.file_id, Ended(path, module, state.first, seen, state.offset))
 
     def _unopened_gone(self, keys: list[FileKey]) -> None:

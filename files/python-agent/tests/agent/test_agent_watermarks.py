@@ -458,6 +458,55 @@ def test_a_closed_file_that_goes_away_is_finished_once_and_then_forgotten(tmp_pa
     assert not wm.said and not wm.book.lost and not wm.book.ended and not wm.book.due
 
 
+def test_a_file_no_longer_followed_keeps_its_module_on_the_data_records_key(tmp_path, logdir):
+    # Two inputs whose globs fnmatch would both match for nginx/access.log: glob's `*` stays in
+    # one directory, so its data goes under nginx; its watermarks must too (same key, same
+    # partition), also once the file is closed and deleted, and after a restart.
+    (logdir / "nginx").mkdir()
+    log = logdir / "nginx" / "access.log"
+    append(log, lines("a", 10))
+    cfg = write_config(
+        tmp_path,
+        "127.0.0.1:1",
+        "t",
+        [],
+        inputs=[
+            {"paths": [str(logdir / "*.log")], "module": "sys"},
+            {"paths": [str(logdir / "nginx" / "*.log")], "module": "nginx"},
+        ],
+        limits={"shutdown_timeout_s": 1, "read_coalesce_ms": 0, "close_idle_s": 0.5},
+        kafka={"max_record_bytes": 65536},
+        watermarks={"interval_s": 1, "refresh_s": 2},
+    )
+    agent = Agent(load(str(cfg)))
+    sender = FakeSender(agent.waker.wake, auto_ack=True)
+    agent.sender = sender  # type: ignore[assignment]
+    wm = agent.watermarks
+    try:
+        sender.connect()
+        mono = time.monotonic()
+        agent.fileset.scan(mono)
+        agent.reader.read_all(time.time(), mono)
+        agent.ledger.results()
+        agent.fileset.scan(mono + 1)  # closed for idleness before any watermark
+        wm.step(mono + 1)
+        agent.ledger.results()
+        assert len(agent.closed) == 1
+        assert next(iter(agent.closed.values())).module == "nginx"
+        agent.ledger.checkpoint(agent.closed)  # and the state file keeps it for a restart
+        (saved,) = checkpoint.load(tmp_path / "state" / "agent-state.json").values()
+        assert saved.module == "nginx"
+        log.unlink()
+        agent.fileset.scan(mono + 2)
+        wm.step(mono + 2)
+        agent.ledger.results()
+    finally:
+        _close(agent)
+    assert {t[0].inp.module for _, t in sender.sent} == {"nginx"}
+    assert [m.state for m in sender.marks] == ["closed", "finished"]
+    assert {m.module for m in sender.marks} == {"nginx"}
+
+
 def test_bookkeeping_stays_small_with_many_files(tmp_path, logdir):
     for i in range(300):
         append(logdir / f"f{i:03d}.log", lines(f"f{i}", 2))
