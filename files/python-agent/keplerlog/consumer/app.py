@@ -228,8 +228,8 @@ class ConsumerApp:
                     # Retry the failed batch (and what came after it, in order) in the
                     # foreground with the disk-full backoff; nothing of it is committed yet.
                     self._process(_merge(failed, batch), error)
-                elif batch or self.sink.has_expired_holds():
-                    self._submit(batch)  # an empty batch writes held line ends that are due
+                elif batch or self.sink.has_expired_holds() or self.sink.reports_due():
+                    self._submit(batch)  # an empty batch writes held line ends, reports that are due
         finally:
             try:
                 if self._settle()[1] is not None:
@@ -237,6 +237,7 @@ class ConsumerApp:
             except Exception:  # still release Kafka and the files below
                 log.exception("writer failed at shutdown")
             self._writer.shutdown(wait=True)
+            self.sink.write_reports(force=True)  # the audit reports of the last batches
             log.info("stopping: %s", self.metrics.summary())
             try:
                 self.consumer.close(autocommit=False)

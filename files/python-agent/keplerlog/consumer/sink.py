@@ -7,6 +7,7 @@ a broker; app.py feeds it polled batches and commits what it returns.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -21,6 +22,9 @@ from .metrics import Metrics
 from .route import Plan, RecordLike, Router
 
 log = logging.getLogger(__name__)
+
+# Seconds between two rebuilds of a partition's daily audit reports (see Sink.write_reports).
+REPORT_INTERVAL_S = 10.0
 
 TopicPartition = tuple[str, int]  # kafka.TopicPartition is a namedtuple of (topic, partition)
 STATE_TTL_MS = 30 * 24 * 3600 * 1000
@@ -40,6 +44,7 @@ class Sink:
         state_ttl_ms: int = STATE_TTL_MS,
         max_sources: int = MAX_SOURCES,
         max_marks: int = marks.MAX_MARKS,
+        report_interval_s: float = REPORT_INTERVAL_S,
     ) -> None:
         self.router = router
         self.files = files
@@ -49,6 +54,11 @@ class Sink:
         self.max_sources = max_sources
         self.max_marks = max_marks
         self.report_writer = reports.ReportWriter(journal.root, router.guard)
+        # Days whose report is behind the committed marks, per partition, and when each
+        # partition's reports were last written: rebuilt at most every report_interval_s.
+        self.report_interval_s = report_interval_s
+        self._reports_pending: dict[TopicPartition, set[str]] = {}
+        self._reports_at: dict[TopicPartition, float] = {}
         # Per partition: missing bytes, incomplete files, lost bytes per (service, module).
         self.audit_totals: dict[TopicPartition, dict[tuple[str, str], tuple[int, int, int]]] = {}
         self.states: dict[TopicPartition, PartitionState] = {}
@@ -95,7 +105,11 @@ class Sink:
 
     def revoke(self, partitions: Iterable[TopicPartition]) -> None:
         """Forget partitions given up (everything written is already durable)."""
+        partitions = list(partitions)
+        self.write_reports(force=True, only=partitions)  # the next owner continues them
         for tp in partitions:
+            self._reports_pending.pop(tp, None)
+            self._reports_at.pop(tp, None)
             self.states.pop(tp, None)
             self.holds.pop(tp, None)
             self.consumed.pop(tp, None)
@@ -169,13 +183,12 @@ class Sink:
             new_consumed[tp] = consumed
         if not offsets:
             self.metrics.add(plan.counts, plan.quarantine_reasons)  # e.g. unowned_records
+            self.write_reports()
             return {}
-        due = self._reports_due(plan, new_states, offsets)
         if plan.chunks:
-            self._append(plan, new_states, due)
+            self._append(plan, new_states)
         else:  # only duplicates, empties, watermarks or drops: the state still moves on
             try:
-                self._write_reports(due, plan)
                 self.journal.save_states(new_states)
             except OSError as exc:
                 raise _as_disk_full(exc) from exc
@@ -183,6 +196,9 @@ class Sink:
             self.states[tp] = new_states[state_name(tp[0], tp[1])]
             self.holds[tp] = new_holds[tp]
             self.consumed[tp] = new_consumed[tp]
+        for topic, partition, day in plan.audit_days:
+            if (topic, partition) in offsets:
+                self._reports_pending.setdefault((topic, partition), set()).add(day)
         if new_totals:
             self.audit_totals.update(new_totals)
             self.metrics.set_audit(self.audit_totals.values())
@@ -195,38 +211,48 @@ class Sink:
         plan.counts["batches"] += 1
         self.metrics.add(plan.counts, plan.quarantine_reasons, self.router.written(plan))
         self.metrics.gauges["open_files"] = len(self.files)
+        self.write_reports()
         return offsets
 
-    def _reports_due(
-        self, plan: Plan, new_states: dict[str, PartitionState], offsets: dict[TopicPartition, int]
-    ) -> list[reports.Report]:
-        """Build the reports of the days this batch's watermarks went into, from the new marks."""
-        due = []
-        for topic, partition, day in sorted(plan.audit_days):
-            if (topic, partition) in offsets:
-                new_marks = new_states[state_name(topic, partition)].marks
-                due.append(reports.build(topic, partition, day, new_marks.values()))
-        return due
+    def reports_due(self) -> bool:
+        """Tell whether a partition's reports are behind its marks and their interval is up."""
+        now = time.monotonic()
+        return any(
+            days and now - self._reports_at.get(tp, -math.inf) >= self.report_interval_s
+            for tp, days in self._reports_pending.items()
+        )
 
-    def _write_reports(self, due: list[reports.Report], plan: Plan) -> None:
-        """Write reports before the state that holds their marks is committed.
+    def write_reports(self, force: bool = False, only: Iterable[TopicPartition] | None = None) -> None:
+        """Write the reports that are behind the committed marks (at most every interval).
 
-        A full disk rolls the batch back like any write of it (retried, then the same reports
-        are written again). Any other failure (a permission, a planted symlink) is logged and
-        counted but does not stop the logs: the reports come back with the next watermark of
-        their day or the next assignment of the partition.
+        A batch of watermarks changes a day's report, and rebuilding it costs time in the number
+        of the partition's files: 20,000 files in every batch would be half a second each. So
+        reports follow the committed state at most every report_interval_s (and when a
+        partition is given up, and at shutdown with `force`). After a crash they are rebuilt
+        from the state when the partition is assigned: a report never gets ahead of the marks.
+        A failure (a full disk, a permission) is logged, counted and retried next time; it
+        never holds the logs back.
         """
-        if not due:
-            return
-        try:
-            self.report_writer.write(due)
-        except (OSError, ValueError) as exc:  # ValueError: a topic name that is no file name
-            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-                raise
-            plan.counts["audit_report_failures"] += 1
-            log.error("audit reports not written: %s", exc)
+        now = time.monotonic()
+        for tp in list(only if only is not None else self._reports_pending):
+            days = self._reports_pending.get(tp)
+            state = self.states.get(tp)
+            if not days or state is None:
+                continue
+            if not force and now - self._reports_at.get(tp, -math.inf) < self.report_interval_s:
+                continue
+            try:
+                self.report_writer.write(
+                    reports.build(tp[0], tp[1], day, state.marks.values()) for day in sorted(days)
+                )
+            except (OSError, ValueError) as exc:  # ValueError: a topic name that is no file name
+                self.metrics.inc("audit_report_failures")
+                log.error("audit reports of %s-%d not written (retried): %s", tp[0], tp[1], exc)
+                continue
+            self._reports_pending.pop(tp, None)
+            self._reports_at[tp] = now
 
-    def _append(self, plan: Plan, new_states: dict[str, PartitionState], due: list[reports.Report]) -> None:
+    def _append(self, plan: Plan, new_states: dict[str, PartitionState]) -> None:
         data = {
             rel: b"".join(chunks) if len(chunks) > 1 else chunks[0] for rel, chunks in plan.chunks.items()
         }
@@ -247,7 +273,6 @@ class Sink:
                 t0 = time.monotonic()
                 self.files.sync()
                 self.metrics.fsync.observe(time.monotonic() - t0)
-                self._write_reports(due, plan)
                 self.journal.commit(sizes, new_states)
             except OSError as exc:
                 locked = False  # if the rollback fails, the locks stay until the process exits
