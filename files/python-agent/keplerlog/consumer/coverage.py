@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from .spans import uncovered
+
 MAX_RANGES = 64
 Entry = list[int]  # [seen_ms, s0, e0, s1, e1, ...]
 
@@ -49,7 +51,7 @@ def decide(
         counts["gap_bytes"] += start - last_end
         return Decision(_bound([now_ms, *entry[1:], start, end], counts, max_ranges), [(start, end)])
     ranges = entry[1:]
-    parts = _uncovered(ranges, start, end)
+    parts = uncovered(start, end, ranges)
     written = sum(e - s for s, e in parts)
     if written == 0:
         counts["duplicate_records"] += 1
@@ -73,27 +75,7 @@ def decide(
 
 def covered(entry: Entry | None, start: int, end: int) -> bool:
     """Tell whether every byte of [start, end) is already written."""
-    return entry is not None and not _uncovered(entry[1:], start, end)
-
-
-def _uncovered(ranges: list[int], start: int, end: int) -> list[tuple[int, int]]:
-    """Parts of [start, end) that no range covers, in order."""
-    out: list[tuple[int, int]] = []
-    pos = start
-    for i in range(0, len(ranges), 2):
-        r_start, r_end = ranges[i], ranges[i + 1]
-        if r_end <= pos:
-            continue
-        if r_start >= end:
-            break
-        if r_start > pos:
-            out.append((pos, r_start))
-        pos = r_end
-        if pos >= end:
-            break
-    if pos < end:
-        out.append((pos, end))
-    return out
+    return entry is not None and not uncovered(start, end, entry[1:])
 
 
 def _union(ranges: list[int], start: int, end: int) -> list[int]:
