@@ -11,9 +11,10 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from keplerlog import daylock
 from keplerlog.durable import fsync_dir
@@ -42,6 +43,34 @@ def parallel(func: Callable[[int], None], fds: list[int]) -> None:
     for error in errors:
         if error is not None:
             raise error
+
+
+def replace_all(files: Iterable[tuple[Path, bytes]]) -> None:
+    """Replace several small files at once, each whole or not at all (state, reports).
+
+    Each is written to `.{name}.tmp` beside it (never through a symlink), all are fsynced
+    together (`parallel`), renamed, and each directory is fsynced once. `files` may be a
+    generator: an error it raises closes what was opened and propagates, nothing is renamed.
+    """
+    staged: list[tuple[Path, Path]] = []
+    fds: list[int] = []
+    try:
+        for final, data in files:
+            tmp = final.with_name(f".{final.name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            fds.append(fd)
+            staged.append((tmp, final))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        parallel(os.fsync, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    for parent in sorted({final.parent for _, final in staged}):
+        fsync_dir(parent)
 
 
 class DiskFullError(OSError):

@@ -26,7 +26,7 @@ from keplerlog.durable import atomic_write, fsync_dir
 from keplerlog.paths import UnsafePathError, make_dirs, open_beneath
 
 from . import coverage
-from .files import parallel
+from .files import replace_all
 from .locks import Locks
 from .marks import Mark, decode_all, encode_all
 
@@ -116,22 +116,7 @@ class Journal:
 
     def save_states(self, states: dict[str, PartitionState]) -> None:
         """Replace several partition state files, one directory fsync at the end."""
-        fds: list[int] = []
-        try:
-            for name, state in states.items():
-                tmp = self.dir / f".{name}.tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-                fds.append(fd)
-                view = memoryview(state.dumps().encode())
-                while view:
-                    view = view[os.write(fd, view) :]
-            parallel(os.fsync, fds)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        for name in states:
-            os.replace(self.dir / f".{name}.tmp", self.dir / name)
-        fsync_dir(str(self.dir))
+        replace_all((self.dir / name, state.dumps().encode()) for name, state in states.items())
 
     # -- intent ------------------------------------------------------------------------------
     def begin(self, files: dict[str, tuple[int, int]]) -> None:

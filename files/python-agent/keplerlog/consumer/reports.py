@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from keplerlog.audit.report import Report, Row, report_rel
-from keplerlog.durable import fsync_dir
 from keplerlog.paths import PathGuard, UnsafePathError, make_dirs
 
 from . import spans
-from .files import parallel
+from .files import replace_all
 from .marks import Mark, Snap
 
 
@@ -90,29 +89,15 @@ class ReportWriter:
 
     def write(self, reports: Iterable[Report]) -> None:
         """Write each report (temp file, fsync, rename, fsync its directory); raises OSError."""
-        staged: list[tuple[Path, Path]] = []
-        fds: list[int] = []
-        try:
-            for report in reports:
-                rel = report_rel(report.day, report.topic, report.partition)
-                try:
-                    self.guard.check(rel)
-                except UnsafePathError as exc:  # a symlink planted in .keplerlog: an OSError like EACCES
-                    raise OSError(errno.ELOOP, f"audit report {rel}: {exc}") from exc
-                make_dirs(self.root, os.path.dirname(rel))
-                final = Path(self.root, rel)
-                tmp = final.with_name(f".{final.name}.tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-                fds.append(fd)
-                staged.append((tmp, final))
-                view = memoryview(report.encode())
-                while view:
-                    view = view[os.write(fd, view) :]
-            parallel(os.fsync, fds)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        for tmp, final in staged:
-            os.replace(tmp, final)
-        for parent in sorted({final.parent for _, final in staged}):
-            fsync_dir(parent)
+        replace_all(self._files(reports))
+
+    def _files(self, reports: Iterable[Report]) -> Iterator[tuple[Path, bytes]]:
+        """(path, content) of each report, its directory made, its path checked first."""
+        for report in reports:
+            rel = report_rel(report.day, report.topic, report.partition)
+            try:
+                self.guard.check(rel)
+            except UnsafePathError as exc:  # a symlink planted in .keplerlog: an OSError like EACCES
+                raise OSError(errno.ELOOP, f"audit report {rel}: {exc}") from exc
+            make_dirs(self.root, os.path.dirname(rel))
+            yield Path(self.root, rel), report.encode()
