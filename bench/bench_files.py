@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench_agent import Agent, cpu_seconds, metrics, proc_status, replication, steady_writer
 from kafka import KafkaConsumer
-from keplerlog.record import decode_headers
+from keplerlog.record import decode_headers, is_watermark
 from keplerlog.testing.kafka_node import KafkaCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,11 @@ def new_file_delays(logs: Path, bootstrap: str, topic: str, trials: int = 5) -> 
                 if time.monotonic() - t0 > 30:
                     raise RuntimeError(f"{path} not in Kafka after 30 s")
                 for recs in consumer.poll(timeout_ms=50).values():
-                    seen = seen or any(decode_headers(r.headers).path == str(path) for r in recs)
+                    seen = seen or any(
+                        decode_headers(r.headers).path == str(path)
+                        for r in recs
+                        if not is_watermark(r.headers)
+                    )
             delays.append(time.monotonic() - t0)
             time.sleep(1)
         return delays
