@@ -43,6 +43,10 @@ Account = tuple[int, int, str, tuple[Range, ...]]  # seen, acked, state, lost: w
 # At shutdown, how long the last watermarks may wait for their acks (when no data is still in
 # flight: then Kafka is slow or away and the producer's close gets the only chance).
 FINAL_WAIT_S = 1.0
+# Ended file ids whose last account waits for Kafka (an outage while files rotate away): past
+# this many, the oldest is dropped, logged (its last watermark then says less than it could,
+# never more). ~300 bytes each.
+MAX_ENDED = 10_000
 
 
 def unknown_file_id(key: FileKey) -> str:
@@ -95,6 +99,7 @@ class Book:
         self.lost: dict[str, tuple[Range, ...]] = {}  # per file id, merged and capped
         self.ended: dict[str, Ended] = {}
         self.due: set[FileKey] = set()  # followed or closed files to account for at once
+        self.dropped = 0  # ended ids dropped at MAX_ENDED
 
     def note(self, key: FileKey) -> None:
         """Account for the file known under `key` at the next loop turn (it closed, or lost bytes)."""
@@ -114,8 +119,19 @@ class Book:
 
     def end(self, file_id: str, ended: Ended) -> None:
         """`file_id` is neither followed nor remembered any more: send its last account."""
-        if self.enabled:
-            self.ended[file_id] = ended
+        if not self.enabled:
+            return
+        if len(self.ended) >= MAX_ENDED and file_id not in self.ended:
+            oldest = next(iter(self.ended))
+            self.forget(oldest)
+            if not self.dropped:
+                log.warning(
+                    "%d ended files wait for their last watermark (Kafka away?): the oldest are "
+                    "dropped from now on; their last watermark will not be sent",
+                    MAX_ENDED,
+                )
+            self.dropped += 1
+        self.ended[file_id] = ended
 
     def forget(self, file_id: str) -> None:
         """Drop what is kept of `file_id` (its last account is delivered, or nobody needs it)."""

@@ -832,3 +832,16 @@ def test_watermarks_off(tmp_path, kafka, topic, logdir, reader):
     assert not reader.marks
     assert m["keplerlog_agent_watermarks_sent_total"] == 0
     assert re.search(r"finished \S+ \(\S+\) at offset", agent.output())
+
+
+def test_the_ended_files_waiting_for_kafka_are_capped(monkeypatch, caplog):
+    from keplerlog.agent import watermarks
+
+    monkeypatch.setattr(watermarks, "MAX_ENDED", 100)
+    book = Book(True)
+    for i in range(250):  # files rotated away while Kafka is away: their last accounts wait
+        book.lose(f"id{i}", 0, 10, "deleted")
+        book.end(f"id{i}", watermarks.Ended(f"/l/{i}.log", "m", 0, 10, 0))
+    assert len(book.ended) == 100 and book.dropped == 150
+    assert next(iter(book.ended)) == "id150" and "id149" not in book.lost  # the oldest went
+    assert sum("ended files wait" in r.message for r in caplog.records) == 1
