@@ -483,6 +483,9 @@ def watermarks_table(part: dict[str, Any]) -> list[str]:
     out = _table(["agent", "CPU % of one core: median (min–max)", "RSS MB", "watermarks sent per run"], rows)
     met = _le(wm.get("cpu_percent_cost"), WATERMARK_COST_TARGET)
     verdict = "met" if met else "**missed**" if met is False else "–"
+    on, off = wm["on"]["cpu_percent_spread"], wm["off"]["cpu_percent_spread"]
+    if on[0] <= off[1] and off[0] <= on[1]:
+        verdict += "; the two modes' ranges overlap: no difference measurable in this run"
     out += [
         "",
         f"{wm['lines_per_s']} lines/s over {wm['busy_files']} of {_num(wm['files'])} files (the others idle), "
