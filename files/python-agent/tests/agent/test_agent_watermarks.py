@@ -8,6 +8,8 @@ not ship (no more: what it never saw it cannot know).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import math
@@ -27,7 +29,10 @@ from keplerlog.agent.config import ConfigError, WatermarkConfig, load, parse
 from keplerlog.agent.main import Agent
 from keplerlog.agent.metrics import AgentMetrics, Counters, Snapshot
 from keplerlog.agent.watermarks import Book, unknown_file_id
+from keplerlog.audit.main import main as audit_main
+from keplerlog.consumer.app import ConsumerApp
 from keplerlog.record import Watermark, is_watermark
+from keplerlog.testing.consumer import consumer_config
 from keplerlog.testing.kafka_node import free_port
 
 BASE = {"service": "shop", "state_file": "/var/lib/k/s.json", "inputs": [{"paths": ["/app/logs/*.log"]}]}
@@ -750,6 +755,28 @@ def test_a_waiting_file_deleted_before_it_was_opened(tmp_path, kafka, topic, log
     assert m["keplerlog_agent_lost_bytes_total"] == st.st_size
     assert str(waiting) not in reader.paths.values()  # never opened, never shipped
     assert "files wait for a descriptor slot" in agent.output()
+    # The whole chain: a consumer reads the topic, and the day's audit reports exactly those
+    # bytes lost at the source, nothing missing, and fails the day.
+    root = tmp_path / "central"
+    app = ConsumerApp(consumer_config(kafka.bootstrap, topic, root))
+    thread = threading.Thread(target=app.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        counts = app.metrics.counts
+        while counts["watermarks"] + counts["watermarks_replayed"] < len(reader.marks):
+            assert time.monotonic() < deadline, dict(app.metrics.counts)
+            time.sleep(0.2)
+    finally:
+        app.stop()
+        thread.join(30)
+    assert app.metrics.counts["quarantined"] == 0
+    day = time.strftime("%Y%m%d", time.gmtime(mark.ts_ms / 1000))  # the consumer's zone: UTC
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = audit_main(["--root", str(root), "--day", day, "--json", "--threshold", "0.0001"])
+    total = json.loads(out.getvalue())["total"]
+    assert (code, total["lost_bytes"], total["missing_bytes"]) == (1, st.st_size, 0), total
 
 
 @pytest.mark.kafka
