@@ -53,6 +53,30 @@ def _marks(sender: FakeSender, file_id: str) -> list[Watermark]:
     return [m for m in sender.marks if m.file_id == file_id]
 
 
+def _audit_through_a_consumer(tmp_path, kafka, topic, reader, ts_ms: int) -> tuple[int, dict]:
+    """Run a consumer over the topic until it reconciled every watermark the reader saw, then
+    keplerlog-audit of the day of `ts_ms`: (exit code, the day's totals)."""
+    root = tmp_path / "central"
+    app = ConsumerApp(consumer_config(kafka.bootstrap, topic, root))
+    thread = threading.Thread(target=app.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        counts = app.metrics.counts
+        while counts["watermarks"] + counts["watermarks_replayed"] < len(reader.marks):
+            assert time.monotonic() < deadline, dict(counts)
+            time.sleep(0.2)
+    finally:
+        app.stop()
+        thread.join(30)
+    assert app.metrics.counts["quarantined"] == 0
+    day = time.strftime("%Y%m%d", time.gmtime(ts_ms / 1000))  # the consumer's zone: UTC
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = audit_main(["--root", str(root), "--day", day, "--json", "--threshold", "0.0001"])
+    return code, json.loads(out.getvalue())["total"]
+
+
 # -- configuration ---------------------------------------------------------------------------
 
 
@@ -757,25 +781,7 @@ def test_a_waiting_file_deleted_before_it_was_opened(tmp_path, kafka, topic, log
     assert "files wait for a descriptor slot" in agent.output()
     # The whole chain: a consumer reads the topic, and the day's audit reports exactly those
     # bytes lost at the source, nothing missing, and fails the day.
-    root = tmp_path / "central"
-    app = ConsumerApp(consumer_config(kafka.bootstrap, topic, root))
-    thread = threading.Thread(target=app.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        counts = app.metrics.counts
-        while counts["watermarks"] + counts["watermarks_replayed"] < len(reader.marks):
-            assert time.monotonic() < deadline, dict(app.metrics.counts)
-            time.sleep(0.2)
-    finally:
-        app.stop()
-        thread.join(30)
-    assert app.metrics.counts["quarantined"] == 0
-    day = time.strftime("%Y%m%d", time.gmtime(mark.ts_ms / 1000))  # the consumer's zone: UTC
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = audit_main(["--root", str(root), "--day", day, "--json", "--threshold", "0.0001"])
-    total = json.loads(out.getvalue())["total"]
+    code, total = _audit_through_a_consumer(tmp_path, kafka, topic, reader, mark.ts_ms)
     assert (code, total["lost_bytes"], total["missing_bytes"]) == (1, st.st_size, 0), total
 
 
@@ -824,6 +830,9 @@ def test_a_file_rotated_away_while_the_agent_was_stopped(tmp_path, kafka, topic,
     assert f"{seen - acked} bytes seen and never shipped" in agent.output()
     assert "rotated away while the agent was stopped, not found" in agent.output()
     _check_order(reader, fid)
+    # through the whole chain: the audit of the day says exactly these bytes were lost
+    code, total = _audit_through_a_consumer(tmp_path, kafka, topic, reader, mark.ts_ms)
+    assert (code, total["lost_bytes"], total["missing_bytes"]) == (1, seen - acked, 0), total
 
 
 @pytest.mark.kafka
