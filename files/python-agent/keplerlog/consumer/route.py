@@ -221,23 +221,37 @@ class Router:
             else:
                 self.quarantine(rec, value, str(exc), plan, now_ms)
             return
-        problem = name_problem(batch.service) or name_problem(batch.module)
-        if problem:
-            plan.counts["unsafe_names"] += 1
-            self.quarantine(rec, value, f"unsafe service/module: {problem}", plan, now_ms)
+        placed = self._place(batch.service, batch.module, batch.ts_ms, rec, value, plan, now_ms)
+        if placed is None:
             return
-        try:
-            day = self.day(self.ts_window.pick(batch.ts_ms, now_ms, plan.counts))
-            rel = self.layout.render(batch.service, batch.module, day)
-            self.guard.check(rel)
-        except (ValueError, OverflowError, OSError) as exc:
-            self.quarantine(rec, value, f"bad kl.ts or path: {exc}", plan, now_ms)
-            return
+        rel = placed[1]
         self._label(rel, batch.service, batch.module, plan)
 
         key = f"{batch.service}\x1f{batch.host}\x1f{batch.file_id}"
         source = _Source(key, rel, batch.path, batch.host, batch.file_id)
         self._accept(source, batch.offset, value, batch.ts_ms, rec.offset, files, holds, plan, now_ms, marks)
+
+    def _place(
+        self, service: str, module: str, ts_ms: int, rec: RecordLike, value: bytes, plan: Plan, now_ms: int
+    ) -> tuple[str, str] | None:
+        """Return the (day, day file) of a record's labels; None once it is quarantined.
+
+        Unsafe names, or a clock or path that gives no day file below the root: data records
+        and watermarks are checked alike.
+        """
+        problem = name_problem(service) or name_problem(module)
+        if problem:
+            plan.counts["unsafe_names"] += 1
+            self.quarantine(rec, value, f"unsafe service/module: {problem}", plan, now_ms)
+            return None
+        try:
+            day = self.day(self.ts_window.pick(ts_ms, now_ms, plan.counts))
+            rel = self.layout.render(service, module, day)
+            self.guard.check(rel)
+        except (ValueError, OverflowError, OSError) as exc:
+            self.quarantine(rec, value, f"bad kl.ts or path: {exc}", plan, now_ms)
+            return None
+        return day, rel
 
     def _watermark(
         self,
@@ -259,17 +273,10 @@ class Router:
         except RecordFormatError as exc:
             self.quarantine(rec, value, str(exc), plan, now_ms)
             return
-        problem = name_problem(wm.service) or name_problem(wm.module)
-        if problem:
-            plan.counts["unsafe_names"] += 1
-            self.quarantine(rec, value, f"unsafe service/module: {problem}", plan, now_ms)
+        placed = self._place(wm.service, wm.module, wm.ts_ms, rec, value, plan, now_ms)
+        if placed is None:
             return
-        try:
-            day = self.day(self.ts_window.pick(wm.ts_ms, now_ms, plan.counts))
-            self.guard.check(self.layout.render(wm.service, wm.module, day))
-        except (ValueError, OverflowError, OSError) as exc:
-            self.quarantine(rec, value, f"bad kl.ts or path: {exc}", plan, now_ms)
-            return
+        day = placed[0]
         key = f"{wm.service}\x1f{wm.host}\x1f{wm.file_id}"
         entry = files.get(key)
         if entry is not None and entry[0] < now_ms:  # still followed: its ranges must not expire
