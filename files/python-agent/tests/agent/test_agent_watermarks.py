@@ -8,6 +8,7 @@ not ship (no more: what it never saw it cannot know).
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import io
 import itertools
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from agent_support import AgentProcess, FakeSender, append, in_process, lines, metrics, write_config
+from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 
 from keplerlog.agent import checkpoint
 from keplerlog.agent.config import ConfigError, WatermarkConfig, load, parse
@@ -53,9 +55,8 @@ def _marks(sender: FakeSender, file_id: str) -> list[Watermark]:
     return [m for m in sender.marks if m.file_id == file_id]
 
 
-def _audit_through_a_consumer(tmp_path, kafka, topic, reader, ts_ms: int) -> tuple[int, dict]:
-    """Run a consumer over the topic until it reconciled every watermark the reader saw, then
-    keplerlog-audit of the day of `ts_ms`: (exit code, the day's totals)."""
+def _consume_watermarks(tmp_path, kafka, topic, marks: int) -> Path:
+    """Run a consumer over the topic until it reconciled `marks` watermarks; its data root."""
     root = tmp_path / "central"
     app = ConsumerApp(consumer_config(kafka.bootstrap, topic, root))
     thread = threading.Thread(target=app.run, daemon=True)
@@ -63,18 +64,34 @@ def _audit_through_a_consumer(tmp_path, kafka, topic, reader, ts_ms: int) -> tup
     try:
         deadline = time.monotonic() + 60
         counts = app.metrics.counts
-        while counts["watermarks"] + counts["watermarks_replayed"] < len(reader.marks):
+        while counts["watermarks"] + counts["watermarks_replayed"] < marks:
             assert time.monotonic() < deadline, dict(counts)
             time.sleep(0.2)
     finally:
         app.stop()
         thread.join(30)
     assert app.metrics.counts["quarantined"] == 0
-    day = time.strftime("%Y%m%d", time.gmtime(ts_ms / 1000))  # the consumer's zone: UTC
+    return root
+
+
+def _audit(root: Path, day: str) -> tuple[int, dict]:
+    """keplerlog-audit of `day` under `root`: (exit code, its JSON document)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = audit_main(["--root", str(root), "--day", day, "--json", "--threshold", "0.0001"])
-    return code, json.loads(out.getvalue())["total"]
+    return code, json.loads(out.getvalue())
+
+
+def _day(ts_ms: int) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(ts_ms / 1000))  # the consumer's zone: UTC
+
+
+def _audit_through_a_consumer(tmp_path, kafka, topic, reader, ts_ms: int) -> tuple[int, dict]:
+    """Run a consumer over the topic until it reconciled every watermark the reader saw, then
+    keplerlog-audit of the day of `ts_ms`: (exit code, the day's totals)."""
+    root = _consume_watermarks(tmp_path, kafka, topic, len(reader.marks))
+    code, body = _audit(root, _day(ts_ms))
+    return code, body["total"]
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -833,6 +850,124 @@ def test_a_file_rotated_away_while_the_agent_was_stopped(tmp_path, kafka, topic,
     # through the whole chain: the audit of the day says exactly these bytes were lost
     code, total = _audit_through_a_consumer(tmp_path, kafka, topic, reader, mark.ts_ms)
     assert (code, total["lost_bytes"], total["missing_bytes"]) == (1, seen - acked, 0), total
+
+
+@pytest.mark.kafka
+def test_records_deleted_from_the_topic_before_the_consumer_read_them(tmp_path, kafka, topic, logdir, reader):
+    """Retention ran before the consumer did: Kafka acknowledged every byte, then the partition's
+    first records were deleted. The audit reports exactly their bytes missing (not lost at the
+    source: the agent did its part) and fails the day."""
+    log = logdir / "portal.log"
+    cfg = write_config(
+        tmp_path,
+        kafka.bootstrap,
+        topic,
+        [str(logdir / "*.log")],
+        watermarks={"interval_s": 0.5, "refresh_s": 3},
+    )
+    agent = AgentProcess(cfg, tmp_path / "agent.out").start()
+    parts = [lines(f"part{i}", 50) for i in range(3)]
+    try:
+        for n in (1, 2):
+            append(log, parts[n - 1])
+            reader.wait_contents({str(log): [b"".join(parts[:n])]})
+        (fid,) = reader.records
+        (partition,) = {p for p, _ in reader.where[fid]}
+        placed = [(o, v, k) for (o, v), (_, k) in zip(reader.records[fid], reader.where[fid], strict=True)]
+        cut = min(k for o, _, k in placed if o >= len(parts[0]))  # the first record of the second part
+        deleted = sum(len(v) for _, v, k in placed if k < cut)
+        admin = KafkaAdminClient(bootstrap_servers=kafka.admin_bootstrap)
+        try:
+            done = admin.delete_records({TopicPartition(topic, partition): cut})
+        finally:
+            admin.close()
+        assert [d["low_watermark"] for d in done.values()] == [cut]  # the fault happened, on the broker
+        append(log, parts[2])
+        data = b"".join(parts)
+        reader.wait_contents({str(log): [data]})
+        reader.wait_for(lambda: any(w.acked == len(data) for w in reader.marks_of(fid)))
+        stop_ms = time.time_ns() // 1_000_000
+    finally:
+        assert agent.stop() == 0, agent.output()
+    reader.wait_for(lambda: any(w.ts_ms > stop_ms for w in reader.marks_of(fid)))  # the last one
+    assert deleted == len(parts[0])  # the records held exactly the first part
+    left = len([1 for _, p, k in reader.marks if p == partition and k >= cut])
+    root = _consume_watermarks(tmp_path, kafka, topic, left)
+    assert (root / "shop" / f"portal.{_day(stop_ms)}").read_bytes() == parts[1] + parts[2]
+    code, body = _audit(root, _day(stop_ms))
+    total = body["total"]
+    assert (code, total["shipped"], total["missing_bytes"], total["lost_bytes"]) == (
+        1,
+        len(data),
+        deleted,
+        0,
+    ), body
+    assert total["stored"] == len(data) - deleted
+
+
+@pytest.mark.kafka
+def test_an_agent_killed_for_good_is_silent_the_next_day(tmp_path, kafka, topic, logdir, reader):
+    """kill -9 in the middle of a burst, never started again. Its last watermark is its account:
+    everything it claims acknowledged is stored, so the day has nothing missing; the bytes
+    written after its last watermark no agent reports, so the next day, when another host is
+    heard, the audit lists this one as silent and fails."""
+    log = logdir / "portal.log"
+    cfg = write_config(
+        tmp_path,
+        kafka.bootstrap,
+        topic,
+        [str(logdir / "*.log")],
+        watermarks={"interval_s": 0.5, "refresh_s": 3},
+    )
+    agent = AgentProcess(cfg, tmp_path / "agent.out").start()
+    first = lines("first", 200)
+    append(log, first)
+    reader.wait_contents({str(log): [first]})
+    (fid,) = reader.records
+    reader.wait_for(lambda: any(w.acked == len(first) for w in reader.marks_of(fid)))
+    append(log, lines("burst", 40_000))  # 2.4 MB
+    agent.signal(signal.SIGKILL)
+    assert agent.wait(10) == -signal.SIGKILL
+    append(log, lines("after", 100))  # nobody ever reads these
+    reader.poll(timeout_ms=2000)
+    last = max(w.acked for w in reader.marks_of(fid))
+    assert last < log.stat().st_size  # the fault: bytes no watermark accounts for
+    today = _day(reader.marks_of(fid)[-1].ts_ms)
+    tomorrow_ms = (calendar.timegm(time.strptime(today, "%Y%m%d")) + 86_400 + 30) * 1000
+    alive = Watermark(
+        service="shop",
+        module="portal",
+        host="alive-host",
+        path="/app/portal.log",
+        file_id="w:1:1",
+        ts_ms=tomorrow_ms,
+        first=0,
+        seen=0,
+        acked=0,
+        state="open",
+        lost=(),
+    )
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    try:
+        producer.send(topic, alive.value(), key=alive.key(), headers=alive.headers()).get(30)
+    finally:
+        producer.close()
+    reader.wait_for(lambda: any(w.host == "alive-host" for w, _, _ in reader.marks))
+    root = _consume_watermarks(tmp_path, kafka, topic, len(reader.marks))
+    stored = (root / "shop" / f"portal.{today}").read_bytes()
+    assert last <= len(stored) < log.stat().st_size and stored == log.read_bytes()[: len(stored)]
+    code, body = _audit(root, today)
+    total = body["total"]
+    assert (code, total["shipped"], total["missing_bytes"], total["lost_bytes"], body["silent"]) == (
+        0,
+        last,
+        0,
+        0,
+        [],
+    ), body
+    code, body = _audit(root, _day(tomorrow_ms))
+    assert code == 1 and [(s["host"], s["service"]) for s in body["silent"]] == [("test-host", "shop")], body
+    assert body["total"]["missing_bytes"] == 0
 
 
 @pytest.mark.kafka
