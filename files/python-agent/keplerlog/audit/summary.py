@@ -87,7 +87,9 @@ def latest_rows(reports: Iterable[Report]) -> dict[SourceKey, Row]:
     """One row per source file: the one with the latest watermark if several partitions have it.
 
     A source is on one partition as long as its records' key is; after a change of the key or of
-    the partition count it can appear in two reports, and the later account is the complete one.
+    the partition count it can appear in two reports. The later account is the newer one, but it
+    holds only what was stored through its own partition: the bytes stored through the old one
+    read as missing on that day (a known false alarm, documented in the consumer's README).
     """
     out: dict[SourceKey, Row] = {}
     for report in reports:
