@@ -55,8 +55,11 @@ PARTS = [
     Part(
         "peers",
         "bench_peers.py",
-        2400,
-        quick=["--lines", "20000", "--lines-2k", "2000"],
+        3600,
+        quick=[
+            *("--lines", "600000", "--lines-2k", "100000", "--lines-20k", "10000"),
+            *("--rounds", "1", "--window-s", "2", "--warmup-s", "0.5"),
+        ],
     ),
     Part("latency", "bench_latency.py", 900, quick=["--duration", "5"]),
     Part("files", "bench_files.py", 1200, quick=["--sizes", "100,1000", "--seconds", "5"]),
@@ -229,16 +232,24 @@ def _pick(row: dict[str, Any], *keys: str) -> Any:
     return None
 
 
+def _spread_text(r: dict[str, Any]) -> str:
+    lo, hi = r.get("lines_per_s_min"), r.get("lines_per_s_max")
+    base = _num(r.get("lines_per_s"))
+    return base if lo is None or hi is None or r.get("ok_runs", 1) < 2 else f"{base} ({_num(lo)}–{_num(hi)})"
+
+
 def throughput_table(merged: dict[str, Any]) -> list[str]:
-    """Tool | lines/s | MB/s | CPU s | peak RSS MB | notes, for the peers and the agent."""
+    """Tool | lines/s median (spread) | MB/s | CPU % | peak RSS MB | notes, for the peers and the agent."""
     rows: list[list[str]] = []
     peers = merged["parts"].get("peers", {})
     for r in _rows_of(peers.get("data")):
         tool = f"{r.get('tool', '?')} ({r.get('variant', '')})"
         if r.get("ok"):
-            note = r.get("notes", "")
-            rows.append([tool, _num(r.get("lines_per_s")), _num(r.get("mb_per_s"), 1),
-                         _num(r.get("cpu_s"), 2), _num(r.get("peak_rss_mb"), 0), note])  # fmt: skip
+            note = r.get("notes", "") + (f" ({r['error']})" if r.get("error") else "")
+            if r.get("short_runs"):
+                note += f" ({r['short_runs']} of {r.get('ok_runs')} windows cut short: the file ran out)"
+            rows.append([tool, _spread_text(r), _num(r.get("mb_per_s"), 1),
+                         _num(r.get("cpu_percent"), 0), _num(r.get("peak_rss_mb"), 0), note])  # fmt: skip
         else:
             rows.append([tool, "failed", "–", "–", "–", str(r.get("error", ""))[:160]])
     if not peers.get("ok") and not rows:
@@ -247,20 +258,69 @@ def throughput_table(merged: dict[str, Any]) -> list[str]:
     data = agent.get("data") or {}
     tp = data.get("throughput") if isinstance(data, dict) else None
     if isinstance(tp, dict):
-        lines = tp.get("lines")
+        lines, rate, cpu_s = tp.get("lines"), _pick(tp, "lines_per_s"), _pick(tp, "agent_cpu_s", "cpu_s")
+        cpu = 100 * cpu_s * rate / lines if lines and rate and cpu_s is not None else None
         rows.append([
             "keplerlog-agent (bench_agent, 200B)",
-            _num(_pick(tp, "lines_per_s")),
+            _num(rate),
             _num(_pick(tp, "mb_per_s"), 1),
-            _num(_pick(tp, "agent_cpu_s", "cpu_s"), 2),
+            _num(cpu, 0),
             _num(_pick(tp, "peak_rss_mb", "rss_mb"), 0),
-            f"bench/bench_agent.py, {_num(lines)} lines, own setup (see below)",
+            f"bench/bench_agent.py, {_num(lines)} lines, start to end, own setup (see below)",
         ])  # fmt: skip
     if not agent.get("ok"):
         rows.append(["keplerlog-agent (bench_agent)", "failed", "–", "–", "–",
                      str(agent.get("error", ""))[:160]])  # fmt: skip
-    header = ["tool (line size)", "lines/s", "MB/s", "CPU s", "peak RSS MB", "notes"]
+    header = [
+        "tool (line size)",
+        "lines/s: median (min–max)",
+        "MB/s",
+        "CPU % of a core",
+        "peak RSS MB",
+        "notes",
+    ]
     return _table(header, rows)
+
+
+PEER_RATIO_TARGET = 1.0  # the agent at least as fast as the best peer, on every line size
+
+
+def peer_ratios(data: Any) -> list[dict[str, Any]]:
+    """bench_peers.py's per-line-size ratios of the agent to the best peer."""
+    ratios = data.get("ratios") if isinstance(data, dict) else None
+    return [r for r in ratios or [] if isinstance(r, dict)]
+
+
+def ratio_table(part: dict[str, Any]) -> list[str]:
+    """Per line size: the agent's lines/s over the best peer's, round by round."""
+    data = part.get("data")
+    ratios = peer_ratios(data)
+    if not ratios:
+        return []
+    setup = data.get("setup", {}) if isinstance(data, dict) else {}
+    rows = [
+        [
+            str(r.get("variant") or "?"),
+            str(r.get("best_peer") or "–"),
+            f"{_num(r.get('ratio_median'), 2)} ({_num(r.get('ratio_min'), 2)}–{_num(r.get('ratio_max'), 2)})",
+            ", ".join(f"{x.get('ratio', 0):.2f} vs {x.get('best_peer')}" for x in r.get("rounds", []))
+            + (f"; rounds {r['void_rounds']} void (a tool failed)" if r.get("void_rounds") else ""),
+            f">= {PEER_RATIO_TARGET}",
+            "met" if (r.get("ratio_median") or 0) >= PEER_RATIO_TARGET else "**missed**",
+        ]
+        for r in ratios
+    ]
+    lines = _table(
+        ["line size", "best peer", "agent / best peer: median (min–max)", "per round", "target", "met"], rows
+    )
+    lines += [
+        "",
+        f"{setup.get('rounds', '?')} rounds, the order of the tools reversed every round; each run measures "
+        f"{_num(setup.get('window_s'))} s of steady shipping starting {_num(setup.get('warmup_s'))} s after "
+        "its first line reached Kafka (lines/s and CPU from that window only). The ratio is taken per round, "
+        "against the best peer of that round.",
+    ]
+    return lines
 
 
 def _le(v: Any, limit: float) -> bool | None:
@@ -325,6 +385,12 @@ def missed_targets(merged: dict[str, Any]) -> list[str]:
                 f"files: {key} <= {targets.get(key)}{stale}"
                 for key, ok in (data.get("met") or {}).items()
                 if not ok
+            ]
+        elif name == "peers":
+            out += [
+                f"peers: agent / best peer >= {PEER_RATIO_TARGET} at {r.get('variant')}{stale}"
+                for r in peer_ratios(data)
+                if (r.get("ratio_median") or 0) < PEER_RATIO_TARGET
             ]
         elif name == "consumer" and "consumer" in data:
             out += [f"consumer: {t}{stale}" for t, ok in consumer_checks(data) if ok is False]
@@ -559,6 +625,8 @@ def markdown(merged: dict[str, Any]) -> str:
         f"**Shipping a pre-written file into Kafka**{_when(merged['parts'].get('peers', {}))}",
         "",
         *throughput_table(merged),
+        "",
+        *ratio_table(merged["parts"].get("peers", {})),
         "",
         f"**Agent (bench/bench_agent.py)**{_when(merged['parts'].get('agent', {}))}",
         "",

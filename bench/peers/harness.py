@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = BENCH_DIR.parent
@@ -194,6 +195,51 @@ def create_topic(bootstrap: str, name: str, partitions: int = 4, replication: in
             time.sleep(0.2)
             consumer.topics()  # refresh metadata
         raise TimeoutError(f"topic {name} has no leaders after 30 s")
+    finally:
+        consumer.close()
+
+
+def delete_topic(bootstrap: str, name: str) -> None:
+    """Delete a run's topic (best effort: a failure only costs disk until the cluster goes)."""
+    from kafka import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            admin.delete_topics([name])
+        finally:
+            admin.close()
+    except Exception as exc:
+        print(f"could not delete topic {name}: {exc}", flush=True)
+
+
+def header_lines_below(bootstrap: str, ends: dict[Any, int], timeout: float = 120) -> int:
+    """The lines (`kl.lines` headers, 1 for a record without one) of every record below `ends`
+    (partition -> offset), read from the start of each partition."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+    )
+    try:
+        todo = [tp for tp, end in ends.items() if end > 0]
+        consumer.assign(todo)
+        consumer.seek_to_beginning(*todo)
+        lines = 0
+        deadline = time.monotonic() + timeout
+        while todo:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read the topic up to {ends} within {timeout:.0f} s")
+            for tp, records in consumer.poll(timeout_ms=200, max_records=100_000).items():
+                for rec in records:
+                    if rec.offset < ends[tp]:
+                        lines += next((int(v) for k, v in rec.headers or () if k == "kl.lines"), 1)
+            todo = [tp for tp in todo if consumer.position(tp) < ends[tp]]
+            consumer.pause(*[tp for tp in consumer.assignment() if tp not in todo])
+        return lines
     finally:
         consumer.close()
 

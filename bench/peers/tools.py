@@ -16,6 +16,8 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -38,6 +40,7 @@ class RunSpec:
     bootstrap: str
     topic: str
     cpu: int | None
+    metrics_port: int = 0  # the kepler-log agent's, where the harness reads its acked lines
 
 
 def _render(template: Path, target: Path, **values: str) -> Path:
@@ -73,6 +76,11 @@ class Peer:
     def tool(self, spec: RunSpec) -> Tool:
         """Write the tool's configuration into spec.workdir and return it, ready to start."""
         raise NotImplementedError
+
+    def counter(self, spec: RunSpec) -> Callable[[], int | None] | None:
+        """How many workload lines Kafka holds, when the topic's end offsets do not say it
+        (None from the callable: no reading this time)."""
+        return None
 
 
 class Kcat(Peer):
@@ -224,8 +232,9 @@ def consumer_command() -> list[str] | None:
 def agent_config(spec: RunSpec) -> str:
     """The agent's YAML (schema in docs/interfaces.md) for one benchmark run.
 
-    Only what the run needs (where to read, where to ship, no metrics port): every tuning knob
-    (linger_ms, max_record_bytes, limits) stays at the agent's default, as the peers keep theirs.
+    Only what the run needs (where to read, where to ship, the metrics port the harness counts
+    acknowledged lines on): every tuning knob (linger_ms, max_record_bytes, limits) stays at the
+    agent's default, as the peers keep theirs.
     """
     return (
         "service: bench\n"
@@ -239,15 +248,31 @@ def agent_config(spec: RunSpec) -> str:
         "inputs:\n"
         f'  - paths: ["{spec.watch}/*.log"]\n'
         "metrics:\n"
-        "  port: 0\n"
+        f"  port: {spec.metrics_port}\n"
         "  log_interval_s: 3600\n"
     )
+
+
+AGENT = "keplerlog-agent"
+
+
+def acked_lines(port: int) -> int | None:
+    """The agent's `keplerlog_agent_lines_acked_total`; None when the page did not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as page:
+            text = page.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("keplerlog_agent_lines_acked_total "):
+            return int(float(line.split()[1]))
+    return None
 
 
 class KeplerlogAgent(Peer):
     """The kepler-log agent, measured exactly like the peers (many lines per record)."""
 
-    name = "keplerlog-agent"
+    name = AGENT
     lines_in_headers = True
     notes = "many lines per record (counted by kl.lines), lz4, agent defaults (linger 0 ms)"
 
@@ -265,10 +290,16 @@ class KeplerlogAgent(Peer):
             return "keplerlog"
 
     def tool(self, spec: RunSpec) -> Tool:
+        from keplerlog.testing.kafka_node import free_port
+
+        spec.metrics_port = free_port()
         conf = spec.workdir / "agent.yml"
         conf.write_text(agent_config(spec))
         cmd = [*(agent_command() or []), "--config", str(conf)]
         return Tool(cmd, spec.workdir / "agent.log", cpu=spec.cpu)
+
+    def counter(self, spec: RunSpec) -> Callable[[], int | None] | None:
+        return lambda: acked_lines(spec.metrics_port)
 
 
 ALL: dict[str, Peer] = {p.name: p for p in (KeplerlogAgent(), Kcat(), Rsyslog(), Flume())}
