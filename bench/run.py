@@ -266,7 +266,8 @@ def throughput_table(merged: dict[str, Any]) -> list[str]:
             _num(_pick(tp, "mb_per_s"), 1),
             _num(cpu, 0),
             _num(_pick(tp, "peak_rss_mb", "rss_mb"), 0),
-            f"bench/bench_agent.py, {_num(lines)} lines, start to end, own setup (see below)",
+            f"bench/bench_agent.py, {_num(lines)} lines, start to end, own setup (see below)"
+            + ("" if agent.get("rerun") else f"; from an earlier run, measured {agent.get('measured')}"),
         ])  # fmt: skip
     if not agent.get("ok"):
         rows.append(["keplerlog-agent (bench_agent)", "failed", "–", "–", "–",
