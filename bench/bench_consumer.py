@@ -102,6 +102,16 @@ def data_bytes(root: Path) -> int:
     return total
 
 
+# The consumer as `keplerlog.consumer.main`, but with netfix.py's changes made no-ops first.
+WITHOUT_NETFIX = (
+    "import sys\n"
+    "from keplerlog.consumer import netfix\n"
+    "netfix.apply = netfix.favor_io_thread = lambda *a, **k: None\n"
+    "from keplerlog.consumer.main import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 def run_consumer(
     bootstrap: str,
     topic: str,
@@ -110,10 +120,13 @@ def run_consumer(
     timeout: float,
     group: str = "bench",
     security: dict[str, str] | None = None,
+    netfix: bool = True,
 ) -> dict:
     """Time one consumer process (a fresh group, a fresh root) until all bytes are on disk.
 
     `security`: a kafka.security section (bench_security.py: the same broker over SASL_SSL).
+    `netfix` False: the consumer with kafka-python's own socket reads and the interpreter's
+    default switch interval (consumer/netfix.py's two changes undone), for the A/B.
     """
     root = work / "root"
     shutil.rmtree(root, ignore_errors=True)
@@ -135,15 +148,9 @@ def run_consumer(
     profile = []  # KL_BENCH_PROFILE=1: cProfile the consumer into workdir/consumer.prof
     if os.environ.get("KL_BENCH_PROFILE"):
         profile = ["-m", "cProfile", "-o", str(work / "consumer.prof")]
+    entry = ["-m", "keplerlog.consumer.main"] if netfix else ["-c", WITHOUT_NETFIX]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            *profile,
-            "-m",
-            "keplerlog.consumer.main",
-            "--config",
-            str(cfg),
-        ],
+        [sys.executable, *profile, *entry, "--config", str(cfg)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -249,6 +256,11 @@ def main() -> int:
         default=1,
         help="consumer and kcat runs, alternating; medians are reported",
     )
+    parser.add_argument(
+        "--netfix-ab",
+        action="store_true",
+        help="also run the consumer without consumer/netfix.py in every round (A/B)",
+    )
     args = parser.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kl-bench-"))
@@ -269,27 +281,29 @@ def main() -> int:
             args.compression,
         )
         expected = result["preload"]["bytes"]
-        consumer_runs, kcat_runs = [], []
+        consumer_runs, kcat_runs, plain_runs = [], [], []
         for i in range(args.runs):
-            consumer_runs.append(
-                run_consumer(
-                    cluster.bootstrap,
-                    topic,
-                    work,
-                    expected,
-                    timeout=600,
-                    group=f"bench-{i}",
+            # with and without netfix in alternating order: A B, B A, ...
+            for netfix in (True, False) if i % 2 == 0 else (False, True):
+                if not netfix and not args.netfix_ab:
+                    continue
+                run = run_consumer(
+                    cluster.bootstrap, topic, work, expected, 600, f"bench-{i}-{netfix}", netfix=netfix
                 )
-            )
-            shutil.rmtree(work / "root", ignore_errors=True)
+                (consumer_runs if netfix else plain_runs).append(run)
+                shutil.rmtree(work / "root", ignore_errors=True)
             kcat_runs.append(run_kcat(cluster.bootstrap, topic, work))
         result["consumer"] = _median(consumer_runs)
         result["kcat"] = _median(kcat_runs)
+        if plain_runs:
+            result["consumer_without_netfix"] = _median(plain_runs)
         if args.runs > 1:
             result["runs"] = {
                 "consumer_mb_s": [round(r["mb_s"], 1) for r in consumer_runs],
                 "kcat_mb_s": [round(r.get("mb_s", 0.0), 1) for r in kcat_runs],
             }
+            if plain_runs:
+                result["runs"]["consumer_without_netfix_mb_s"] = [round(r["mb_s"], 1) for r in plain_runs]
         result["dd"] = run_dd(work, min(args.mb, 1024))
     finally:
         cluster.destroy()

@@ -51,7 +51,13 @@ class Part:
 PARTS = [
     Part("agent", "bench_agent.py", 1200, quick=["--lines", "100000"]),
     # three alternating consumer / kcat runs: medians and their spread, not one sample
-    Part("consumer", "bench_consumer.py", 2400, args=["--runs", "3"], quick=["--runs", "1", "--mb", "100"]),
+    Part(
+        "consumer",
+        "bench_consumer.py",
+        2400,
+        args=["--runs", "3", "--netfix-ab"],
+        quick=["--runs", "1", "--mb", "100"],
+    ),
     Part(
         "peers",
         "bench_peers.py",
@@ -513,6 +519,13 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
         ["dd, sequential write with fdatasync (the disk)", _num(dd.get("mb_s"), 1),
          _num(dd["mb_s"] / mine, 2) if mine and dd.get("mb_s") else "–", ""],
     ]  # fmt: skip
+    plain = (data.get("consumer_without_netfix") or {}).get("mb_s")
+    if plain:
+        rows.insert(1, [
+            "keplerlog-consumer without consumer/netfix.py (kafka-python's 4 KiB reads, default switch interval)",
+            _num(plain, 1), _num(plain / mine, 2) if mine else "–",
+            _runs_note(runs.get("consumer_without_netfix_mb_s")),
+        ])  # fmt: skip
     params = data.get("params") or {}
     out = _table(["writer", "MB/s", "× consumer", "notes"], rows)
     out.append("")
