@@ -676,21 +676,27 @@ def _check_order(reader, file_id: str) -> None:
         )
 
 
-@pytest.mark.kafka
-def test_a_clean_run(tmp_path, kafka, topic, logdir, reader):
-    log = logdir / "portal.log"
-    data = lines("clean", 500)
-    append(log, data)
-    port = free_port()
+def _agent_with_frequent_watermarks(tmp_path, kafka, topic, logdir, **over) -> AgentProcess:
+    """The agent following logdir/*.log, a watermark every 0.5 s (a refresh every 3 s), started;
+    `over`: more configuration sections."""
     cfg = write_config(
         tmp_path,
         kafka.bootstrap,
         topic,
         [str(logdir / "*.log")],
         watermarks={"interval_s": 0.5, "refresh_s": 3},
-        metrics={"port": port},
+        **over,
     )
-    agent = AgentProcess(cfg, tmp_path / "agent.out").start()
+    return AgentProcess(cfg, tmp_path / "agent.out").start()
+
+
+@pytest.mark.kafka
+def test_a_clean_run(tmp_path, kafka, topic, logdir, reader):
+    log = logdir / "portal.log"
+    data = lines("clean", 500)
+    append(log, data)
+    port = free_port()
+    agent = _agent_with_frequent_watermarks(tmp_path, kafka, topic, logdir, metrics={"port": port})
     try:
         reader.wait_contents({str(log): [data]})
         (fid,) = reader.records
@@ -868,14 +874,7 @@ def test_records_deleted_from_the_topic_before_the_consumer_read_them(tmp_path, 
     first records were deleted. The audit reports exactly their bytes missing (not lost at the
     source: the agent did its part) and fails the day."""
     log = logdir / "portal.log"
-    cfg = write_config(
-        tmp_path,
-        kafka.bootstrap,
-        topic,
-        [str(logdir / "*.log")],
-        watermarks={"interval_s": 0.5, "refresh_s": 3},
-    )
-    agent = AgentProcess(cfg, tmp_path / "agent.out").start()
+    agent = _agent_with_frequent_watermarks(tmp_path, kafka, topic, logdir)
     parts = [lines(f"part{i}", 50) for i in range(3)]
     try:
         for n in (1, 2):
@@ -922,14 +921,7 @@ def test_an_agent_killed_for_good_is_silent_the_next_day(tmp_path, kafka, topic,
     bytes written after that watermark no agent reports, so the next day, when another host is
     heard, the audit lists this one as silent and fails."""
     log = logdir / "portal.log"
-    cfg = write_config(
-        tmp_path,
-        kafka.bootstrap,
-        topic,
-        [str(logdir / "*.log")],
-        watermarks={"interval_s": 0.5, "refresh_s": 3},
-    )
-    agent = AgentProcess(cfg, tmp_path / "agent.out").start()
+    agent = _agent_with_frequent_watermarks(tmp_path, kafka, topic, logdir)
     first = lines("first", 200)
     append(log, first)
     reader.wait_contents({str(log): [first]})
