@@ -109,6 +109,8 @@ class KafkaNode:
             "ssl.truststore.type=PEM",
             f"ssl.truststore.location={self.pki.ca}",
             "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            # as roles/kafka (vars/main.yml): clients read why a login failed before the close
+            "connection.failed.authentication.delay.ms=1000",
             f"listener.name.client.scram-sha-512.sasl.jaas.config={scram}",
             "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
             "allow.everyone.if.no.acl.found=false",
