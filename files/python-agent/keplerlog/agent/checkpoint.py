@@ -5,7 +5,8 @@ Written only from acknowledged offsets (never from read offsets), so after a cra
 file only feed the watermarks (watermarks.py) across a restart, never a read position: `first`,
 where shipping of the id began (above 0 only for `start_at: end`), and `seen`, the size last
 seen, so a file rotated away while the agent was stopped is reported with the bytes it had seen
-and not shipped. The write is atomic
+and not shipped. And a mark of the bytes just before the offset (`identity.TailMark`), so that a
+file rewritten while the agent was stopped is not resumed as if it had only grown. The write is atomic
 and durable: a temporary file in the same directory is written and fsynced, renamed over the
 old one, and the directory is fsynced so the rename itself survives a power cut.
 """
@@ -16,9 +17,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from keplerlog.agent.identity import FileIdentity, Fingerprint
+from keplerlog.agent.identity import FileIdentity, Fingerprint, TailMark
 from keplerlog.durable import atomic_write
 
 if TYPE_CHECKING:
@@ -48,6 +49,13 @@ class FileState:
     # longer followed, must go on its data's key (partition). Found again from the path, an
     # input over /var/log/*.log could claim /var/log/nginx/a.log, or a rotated name none.
     module: str = ""
+    # The bytes before `offset` as they were when acknowledged: checked with the fingerprint
+    # before the file is resumed at `offset` (`matches_fd`).
+    mark: TailMark = field(default_factory=TailMark)
+
+    def matches_fd(self, fd: int, size: int) -> bool:
+        """Tell whether the open file (of `size` bytes) is this one, grown or not, at most."""
+        return self.offset <= size and self.identity().fingerprint.matches_fd(fd) and self.mark.matches_fd(fd)
 
     def identity(self) -> FileIdentity:
         """Return the identity to resume this file under."""
@@ -65,6 +73,8 @@ class FileState:
             "first": self.first,
             "seen": max(self.seen, self.offset),
             "module": self.module,
+            "tail_len": self.mark.length,
+            "tail": self.mark.digest,
         }
 
 
@@ -86,6 +96,7 @@ def state_of(f: TailedFile) -> FileState:
         first=f.stream.first,
         seen=max(f.size, acked),
         module=f.inp.module,
+        mark=f.acked_mark(),
     )
 
 
@@ -124,11 +135,20 @@ def load(path: Path, *, first_unknown_at_offset: bool = False) -> dict[str, File
                 first=min(first, offset),
                 seen=max(int(item.get("seen", offset)), offset),
                 module=str(item.get("module", "")),
+                mark=_mark(item, offset),
             )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         log.error("state file %s malformed (%s); starting without it", path, exc)
         return {}
     return out
+
+
+def _mark(item: dict[str, Any], offset: int) -> TailMark:
+    """Read the saved mark before `offset` (none in a state file written before marks existed)."""
+    length = int(item.get("tail_len", 0))
+    if not 0 <= length <= offset:
+        raise ValueError(f"tail_len {length} outside 0..{offset}")
+    return TailMark(offset, length, str(item.get("tail", ""))) if length else TailMark()
 
 
 def save(path: Path, files: list[FileState]) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from keplerlog.agent import checkpoint
 from keplerlog.agent.config import AgentConfig, InputConfig, glob_base
-from keplerlog.agent.identity import FileIdentity, FileKey
+from keplerlog.agent.identity import FileIdentity, FileKey, TailMark
 from keplerlog.agent.metrics import Counters
 from keplerlog.agent.tailer import (
     COMPRESSED_SUFFIXES,
@@ -275,9 +275,9 @@ class FileSet:
             self._closed_mtime[key] = os.fstat(f.fd).st_mtime_ns
         except OSError:
             self._closed_mtime.pop(key, None)  # unknown: opened and checked at the next rescan
+        self.closed[key] = checkpoint.state_of(f)  # reads its mark: before the close
         f.close()
         del self.files[key]
-        self.closed[key] = checkpoint.state_of(f)
         if f.detached:
             self.finished.add(key)
         else:
@@ -313,9 +313,8 @@ class FileSet:
             self.saved.pop(state.file_id, None)
             self._saved_ids.pop(key, None)
             self.closed.pop(key, None)
-            ident = state.identity()
-            if ident.fingerprint.matches_fd(fd) and state.offset <= st.st_size:
-                identity, offset, first = ident, state.offset, state.first
+            if state.matches_fd(fd, st.st_size):
+                identity, offset, first = state.identity(), state.offset, state.first
             elif key in self.finished:  # shipped to its end after a rotation: a new file
                 log.info("%s: inode of finished %s reused; reading from 0", path, state.file_id)
             else:
@@ -350,7 +349,7 @@ class FileSet:
         counted lost; how many more there were is unknown (the agent never saw them).
         """
         ident = state.identity()
-        found = find_rotated_copy(path, ident.fingerprint, state.offset, frozenset(self.files))
+        found = find_rotated_copy(path, ident.fingerprint, state.offset, frozenset(self.files), state.mark)
         if found is None:
             log.warning(
                 "%s was truncated while not followed and no rotated copy holds its rest: any bytes "
@@ -468,7 +467,9 @@ class FileSet:
         self.counters.truncations += 1
         old = f.stream
         offset, seen = f.read_offset, f.prev_size
-        found = find_rotated_copy(f.path, old.identity.fingerprint, offset, frozenset(self.files))
+        # the bytes before the read offset tell the copy from an older rotation with the same start
+        mark = TailMark.of(f.tail, f.tail_end) if f.tail and f.tail_end == offset else None
+        found = find_rotated_copy(f.path, old.identity.fingerprint, offset, frozenset(self.files), mark)
         if found is not None and found[2].st_size == offset and f.fully_acked():
             os.close(found[1])  # nothing left to read or to re-read: the copy is not needed
             found = None

@@ -78,6 +78,34 @@ class Fingerprint:
         return len(data) == self.length and fingerprint_of(data) == self.digest
 
 
+@dataclass(frozen=True, slots=True)
+class TailMark:
+    """Hash of the `length` bytes just before offset `end`: what a restart checks them against.
+
+    The fingerprint covers a file's first bytes only, so a file rewritten while the agent was
+    stopped (or the file closed for idleness) that keeps them (a banner, a CSV header) and has
+    grown past the saved offset looked exactly like the file the agent left. The bytes before the
+    saved offset almost never survive such a rewrite (log lines differ in their timestamps).
+    `length` 0: nothing to check (offset 0, or a mark saved before marks existed).
+    """
+
+    end: int = 0
+    length: int = 0
+    digest: str = ""
+
+    @classmethod
+    def of(cls, data: bytes, end: int) -> TailMark:
+        """Mark the bytes `data`, which end at offset `end`."""
+        return cls(end, len(data), fingerprint_of(data))
+
+    def matches_fd(self, fd: int) -> bool:
+        """Tell whether the open file still holds the marked bytes before `end`."""
+        if not self.length:
+            return True
+        data = os.pread(fd, self.length, self.end - self.length)
+        return len(data) == self.length and fingerprint_of(data) == self.digest
+
+
 @dataclass(slots=True)
 class FileIdentity:
     """Everything that identifies one log file: device, inode, fingerprint and minted id."""

@@ -26,6 +26,7 @@ from keplerlog.agent.identity import (
     FINGERPRINT_BYTES,
     FileIdentity,
     Fingerprint,
+    TailMark,
     fingerprint_of,
     new_file_id,
     read_prefix,
@@ -60,7 +61,11 @@ def is_rotated_name(name: str, candidate: str) -> bool:
 
 
 def find_rotated_copy(
-    path: str, fingerprint: Fingerprint, min_size: int, skip: frozenset[tuple[int, int]] = frozenset()
+    path: str,
+    fingerprint: Fingerprint,
+    min_size: int,
+    skip: frozenset[tuple[int, int]] = frozenset(),
+    mark: TailMark | None = None,
 ) -> tuple[str, int, os.stat_result] | None:
     """Find and open the copy copytruncate made of `path` before truncating it.
 
@@ -90,6 +95,7 @@ def find_rotated_copy(
                 and st.st_size >= max(min_size, 1)
                 and (st.st_dev, st.st_ino) not in skip
                 and fingerprint.matches_fd(fd)
+                and (mark is None or mark.matches_fd(fd))
                 and (best is None or st.st_ctime_ns > best[2].st_ctime_ns)
             )
         except OSError:
@@ -153,6 +159,7 @@ class TailedFile:
     mtime_ns: int = 0
     looked: float = 0.0  # monotonic time of the last refresh
     rewrite_due: float | None = None  # see `refresh`
+    _acked_mark: TailMark = field(default_factory=TailMark, repr=False)  # see `acked_mark`
 
     @classmethod
     def open(
@@ -198,6 +205,24 @@ class TailedFile:
             mtime_ns=st.st_mtime_ns,
             looked=mono,
         )
+
+    def acked_mark(self) -> TailMark:
+        """Return the mark of the TAIL_BYTES before the acknowledged offset, for the state file.
+
+        Computed again only when that offset moved (one pread, or none when it is where reading
+        stopped), so a checkpoint of thousands of idle files reads nothing.
+        """
+        acked = self.stream.acks.acked
+        if self._acked_mark.end != acked or (acked and not self._acked_mark.length):
+            if acked == self.tail_end and len(self.tail) == min(TAIL_BYTES, acked):
+                data = self.tail
+            else:
+                data = _tail_before(self.fd, acked)
+            # shorter than asked: the file shrank under the agent (a truncation it is about to
+            # see); no mark beats a mark of the new bytes
+            whole = len(data) == min(TAIL_BYTES, acked)
+            self._acked_mark = TailMark.of(data, acked) if whole else TailMark(acked)
+        return self._acked_mark
 
     # -- reading -----------------------------------------------------------------------------
 

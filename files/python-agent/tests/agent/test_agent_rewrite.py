@@ -9,6 +9,7 @@ file whose first KiB is a fixed banner. Its new lines must still arrive, once, u
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -149,3 +150,57 @@ def test_rewrite_with_the_same_first_bytes_is_shipped_as_a_new_file(
         assert len(offsets) == len(set(offsets)), f"{fid}: a (file id, offset) arrived twice"
     assert m["keplerlog_agent_truncations_total"] == 1
     assert m["keplerlog_agent_lost_bytes_total"] == 0
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("away", ["stopped", "closed for idleness"])
+def test_rewrite_with_the_same_first_bytes_while_not_followed(tmp_path, kafka, topic, logdir, reader, away):
+    """The same rewrite while the agent was stopped (its state file is all it remembers), or while
+    the file was closed for idleness: resumed by fingerprint alone, the new lines past the old
+    offset were shipped as the old file's continuation and the rest never. The mark of the bytes
+    before the saved offset tells the rewrite."""
+    old, new = BANNER + lines("old", 20), BANNER + lines("new", 60)
+    log = logdir / "app.log"
+    append(log, old)
+    port = free_port()
+    cfg = write_config(
+        tmp_path,
+        kafka.bootstrap,
+        topic,
+        [str(logdir / "*.log")],
+        metrics={"port": port},
+        limits={"close_idle_s": 1},
+    )
+    state = tmp_path / "state" / "agent-state.json"
+    agent = AgentProcess(cfg, tmp_path / "agent.out").start()
+    try:
+        reader.wait_contents({str(log): [old]})
+        if away == "stopped":
+            assert agent.stop() == 0, agent.output()
+        else:
+            deadline = time.monotonic() + 15
+            while metrics(port)["keplerlog_agent_files_closed_known"] != 1:
+                assert time.monotonic() < deadline, "the idle file was never closed"
+                time.sleep(0.2)
+            assert metrics(port)["keplerlog_agent_files_open"] == 0
+        # the fault is real: what the agent remembers is the old file at its end, with its mark
+        saved = json.loads(state.read_text())["files"]
+        assert [(s["offset"], s["tail_len"]) for s in saved.values()] == [(len(old), 256)]
+        if away == "stopped":
+            _rewrite(log, new)
+            agent = AgentProcess(cfg, tmp_path / "agent2.out").start()
+        else:  # complete before the agent looks again (it would see the size drop to 0 otherwise)
+            agent.signal(signal.SIGSTOP)
+            _rewrite(log, new)
+            agent.signal(signal.SIGCONT)
+        reader.wait_contents({str(log): [old, new]})
+        time.sleep(1.5)  # anything shipped twice would show up by now
+        reader.poll()
+    finally:
+        assert agent.stop() == 0, agent.output()
+    reader.wait_contents({str(log): [old, new]})
+    assert len(reader.records) == 2  # the old id, ended; the rewrite under a new one
+    for fid, recs in reader.records.items():
+        offsets = [o for o, _ in recs]
+        assert len(offsets) == len(set(offsets)), f"{fid}: a (file id, offset) arrived twice"
+    assert "truncated since it was last read" in agent.output(), agent.output()

@@ -23,7 +23,7 @@ from keplerlog.agent.config import (
     load,
     parse,
 )
-from keplerlog.agent.identity import FINGERPRINT_BYTES, Fingerprint
+from keplerlog.agent.identity import FINGERPRINT_BYTES, Fingerprint, TailMark
 from keplerlog.agent.metrics import AgentMetrics, Counters, FileGauge, Snapshot
 from keplerlog.agent.tailer import AssemblerSettings, TailedFile
 from keplerlog.agent.watch import Waker, Watcher
@@ -410,8 +410,9 @@ def test_deleted_file_is_detached_but_still_readable(tmp_path):
 def test_checkpoint_atomic_round_trip_and_corrupt_file(tmp_path):
     path = tmp_path / "state" / "s.json"
     st = checkpoint.FileState("id1", "/l/a.log", 1, 2, 10, "abc", 1234)
-    checkpoint.save(path, [st])
-    assert checkpoint.load(path) == {"id1": st}
+    marked = checkpoint.FileState("id2", "/l/b.log", 1, 3, 10, "abc", 300, mark=TailMark.of(b"x" * 256, 300))
+    checkpoint.save(path, [st, marked])
+    assert checkpoint.load(path) == {"id1": st, "id2": marked}
     assert not list(path.parent.glob(".*tmp"))
     assert json.loads(path.read_text())["version"] == 1
     path.write_text("{not json")
