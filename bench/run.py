@@ -71,6 +71,8 @@ PARTS = [
     Part("files", "bench_files.py", 1200, quick=["--sizes", "100,1000", "--seconds", "5"]),
     # TLS + SCRAM against plaintext on the same broker, alternating: the ratio is what matters
     Part("security", "bench_security.py", 1800, quick=["--lines", "50000", "--mb", "64", "--runs", "1"]),
+    # Kafka gone for 30 minutes under load (150 s, past the client timeouts, with --quick)
+    Part("outage", "bench_outage.py", 3000, quick=["--outage-s", "150"]),
     # what the completeness audit's watermarks cost the agent: 1,000 files, on vs off, alternating
     Part(
         "watermarks",
@@ -399,6 +401,8 @@ def missed_targets(merged: dict[str, Any]) -> list[str]:
                 for r in peer_ratios(data)
                 if (r.get("ratio_median") or 0) < PEER_RATIO_TARGET
             ]
+        elif name == "outage":
+            out += [f"outage: {m}{stale}" for m in data.get("missed", [])]
         elif name == "consumer" and "consumer" in data:
             out += [f"consumer: {t}{stale}" for t, ok in consumer_checks(data) if ok is False]
     return out
@@ -490,6 +494,44 @@ def files_table(part: dict[str, Any]) -> list[str]:
             "met" if met.get("new_file_delay_s") else "**missed**",
         )
     )
+    return out
+
+
+def outage_table(part: dict[str, Any]) -> list[str]:
+    """bench_outage.py: one long broker outage under load."""
+    data = part.get("data")
+    if not isinstance(data, dict):
+        return [f"_outage: failed — {part.get('error', '')}_"]
+    rss = data.get("rss_mb", {})
+    t = data.get("targets", {})
+    rows = [
+        ["lines written (all through the outage)", _num(data.get("lines_written")), "–"],
+        ["lost / duplicated in the topic", f"{_num(data.get('lost'))} / {_num(data.get('duplicated'))}", "0 / 0"],
+        ["agent restarted", "yes" if data.get("restarted") else "no", "no"],
+        ["first ack after the broker was ready (s)", _num(data.get("resume_s"), 2), f"≤ {t.get('resume_s')}"],
+        ["backlog at the restart (MB)", _num((data.get("backlog_bytes_at_restart") or 0) / 1e6, 1), "–"],
+        ["backlog acknowledged after the broker was ready (s)", _num(data.get("caught_up_s"), 1), "–"],
+        [
+            "RSS before / peak / median of the 2nd half / after (MB)",
+            " / ".join(_num(rss.get(k), 1) for k in ("before", "peak", "median_second_half", "end")),
+            f"peak ≤ {t.get('rss_mb')}",
+        ],
+        [
+            "peak bytes in flight / buffer cap",
+            f"{_num(data.get('peak_inflight_bytes'))} / {_num(data.get('buffer_cap_bytes'))}",
+            "≤ cap",
+        ],
+        ["samples paused for memory / seeing a broker", f"{data.get('paused_share', 0):.0%} / "
+         f"{data.get('connected_share', 0):.0%}", "–"],
+        ["agent CPU during the outage (% of one core)", _num(data.get("cpu_percent_outage"), 2), "–"],
+    ]  # fmt: skip
+    out = [
+        f"Kafka (one broker, `kill -9`) away for {_num(data.get('outage_s'))} s while the application "
+        f"writes {_num(data.get('rate_lines_s'))} lines/s of {_num(data.get('line_bytes'))} B; the agent "
+        "at its defaults. Reproduce: `" + str(data.get("command", "")) + "`.",
+        "",
+        *_table(["measure", "value", "target"], rows),
+    ]
     return out
 
 
@@ -658,6 +700,10 @@ def markdown(merged: dict[str, Any]) -> str:
         f"{_when(merged['parts'].get('security', {}))}",
         "",
         *security_table(merged["parts"].get("security", {})),
+        "",
+        f"**A long Kafka outage (bench/bench_outage.py)**{_when(merged['parts'].get('outage', {}))}",
+        "",
+        *outage_table(merged["parts"].get("outage", {})),
         "",
         "**Completeness audit: what the agent's watermarks cost (bench/bench_agent.py --watermark-cost)**"
         + _when(merged["parts"].get("watermarks", {})),
