@@ -11,9 +11,12 @@ state agrees with them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
+import time
 from collections import namedtuple
+from concurrent.futures import Future
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -269,3 +272,83 @@ def test_kafka_offsets_are_committed_only_after_the_batch_is_durable(tmp_path):
             assert offset <= (durable.get(tp) or 0), f"committed {tp}@{offset} while durable was {durable}"
     assert {tp: off for c, _ in fake.commits for tp, off in c.items()} == {P0: 9, P1: 6}
     assert app.metrics.lag == {P0: 0, P1: 0}  # high watermark - committed, once all is durable
+
+
+# -- batch gathering: wait for more records only while it pays -------------------------------
+
+
+class ScriptedPolls:
+    """poll() that brings one record on the first call, then one every `every_s` (None: never)."""
+
+    def __init__(self, every_s: float | None) -> None:
+        self.every_s = every_s
+        self.timeouts: list[int] = []
+        self.n = 0
+
+    def poll(self, timeout_ms=0, max_records=None):
+        self.timeouts.append(timeout_ms)
+        self.n += 1
+        if self.n == 1:
+            return {P0: [Rec(b"x\n", 0)]}
+        if self.every_s is not None and self.every_s * 1000 <= timeout_ms:
+            time.sleep(self.every_s)
+            return {P0: [Rec(b"x\n", self.n)]}
+        time.sleep(timeout_ms / 1000)
+        return {}
+
+
+Rec = namedtuple("Rec", "value offset")
+
+
+def _gathering_app(tmp_path, idle_ms: int, max_wait_ms: int) -> ConsumerApp:
+    cfg = load_config(
+        None,
+        {
+            "KEPLERLOG_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+            "KEPLERLOG_ROOT": str(tmp_path),
+            "KEPLERLOG_METRICS_PORT": "0",
+        },
+    )
+    return ConsumerApp(dataclasses.replace(cfg, batch_idle_ms=idle_ms, batch_max_wait_ms=max_wait_ms))
+
+
+def _gather(app: ConsumerApp, polls: ScriptedPolls) -> tuple[int, float]:
+    app.consumer = polls
+    t0 = time.monotonic()
+    batch = app._gather()
+    return sum(len(v) for v in batch.values()), time.monotonic() - t0
+
+
+def test_a_caught_up_batch_is_written_at_once_when_the_writer_is_idle(tmp_path):
+    app = _gathering_app(tmp_path, idle_ms=5, max_wait_ms=1000)
+    records, took = _gather(app, ScriptedPolls(None))
+    assert records == 1
+    assert took < 0.2, f"waited {took:.3f} s for records that were not coming"
+    assert app.consumer.timeouts[1:] == [5]
+
+
+def test_records_closer_than_the_idle_time_keep_the_batch_open_to_its_limit(tmp_path):
+    """Past the threshold: a record every 2 ms (idle time 5 ms) never ends the batch early."""
+    app = _gathering_app(tmp_path, idle_ms=5, max_wait_ms=300)
+    records, took = _gather(app, ScriptedPolls(0.002))
+    assert took >= 0.29  # the limit, to the ms the poll timeouts are counted in
+    assert records > 20
+
+
+def test_a_busy_writer_keeps_the_batch_gathering_until_it_is_done(tmp_path):
+    app = _gathering_app(tmp_path, idle_ms=5, max_wait_ms=2000)
+    busy: Future = Future()
+    app._inflight = (busy, {})
+    threading.Timer(0.3, busy.set_result, args=({},)).start()
+    records, took = _gather(app, ScriptedPolls(None))
+    assert busy.done()
+    assert 0.3 <= took < 1.0, took  # ended once the writer was free, not at the 2 s limit
+    assert records == 1
+    app._inflight = None
+
+
+def test_idle_ms_zero_always_waits_the_whole_batch_time(tmp_path):
+    app = _gathering_app(tmp_path, idle_ms=0, max_wait_ms=300)
+    records, took = _gather(app, ScriptedPolls(None))
+    assert took >= 0.29  # the limit, to the ms the poll timeouts are counted in
+    assert records == 1

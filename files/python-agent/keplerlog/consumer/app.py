@@ -250,6 +250,9 @@ class ConsumerApp:
     def _gather(self) -> dict[TopicPartition, list]:
         """Poll until `batch_max_bytes` or `batch_max_wait_ms`: fewer, larger durable batches.
 
+        Or until caught up: a poll of `batch_idle_ms` brings nothing while the writer is idle
+        (group commit: records that come while the writer fsyncs form the next batch, so the
+        batch size follows the load and a quiet topic costs no wait).
         The growing batch is visible as pending, so a rebalance during the extra polls writes
         the records of revoked partitions before giving them up (see on_revoked).
         """
@@ -266,7 +269,10 @@ class ConsumerApp:
                 left_ms = int((deadline - time.monotonic()) * 1000)
                 if left_ms <= 0:
                     break
-                more = self.consumer.poll(timeout_ms=left_ms)
+                idle_ms = self.config.batch_idle_ms
+                more = self.consumer.poll(timeout_ms=min(left_ms, idle_ms) if idle_ms else left_ms)
+                if not more and idle_ms and self._writer_idle():
+                    break
                 for tp, recs in more.items():
                     batch.setdefault(tp, []).extend(recs)
                     size += sum(len(r.value or b"") for r in recs)
@@ -274,6 +280,10 @@ class ConsumerApp:
             batch = self._pending  # minus partitions that a rebalance took away
             self._pending = {}
         return batch
+
+    def _writer_idle(self) -> bool:
+        """Tell whether the writer thread has finished the previous batch (or has none)."""
+        return self._inflight is None or self._inflight[0].done()
 
     def _count_replaced_keys(self) -> None:
         replaced = headerfix.replaced_records()
