@@ -5,7 +5,15 @@ For each fixed rate (default 1k, 10k, 50k lines/s, ~15 s each) a writer process 
 shares) to a log file; the agent ships them to a 3-node local Kafka (RF 2, acks=all) and the
 consumer writes day files; a reader tails the day files and records read time - write time
 per line. Reported: p50/p90/p99/p99.9/max, lines lost, and the agent's and consumer's CPU
-and peak RSS. Usage:
+and peak RSS. And where the time goes: the topic keeps the broker's append time
+(LogAppendTime), and a tap reads the topic alongside the consumer (the first line of each
+record is enough: a record is consecutive lines of one file), so each line's delay splits into
+  * write -> agent read (`kl.ts`): inotify, then the agent's `read_coalesce_ms`;
+  * agent read -> broker append: the record's assembly, the producer's linger, the request;
+  * broker append -> day file: replication to the follower (acks=all; the consumer sees a
+    record only then), the consumer's fetch, its batch gathering (`batch_max_wait_ms`),
+    write and fsync, and this script's polling of the day file.
+The tap's own reads cost some CPU on the same machine. Usage:
 
     .venv/bin/python bench/bench_latency.py --out bench/results/latency.json
 
@@ -21,6 +29,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import threading
 import time
 from array import array
 from pathlib import Path
@@ -142,6 +151,66 @@ class DayFileReader:
         self.files.clear()
 
 
+class Tap:
+    """Reads the topic beside the consumer: per measured seq, the agent's read time (`kl.ts`) and
+    the broker's append time (the record timestamp of a LogAppendTime topic), both in ms."""
+
+    def __init__(self, bootstrap: str, topic: str, total: int) -> None:
+        from kafka import KafkaConsumer
+        from keplerlog.record import decode_headers, is_watermark
+
+        self.read_ms = array("q", [-1]) * total
+        self.append_ms = array("q", [-1]) * total
+        self._decode, self._is_watermark = decode_headers, is_watermark
+        self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                                      auto_offset_reset="earliest", enable_auto_commit=False)  # fmt: skip
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        total = len(self.read_ms)
+        while not self.stop.is_set():
+            for recs in self.consumer.poll(timeout_ms=100).values():
+                for r in recs:
+                    if self._is_watermark(r.headers):
+                        continue
+                    got = parse_line(r.value[: r.value.find(b"\n")])
+                    if got is None or got[2] != MEASURED:
+                        continue
+                    labels = self._decode(r.headers)
+                    for seq in range(got[1], min(total, got[1] + labels.lines)):
+                        self.read_ms[seq] = labels.ts_ms
+                        self.append_ms[seq] = r.timestamp
+
+    def close(self) -> None:
+        """Stop reading."""
+        self.stop.set()
+        self.thread.join(5)
+        self.consumer.close()
+
+
+def breakdown(write_ns: array, day_ns: array, tap: Tap) -> dict[str, dict[str, float]]:
+    """p50/p99 in ms of each stage, over the lines the tap saw."""
+    stages: dict[str, list[float]] = {"write_to_read": [], "read_to_broker": [], "broker_to_day_file": []}
+    for seq, (w, d) in enumerate(zip(write_ns, day_ns, strict=True)):
+        read, append = tap.read_ms[seq], tap.append_ms[seq]
+        if d < 0 or read < 0 or append < 0:
+            continue
+        stages["write_to_read"].append(read - w / 1e6)
+        stages["read_to_broker"].append(append - read)
+        stages["broker_to_day_file"].append(d / 1e6 - append)
+    out = {}
+    for name, values in stages.items():
+        values.sort()
+        out[name] = {
+            "p50_ms": round(percentile(values, 0.5), 1) if values else None,
+            "p99_ms": round(percentile(values, 0.99), 1) if values else None,
+            "lines": len(values),
+        }
+    return out
+
+
 def percentile(values: list[int], q: float) -> float:
     """The q-quantile (0..1) of sorted `values`, nearest rank."""
     if not values:
@@ -154,7 +223,7 @@ def _yaml_configs(run: Path, bootstrap: str, topic: str) -> tuple[Path, Path]:
     agent.write_text(
         f"service: {SERVICE}\nmodule: {MODULE}\nhost: bench\n"
         f'kafka:\n  bootstrap_servers: "{bootstrap}"\n  topic: {topic}\n'
-        "  compression: lz4\n  linger_ms: 20\n"
+        "  compression: lz4\n"
         f"state_file: {run / 'agent-state.json'}\n"
         f'inputs:\n  - paths: ["{run / "logs"}/*.log"]\n'
         "metrics:\n  port: 0\n  log_interval_s: 3600\n"
@@ -170,15 +239,20 @@ def _yaml_configs(run: Path, bootstrap: str, topic: str) -> tuple[Path, Path]:
     return agent, consumer
 
 
-def _start_pipeline(args: argparse.Namespace, run: Path, bootstrap: str, rate: int) -> list[tuple[str, Tool]]:
+def _start_pipeline(
+    args: argparse.Namespace, run: Path, bootstrap: str, rate: int
+) -> tuple[list[tuple[str, Tool]], str]:
     if args.pipeline == "passthrough":
         cmd = [sys.executable, __file__, "--passthrough-worker", str(run / "logs")]
         cmd.append(str(run / "root" / SERVICE / f"{MODULE}.passthrough"))
         tool = Tool(cmd, run / "passthrough.log", cpu=args.cpu)
         tool.start()
-        return [("passthrough", tool)]
+        return [("passthrough", tool)], ""
     topic = f"bench-latency-{rate}-{int(time.time())}"
-    create_topic(bootstrap, topic, partitions=4, replication=2)
+    # the broker's append time as the record timestamp: the breakdown's middle stamp
+    create_topic(
+        bootstrap, topic, partitions=4, replication=2, configs={"message.timestamp.type": "LogAppendTime"}
+    )
     agent_yml, consumer_yml = _yaml_configs(run, bootstrap, topic)
     consumer_cmd = [*(consumer_command() or []), "--config", str(consumer_yml)]
     agent_cmd = [*(agent_command() or []), "--config", str(agent_yml)]
@@ -187,7 +261,7 @@ def _start_pipeline(args: argparse.Namespace, run: Path, bootstrap: str, rate: i
     agent = Tool(agent_cmd, run / "agent.log", cpu=args.cpu)
     consumer.start()
     agent.start()
-    return [("consumer", consumer), ("agent", agent)]
+    return [("consumer", consumer), ("agent", agent)], topic
 
 
 def _wait_ready(reader: DayFileReader, logfile: Path, tools: list[tuple[str, Tool]], timeout: float) -> float:
@@ -229,14 +303,18 @@ def run_rate(args: argparse.Namespace, bootstrap: str, rate: int) -> dict[str, A
     tools: list[tuple[str, Tool]] = []
     reader = DayFileReader(run / "root")
     proc: Any = None
+    tap: Tap | None = None
     try:
-        tools = _start_pipeline(args, run, bootstrap, rate)
+        tools, topic = _start_pipeline(args, run, bootstrap, rate)
         res["ready_s"] = round(_wait_ready(reader, logfile, tools, args.startup_timeout), 2)
         time.sleep(0.5)
         reader.read()  # drop the probes still in flight
         cpu0 = {name: tool.sample().cpu_s for name, tool in tools}
         latencies = array("q")
         seen = bytearray(total)
+        # per seq: write and day-file times (ns) for the breakdown
+        write_ns, day_ns = array("q", [-1]) * total, array("q", [-1]) * total
+        tap = Tap(bootstrap, topic, total) if topic else None
         proc = mp.get_context("spawn").Process(
             target=writer, args=(str(logfile), rate, args.duration, LINE_BYTES)
         )
@@ -256,6 +334,7 @@ def run_rate(args: argparse.Namespace, bootstrap: str, rate: int) -> dict[str, A
                 seen[got[1]] = 1
                 received += 1
                 latencies.append(now_ns - got[0])
+                write_ns[got[1]], day_ns[got[1]] = got[0], now_ns
             if not lines:
                 time.sleep(0.001)
             if not drain_until and not proc.is_alive():
@@ -280,6 +359,11 @@ def run_rate(args: argparse.Namespace, bootstrap: str, rate: int) -> dict[str, A
             p999_ms=round(percentile(ordered, 0.999) / ms, 2),
             max_ms=round(ordered[-1] / ms, 2) if ordered else None,
         )
+        if tap is not None:
+            time.sleep(1)  # the tap's last records
+            tap.close()
+            res["breakdown"] = breakdown(write_ns, day_ns, tap)
+            tap = None
         if received < total:
             res["error"] = f"{total - received} of {total} lines not in a day file after drain"
         for name, tool in tools:
@@ -287,6 +371,8 @@ def run_rate(args: argparse.Namespace, bootstrap: str, rate: int) -> dict[str, A
     except Exception as exc:
         res["error"] = f"{type(exc).__name__}: {exc}"[:600]
     finally:
+        if tap is not None:
+            tap.close()
         if proc is not None and proc.is_alive():
             proc.terminate()
             proc.join(5)

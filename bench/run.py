@@ -71,6 +71,8 @@ PARTS = [
     Part("files", "bench_files.py", 1200, quick=["--sizes", "100,1000", "--seconds", "5"]),
     # TLS + SCRAM against plaintext on the same broker, alternating: the ratio is what matters
     Part("security", "bench_security.py", 1800, quick=["--lines", "50000", "--mb", "64", "--runs", "1"]),
+    # 300 agents' worth of records (30 services, 100 B-50 KB lines, bursts), 1 and 2 consumers
+    Part("fleet", "bench_fleet.py", 2400, quick=["--quick"]),
     # Kafka gone for 30 minutes under load (150 s, past the client timeouts, with --quick)
     Part("outage", "bench_outage.py", 3000, quick=["--outage-s", "150"]),
     # what the completeness audit's watermarks cost the agent: 1,000 files, on vs off, alternating
@@ -535,6 +537,55 @@ def outage_table(part: dict[str, Any]) -> list[str]:
     return out
 
 
+def _med(summary: dict[str, Any] | None, digits: int = 0, scale: float = 1.0) -> str:
+    """'median (min–max)' of a bench summary {median, spread}, or '–'."""
+    if not summary or summary.get("median") is None:
+        return "–"
+    lo, hi = summary["spread"]
+    m = _num(summary["median"] * scale, digits)
+    return m if lo == hi else f"{m} ({_num(lo * scale, digits)}–{_num(hi * scale, digits)})"
+
+
+def fleet_table(part: dict[str, Any]) -> list[str]:
+    """bench_fleet.py: the consumers under a fleet-shaped load, one process and two."""
+    data = part.get("data")
+    if not isinstance(data, dict):
+        return [f"_fleet: failed — {part.get('error', '')}_"]
+    f = data.get("fleet", {})
+    rates = data.get("params", {}).get("rates_mb_s", {})
+    rows = []
+    for count in (1, 2):
+        c = data.get(f"consumers_{count}") or {}
+        for name, target in rates.items():
+            r = c.get(name) or {}
+            rows.append([
+                f"{count}", f"{name} ({target} MB/s)", _med(r.get("offered_mb_s"), 1),
+                _med(r.get("p50_ms")), _med(r.get("p99_ms")), _med(r.get("consumer_cpu_percent")),
+                _med(r.get("consumer_peak_rss_mb")), _med(r.get("open_day_files_max")),
+                _med(r.get("state_bytes"), 0, 1 / 1000), _med(r.get("lag_records_at_stop")),
+            ])  # fmt: skip
+        m = c.get("max") or {}
+        rows.append([
+            f"{count}", "max: drain a backlog", f"{_med(m.get('mb_s'), 1)} consumed", "–", "–", "–",
+            _med(m.get("consumer_peak_rss_mb")), "–", _med(m.get("state_bytes"), 0, 1 / 1000), "–",
+        ])  # fmt: skip
+    header = ["consumers", "phase", "MB/s", "p50 ms", "p99 ms", "CPU % (all)", "peak RSS MB",
+              "day files open", "dedup state kB", "lag at stop (records)"]  # fmt: skip
+    return [
+        f"{_num(f.get('hosts'))} agents, {_num(f.get('services'))} services, {_num(f.get('modules'))} modules "
+        f"(Zipf volumes), lines {_num(f.get('mean_line_bytes'))} B on average (p50 / p99 / max "
+        f"{' / '.join(_num(x) for x in f.get('line_bytes_p50_p99_max', []))} B), bursts of 5× by a tenth "
+        "of the agents each second; 3 brokers, 4 partitions, RF 2, acks=all, lz4. Delay: the broker's "
+        "append (LogAppendTime) to the consumer's commit after fsync, seen by polling the group's "
+        f"offsets every {_num(data.get('params', {}).get('poll_ms'))} ms. Median (min–max) of "
+        f"{_num(data.get('params', {}).get('rounds'))} alternating rounds. MB/s of a rate phase is what "
+        "the generator achieved (it shares the cores with the brokers and the consumers). "
+        f"Reproduce: `{data.get('command', '')}`.",
+        "",
+        *_table(header, rows),
+    ]
+
+
 def _runs_note(runs: list[float] | None) -> str:
     """'median of N runs (min-max): [...]', or 'one run (no spread)'."""
     if not runs or len(runs) < 2:
@@ -655,17 +706,30 @@ def latency_table(part: dict[str, Any]) -> list[str]:
     if not part.get("ok") and not data.get("results"):
         return [f"_latency: failed — {data.get('error') or part.get('error', '')}_"]
     header = ["lines/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "received/written",
-              "agent CPU s", "consumer CPU s", "notes"]  # fmt: skip
+              "agent CPU s", "consumer CPU s", "p50 ms: write → agent read", "agent read → broker",
+              "broker → day file", "notes"]  # fmt: skip
     rows = []
     for r in data.get("results", []):
+        stages = r.get("breakdown") or {}
         rows.append([
             _num(r.get("rate")), _num(r.get("p50_ms"), 1), _num(r.get("p90_ms"), 1),
             _num(r.get("p99_ms"), 1), _num(r.get("max_ms"), 1),
             f"{_num(r.get('received'))}/{_num(r.get('written'))}",
             _num(r.get("agent_cpu_s"), 2), _num(r.get("consumer_cpu_s"), 2),
+            *(_num((stages.get(k) or {}).get("p50_ms"), 0)
+              for k in ("write_to_read", "read_to_broker", "broker_to_day_file")),
             str(r.get("error", ""))[:160],
         ])  # fmt: skip
-    return _table(header, rows)
+    return [
+        *_table(header, rows),
+        "",
+        "Where the time goes (p50 of each stage; bench_latency.py's docstring says what each holds): "
+        "the agent reads a busy file at most every `read_coalesce_ms` (100 ms: 50 ms on average, the "
+        "price of one read, record and request per 100 ms instead of per write); the broker's append "
+        "to the day file holds replication to the follower (acks=all), the consumer's fetch, its "
+        "batch (ended as soon as it has caught up, `batch_idle_ms`) and the fsyncs of the day files "
+        "and the state.",
+    ]
 
 
 def markdown(merged: dict[str, Any]) -> str:
@@ -700,6 +764,10 @@ def markdown(merged: dict[str, Any]) -> str:
         f"{_when(merged['parts'].get('security', {}))}",
         "",
         *security_table(merged["parts"].get("security", {})),
+        "",
+        f"**A fleet's load on the consumers (bench/bench_fleet.py)**{_when(merged['parts'].get('fleet', {}))}",
+        "",
+        *fleet_table(merged["parts"].get("fleet", {})),
         "",
         f"**A long Kafka outage (bench/bench_outage.py)**{_when(merged['parts'].get('outage', {}))}",
         "",

@@ -175,14 +175,20 @@ def kafka_cluster(workdir: Path, size: int = 3) -> Iterator[object]:
         cluster.destroy()
 
 
-def create_topic(bootstrap: str, name: str, partitions: int = 4, replication: int = 2) -> None:
-    """Create a topic and wait until every partition has a leader (producers fail fast else)."""
+def create_topic(
+    bootstrap: str,
+    name: str,
+    partitions: int = 4,
+    replication: int = 2,
+    configs: dict[str, str] | None = None,
+) -> None:
+    """Create a topic (`configs`: topic settings) and wait until every partition has a leader."""
     from kafka import KafkaAdminClient, KafkaConsumer
     from kafka.admin import NewTopic
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        admin.create_topics([NewTopic(name, partitions, replication)])
+        admin.create_topics([NewTopic(name, partitions, replication, topic_configs=configs or {})])
     finally:
         admin.close()
     consumer = KafkaConsumer(bootstrap_servers=bootstrap)
