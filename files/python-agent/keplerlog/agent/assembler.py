@@ -159,6 +159,17 @@ class Assembler:
             self._held_wall = wall
         return out
 
+    def due(self, wall: float, mono: float) -> bool:
+        """Tell whether `poll` would flush something now (a timeout passed, or the day changed)."""
+        if not self.held:
+            return False
+        ml = self.multiline
+        return (
+            day_of(self._held_wall) != day_of(wall)
+            or (bool(self._tail) and mono - self._tail_since >= self.partial_timeout)
+            or (ml is not None and bool(self._event) and mono - self._event_last >= ml.timeout_ms / 1000)
+        )
+
     def poll(self, wall: float, mono: float) -> list[Chunk]:
         """Flush what timed out (partial line, multiline event) or belongs to a past day."""
         out: list[Chunk] = []

@@ -15,6 +15,7 @@ keeps its lookups in locals and does nothing per file that the old single-class 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -164,10 +165,23 @@ class Reader:
                 log.error("%s: %s", f.path, exc)
 
     def flush_timed_out(self, wall: float, mono: float) -> None:
-        """Ship partial lines and multiline events whose timeout has passed."""
+        """Ship partial lines and multiline events whose timeout has passed.
+
+        Not while the file holds bytes the agent has not read: then the line's end (or the
+        event's next lines) is already written and reading merely stopped, at the memory cap
+        (Kafka away) or at a read's size limit, mid-line. Cutting the line there would ship it
+        in two pieces; it is read whole once reading goes on.
+        """
         send = self.ledger.send
         for f in list(self.files.values()):
-            send(f, f.stream, f.assembler.poll(wall, mono))
+            if not f.assembler.held or not f.assembler.due(wall, mono):
+                continue
+            try:
+                unread = os.fstat(f.fd).st_size > f.read_offset  # no refresh(): read_all's job
+            except OSError:
+                unread = False
+            if not unread:
+                send(f, f.stream, f.assembler.poll(wall, mono))
 
     def flush_all(self) -> None:
         """Ship every partial line and open event as it is (shutdown)."""

@@ -232,3 +232,39 @@ def test_the_parts_share_one_file_table_and_one_step_ships_a_file(tmp_path, logd
             f.close()
         agent.watcher.close()
         agent.waker.close()
+
+
+def test_a_line_is_not_cut_where_reading_paused_at_the_memory_cap(tmp_path, logdir):
+    """Kafka away: the agent reads up to max_buffer_bytes, which ends mid-line, and pauses. Past
+    the partial-line timeout that held piece must not be shipped as a line of its own: its end
+    is in the file, only unread (seen in the 30-minute outage bench: one line in two pieces)."""
+    log = logdir / "app.log"
+    data = lines("paused", 20_000, width=137)  # 2.7 MB, lines that do not divide the cap
+    append(log, data)
+    agent, sender = in_process(
+        tmp_path, logdir, auto_ack=False, max_buffer_bytes=65536, partial_line_timeout_ms=200
+    )
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    try:
+        _wait(lambda: agent.reader.paused_memory)
+        held = agent.reader.held()
+        time.sleep(0.8)  # four partial-line timeouts, nothing acknowledged
+        # the fault really happened: paused with a piece of a line held, and it stayed held
+        assert agent.reader.paused_memory
+        assert 0 < held == agent.reader.held() < 137
+        assert all(v.endswith(b"\n") for v, _ in sender.sent), "a line was cut at the pause"
+        acked = 0
+        deadline = time.monotonic() + 30
+        while sum(len(v) for v, _ in sender.sent) < len(data):  # Kafka is back: everything acked
+            assert time.monotonic() < deadline, "not shipped after the acks"
+            for i in range(acked, len(sender.sent)):
+                sender.ack(i)
+            acked = len(sender.sent)
+            time.sleep(0.01)
+    finally:
+        agent.request_stop()
+        thread.join(15)
+    assert not thread.is_alive()
+    assert b"".join(v for v, _ in sender.sent) == data
+    assert all(v.endswith(b"\n") for v, _ in sender.sent)
