@@ -9,6 +9,8 @@ Starts its own single-node KRaft Kafka (dist/kafka), preloads N MB of kepler-log
 Usage: .venv/bin/python bench/bench_consumer.py --out bench/results/consumer.json [--mb 1024]
        [--runs 3]  (consumer and kcat alternate; the median of each is reported, so that a busy
                    machine hits both alike)
+       [--profile] (one more consumer run under py-spy, every thread sampled: the share of
+                   CPU samples per stage, so the gap to kcat is explained by a profile)
 """
 
 from __future__ import annotations
@@ -112,6 +114,62 @@ WITHOUT_NETFIX = (
 )
 
 
+# Where a CPU sample of the consumer goes, by the frames of its stack: the first rule (in this
+# order) any frame matches. py-spy names a frame "function (file.py:line)".
+STAGES = (
+    ("fsync (day files, state)", ("fsync", "fdatasync")),
+    ("lz4 decompression", ("lz4",)),
+    ("kafka-python: record parsing", ("default_records", "memory_records", "legacy_records", "record/")),
+    (
+        "kafka-python: fetch, sockets, protocol",
+        ("kafka/", "conn.py", "selectors.py", "netfix", "fetcher", "socket"),
+    ),
+    ("writes to day files", ("files.py", "os.write", "writev")),
+    (
+        "routing, dedup, whole lines, state",
+        ("keplerlog/", "sink.py", "route.py", "spans.py", "lines.py", "journal.py"),
+    ),
+)
+
+
+def stage_of(frames: list[str]) -> str:
+    """The stage a stack belongs to (leaf-first rules of STAGES), or 'other'."""
+    for name, needles in STAGES:
+        if any(n in f for f in frames for n in needles):
+            return name
+    return "other (interpreter, logging, metrics)"
+
+
+def summarize_profile(raw: Path) -> dict:
+    """Shares of CPU samples per stage and per thread, and the top leaf functions."""
+    stages: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        thread = frames[0].split(": ", 1)[-1] if frames[0].startswith("thread") else "?"
+        total += n
+        stages[stage_of(frames[1:])] = stages.get(stage_of(frames[1:]), 0) + n
+        threads[thread] = threads.get(thread, 0) + n
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + n
+
+    def shares(counts: dict[str, int], top: int | None = None) -> list[list]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [[k, round(100 * v / total, 1)] for k, v in ranked]
+
+    return {
+        "samples": total,
+        "stages": shares(stages),
+        "threads": shares(threads),
+        "top_functions": shares(leaves, 12),
+    }
+
+
 def run_consumer(
     bootstrap: str,
     topic: str,
@@ -121,12 +179,15 @@ def run_consumer(
     group: str = "bench",
     security: dict[str, str] | None = None,
     netfix: bool = True,
+    attach: list[str] | None = None,
 ) -> dict:
     """Time one consumer process (a fresh group, a fresh root) until all bytes are on disk.
 
     `security`: a kafka.security section (bench_security.py: the same broker over SASL_SSL).
     `netfix` False: the consumer with kafka-python's own socket reads and the interpreter's
     default switch interval (consumer/netfix.py's two changes undone), for the A/B.
+    `attach`: a profiler command, given `--pid <consumer>`, started with the consumer and
+    stopped with SIGINT (so it writes its file) before the consumer is.
     """
     root = work / "root"
     shutil.rmtree(root, ignore_errors=True)
@@ -154,6 +215,11 @@ def run_consumer(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    spy = (
+        subprocess.Popen([*attach, "--pid", str(proc.pid)], stdout=log, stderr=subprocess.STDOUT)
+        if attach
+        else None
+    )
     first = None
     try:
         while time.monotonic() - start < timeout:
@@ -166,6 +232,9 @@ def run_consumer(
         done = time.monotonic()
         size = data_bytes(root)
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(30)
@@ -237,6 +306,20 @@ def _median(runs: list[dict]) -> dict:
     }
 
 
+def profile_run(bootstrap: str, topic: str, work: Path, expected: int) -> dict:
+    """One consumer run under py-spy (all threads, CPU samples only); its MB/s and stage shares."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return {"missing": "py-spy (scripts/bench-deps.sh installs it into .venv)"}
+    raw = work / "consumer.pyspy.txt"
+    attach = [spy, "record", "--format", "raw", "--output", str(raw), "--rate", "200", "--threads"]
+    run = run_consumer(bootstrap, topic, work, expected, 600, "bench-profile", attach=attach)
+    shutil.rmtree(work / "root", ignore_errors=True)
+    if not raw.exists():
+        return {"missing": "py-spy wrote no profile", "mb_s": run["mb_s"]}
+    return {"mb_s": round(run["mb_s"], 1), "rate_hz": 200} | summarize_profile(raw)
+
+
 def main() -> int:
     """Run the benchmark, print a table, write JSON; exit 1 if the consumer did not finish."""
     parser = argparse.ArgumentParser(
@@ -256,6 +339,7 @@ def main() -> int:
         default=1,
         help="consumer and kcat runs, alternating; medians are reported",
     )
+    parser.add_argument("--profile", action="store_true", help="one more consumer run under py-spy")
     parser.add_argument(
         "--netfix-ab",
         action="store_true",
@@ -305,6 +389,8 @@ def main() -> int:
             if plain_runs:
                 result["runs"]["consumer_without_netfix_mb_s"] = [round(r["mb_s"], 1) for r in plain_runs]
         result["dd"] = run_dd(work, min(args.mb, 1024))
+        if args.profile:
+            result["profile"] = profile_run(cluster.bootstrap, topic, work, expected)
     finally:
         cluster.destroy()
         if not args.workdir:

@@ -55,7 +55,7 @@ PARTS = [
         "consumer",
         "bench_consumer.py",
         2400,
-        args=["--runs", "3", "--netfix-ab"],
+        args=["--runs", "3", "--netfix-ab", "--profile"],
         quick=["--runs", "1", "--mb", "100"],
     ),
     Part(
@@ -632,7 +632,25 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
         )
         + "."
     )
+    out += consumer_profile(data.get("profile"))
     return out
+
+
+def consumer_profile(prof: dict[str, Any] | None) -> list[str]:
+    """Where the consumer's CPU goes: bench_consumer.py --profile (py-spy, every thread)."""
+    if not prof:
+        return []
+    if prof.get("missing"):
+        return ["", f"_Profile: not taken ({prof['missing']})._"]
+    stages = ", ".join(f"{name} {share} %" for name, share in prof.get("stages", []))
+    threads = ", ".join(f"{name} {share} %" for name, share in prof.get("threads", []))
+    top = "; ".join(f"`{name}` {share} %" for name, share in prof.get("top_functions", [])[:6])
+    return [
+        "",
+        f"Where the consumer's CPU goes (one more run under py-spy at {prof.get('rate_hz')} Hz, "
+        f"{_num(prof.get('samples'))} CPU samples over every thread, {_num(prof.get('mb_s'), 1)} MB/s "
+        f"while sampled): {stages}. By thread: {threads}. Busiest functions: {top}.",
+    ]
 
 
 def watermarks_table(part: dict[str, Any]) -> list[str]:

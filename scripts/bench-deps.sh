@@ -4,6 +4,7 @@
 #   - Apache Flume NG jars from Maven Central into dist/peers/flume/lib (never committed),
 #     resolved from bench/peers/flume/pom.xml and refreshed when that pom changes;
 #   - matplotlib into .venv (plots only; not a runtime dependency, so not in requirements.txt).
+#   - py-spy into .venv (the consumer part's profile; likewise not a runtime dependency).
 # A peer that cannot be installed is reported and skipped by the benchmark, so this script
 # warns instead of failing when one part is unavailable.
 set -uo pipefail
@@ -69,5 +70,10 @@ elif "$py" -c 'import matplotlib' 2>/dev/null; then
 else
   echo "bench-deps: installing matplotlib into .venv"
   "$py" -m pip install -q matplotlib || echo "bench-deps: matplotlib install failed; plots will be skipped" >&2
+fi
+# --- py-spy (the consumer's profile, bench_consumer.py --profile) -----------------------------
+if [[ -x $py ]] && [[ ! -x $root/.venv/bin/py-spy ]]; then
+  echo "bench-deps: installing py-spy into .venv"
+  "$py" -m pip install -q py-spy || echo "bench-deps: py-spy install failed; no consumer profile" >&2
 fi
 exit $rc
