@@ -118,7 +118,7 @@ WITHOUT_NETFIX = (
 # order) any frame matches. py-spy names a frame "function (file.py:line)".
 STAGES = (
     ("fsync (day files, state)", ("fsync", "fdatasync")),
-    ("lz4 decompression", ("lz4",)),
+    ("lz4 decompression", ("lz4", "_maybe_uncompress")),
     ("kafka-python: record parsing", ("default_records", "memory_records", "legacy_records", "record/")),
     (
         "kafka-python: fetch, sockets, protocol",
@@ -130,6 +130,11 @@ STAGES = (
         ("keplerlog/", "sink.py", "route.py", "spans.py", "lines.py", "journal.py"),
     ),
 )
+
+
+# Leaf frames of a thread that waits (a pool worker on its queue, a lock, a blocking select):
+# py-spy does not always see such a thread as idle; these samples are not CPU and are left out.
+WAITING = ("concurrent/futures/thread.py:8", "threading.py", "queue.py", "EpollSelector.select")
 
 
 def stage_of(frames: list[str]) -> str:
@@ -145,13 +150,16 @@ def summarize_profile(raw: Path) -> dict:
     stages: dict[str, int] = {}
     threads: dict[str, int] = {}
     leaves: dict[str, int] = {}
-    total = 0
+    total = waiting = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
         frames = stack.split(";")
+        if any(w in frames[-1] for w in WAITING):
+            waiting += n
+            continue
         thread = frames[0].split(": ", 1)[-1] if frames[0].startswith("thread") else "?"
         total += n
         stages[stage_of(frames[1:])] = stages.get(stage_of(frames[1:]), 0) + n
@@ -164,8 +172,9 @@ def summarize_profile(raw: Path) -> dict:
 
     return {
         "samples": total,
+        "waiting_samples_left_out": waiting,
         "stages": shares(stages),
-        "threads": shares(threads),
+        "threads": shares(threads, 6),
         "top_functions": shares(leaves, 12),
     }
 
