@@ -61,16 +61,16 @@ def make_line(i: int, tag: str = "bench") -> bytes:
     return head + b"x" * (LINE - 1 - len(head)) + b"\n"
 
 
-def metrics(port: int) -> dict[str, float]:
-    """Scalar metrics of the agent's Prometheus page."""
+def metrics(port: int, labels: bool = False) -> dict[str, float]:
+    """Scalar metrics of the agent's Prometheus page (`labels`: labelled series too, by full name)."""
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     except OSError:
         return {}
     out = {}
     for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.split()
+        if line and not line.startswith("#") and (labels or "{" not in line):
+            name, value = line.rsplit(" ", 1)
             out[name.removeprefix("keplerlog_agent_")] = float(value)
     return out
 

@@ -25,11 +25,10 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench_agent import Agent, cpu_seconds, make_line, proc_status, steady_writer
+from bench_agent import Agent, cpu_seconds, make_line, metrics, proc_status, steady_writer
 from kafka import KafkaConsumer
 from keplerlog.record import is_watermark
 from keplerlog.testing.kafka_node import KafkaCluster
@@ -42,24 +41,10 @@ SAMPLE_S = 5.0
 TAG = "outage"
 
 
-def agent_page(port: int) -> dict[str, float]:
-    """Every series of the agent's metrics page by its full name (labels included)."""
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name.removeprefix("keplerlog_agent_")] = float(value)
-    return out
-
-
 def wait_acked(port: int, target: float, timeout: float) -> float | None:
     """Seconds until the agent acknowledged more than `target` bytes; None after `timeout`."""
     t0 = time.monotonic()
-    while agent_page(port).get("bytes_acked_total", 0) <= target:
+    while metrics(port).get("bytes_acked_total", 0) <= target:
         if time.monotonic() - t0 > timeout:
             return None
         time.sleep(0.1)
@@ -140,7 +125,7 @@ def run(work: Path, outage_s: float, rate: int) -> dict[str, Any]:
         cpu0 = cpu_seconds(pid)
         samples: list[dict[str, float]] = []
         while (elapsed := time.monotonic() - down_at) < outage_s:
-            m = agent_page(agent.port)
+            m = metrics(agent.port, labels=True)
             if agent.proc.poll() is not None:
                 raise RuntimeError(f"the agent exited during the outage (code {agent.proc.returncode})")
             samples.append(
@@ -156,7 +141,7 @@ def run(work: Path, outage_s: float, rate: int) -> dict[str, Any]:
             time.sleep(min(SAMPLE_S, max(0.0, outage_s - elapsed)))
         cpu_outage = 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - down_at)
         log_size_at_restart = log.stat().st_size
-        acked_before = agent_page(agent.port).get("bytes_acked_total", 0)
+        acked_before = metrics(agent.port, labels=True).get("bytes_acked_total", 0)
         for node in cluster.nodes:
             node.start()
         cluster.wait_ready()
