@@ -161,7 +161,9 @@ class Agent:
             deadlines.append(ledger.next_checkpoint)
         for f in self.files.values():
             d = f.assembler.next_deadline()
-            if d is not None:
+            # past due with bytes still unread: the flush waits for the read (flush_timed_out),
+            # which Kafka's acks wake the loop for; waking for it now would spin while paused
+            if d is not None and (d > mono or f.at_eof):
                 deadlines.append(d)
             if f.detached:
                 deadlines.append(f.last_growth + self.cfg.limits.close_inactive_s)

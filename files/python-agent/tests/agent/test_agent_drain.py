@@ -237,7 +237,8 @@ def test_the_parts_share_one_file_table_and_one_step_ships_a_file(tmp_path, logd
 def test_a_line_is_not_cut_where_reading_paused_at_the_memory_cap(tmp_path, logdir):
     """Kafka away: the agent reads up to max_buffer_bytes, which ends mid-line, and pauses. Past
     the partial-line timeout that held piece must not be shipped as a line of its own: its end
-    is in the file, only unread (seen in the 30-minute outage bench: one line in two pieces)."""
+    is in the file, only unread (seen in the 30-minute outage bench: one line in two pieces).
+    Nor may the overdue timeout keep the paused agent busy."""
     log = logdir / "app.log"
     data = lines("paused", 20_000, width=137)  # 2.7 MB, lines that do not divide the cap
     append(log, data)
@@ -249,7 +250,10 @@ def test_a_line_is_not_cut_where_reading_paused_at_the_memory_cap(tmp_path, logd
     try:
         _wait(lambda: agent.reader.paused_memory)
         held = agent.reader.held()
+        cpu = time.process_time()
         time.sleep(0.8)  # four partial-line timeouts, nothing acknowledged
+        # and waited for the acks, not spun on the overdue timeout (97 % of a core before)
+        assert time.process_time() - cpu < 0.3
         # the fault really happened: paused with a piece of a line held, and it stayed held
         assert agent.reader.paused_memory
         assert 0 < held == agent.reader.held() < 137

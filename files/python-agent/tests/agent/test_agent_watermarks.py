@@ -742,17 +742,22 @@ def test_truncation_with_unread_bytes(tmp_path, kafka, topic, logdir, reader):
     )
     agent = AgentProcess(cfg, tmp_path / "agent.out").start()
     first, unread = lines("first", 100), lines("unread", 77)
+    # written as an application writes: through one open descriptor. A close after each write
+    # (append()) is a second inotify event that can start the agent's 5 s window before the
+    # next write, which it then does not look at before the window ends.
+    app = os.open(log, os.O_WRONLY | os.O_APPEND)
     try:
         reader.wait_for(lambda: metrics(port).get("keplerlog_agent_files_open") == 1)
-        append(log, first)  # idle file: read at once
+        os.write(app, first)  # idle file: read at once
         reader.wait_contents({str(log): [first]})
         (old,) = reader.records
-        append(log, unread)  # within 5 s of the last read: looked at (size), read later
+        os.write(app, unread)  # within 5 s of the last read: looked at (size), read later
         time.sleep(1)
         os.truncate(log, 0)
         reader.wait_for(lambda: any(w.state == "gone" for w in reader.marks_of(old)), timeout=20)
         m = metrics(port)
     finally:
+        os.close(app)
         assert agent.stop() == 0, agent.output()
     (mark,) = [w for w in reader.marks_of(old) if w.state == "gone"]
     end = len(first) + len(unread)
