@@ -189,6 +189,10 @@ def previous(part: Part, last: dict[str, Any], render: bool = False) -> dict[str
     if part.out.exists():
         entry["data"] = json.loads(part.out.read_text())
         entry["ok"] = True
+        # written by a run after the last results.json (two `--only` runs at once): its own date
+        own = str((entry["data"].get("machine") or {}).get("date") or "")
+        if own > str(last_part.get("measured") or ""):
+            entry["measured"] = own
     else:
         entry["error"] = "not run"
     return entry
