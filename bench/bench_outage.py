@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import sys
@@ -227,9 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     result["missed"] = missed(result)
     result["targets"] = {"resume_s": RESUME_TARGET_S, "rss_mb": RSS_TARGET_MB, "lost": 0, "duplicated": 0}
     result["machine"] = machine_info()
-    result["command"] = (
-        f".venv/bin/python bench/bench_outage.py --out {args.out} --outage-s {args.outage_s:.0f}"
-    )
+    out = os.path.relpath(args.out, Path(__file__).resolve().parents[1])
+    result["command"] = f".venv/bin/python bench/bench_outage.py --out {out} --outage-s {args.outage_s:.0f}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     r = result
