@@ -262,9 +262,12 @@ def test_a_line_is_not_cut_where_reading_paused_at_the_memory_cap(tmp_path, logd
         deadline = time.monotonic() + 30
         while sum(len(v) for v, _ in sender.sent) < len(data):  # Kafka is back: everything acked
             assert time.monotonic() < deadline, "not shipped after the acks"
-            for i in range(acked, len(sender.sent)):
+            # the agent thread appends to `sent` meanwhile: ack up to one length read once (a
+            # second len() could skip a record appended in between, never acked: CI saw it stall)
+            sent = len(sender.sent)
+            for i in range(acked, sent):
                 sender.ack(i)
-            acked = len(sender.sent)
+            acked = sent
             time.sleep(0.01)
     finally:
         agent.request_stop()
