@@ -306,6 +306,19 @@ def peer_ratios(data: Any) -> list[dict[str, Any]]:
     return [r for r in ratios or [] if isinstance(r, dict)]
 
 
+def _reference_ratios(ratio: dict[str, Any]) -> str:
+    """The agent over each reference run (not a peer), median (min–max); '–' when none ran."""
+    refs = ratio.get("references") or {}
+    return (
+        "; ".join(
+            f"{_num(v.get('median'), 2)} ({_num(v.get('min'), 2)}–{_num(v.get('max'), 2)}) vs {name}"
+            for name, v in sorted(refs.items())
+            if isinstance(v, dict)
+        )
+        or "–"
+    )
+
+
 def ratio_table(part: dict[str, Any]) -> list[str]:
     """Per line size: the agent's lines/s over the best peer's, round by round."""
     data = part.get("data")
@@ -322,11 +335,21 @@ def ratio_table(part: dict[str, Any]) -> list[str]:
             + (f"; rounds {r['void_rounds']} void (a tool failed)" if r.get("void_rounds") else ""),
             f">= {PEER_RATIO_TARGET}",
             "met" if (r.get("ratio_median") or 0) >= PEER_RATIO_TARGET else "**missed**",
+            _reference_ratios(r),
         ]
         for r in ratios
     ]
     lines = _table(
-        ["line size", "best peer", "agent / best peer: median (min–max)", "per round", "target", "met"], rows
+        [
+            "line size",
+            "best peer",
+            "agent / best peer: median (min–max)",
+            "per round",
+            "target",
+            "met",
+            "agent / reference (one partition, as the agent)",
+        ],
+        rows,
     )
     lines += [
         "",

@@ -64,6 +64,8 @@ class Peer:
     mode = "tail"
     lines_in_headers = False  # True when one record carries many lines (kepler-log)
     notes = ""
+    # A reference is shown and compared with, but is not a peer: it never is the best peer.
+    reference = False
 
     def missing(self) -> str:
         """Why the tool cannot run here ('' when it can)."""
@@ -89,6 +91,7 @@ class Kcat(Peer):
     name = "kcat"
     mode = "file"
     notes = f"kcat -P -l, lz4, acks=all, linger {LINGER_MS} ms; reads the file, no tailing"
+    extra_args: tuple[str, ...] = ()
 
     def missing(self) -> str:
         return "" if shutil.which("kcat") else "kcat not installed (scripts/bench-deps.sh)"
@@ -113,10 +116,28 @@ class Kcat(Peer):
             "acks=all",
             "-X",
             f"linger.ms={LINGER_MS}",
+            *self.extra_args,
             "-l",
             str(spec.workload),
         ]
         return Tool(cmd, spec.workdir / "kcat.log", cpu=spec.cpu)
+
+
+class KcatOneKey(Kcat):
+    """kcat with every line under one key: one partition, as the agent sends one file's lines.
+
+    The agent keys a record by `{service}/{module}` (the consumer's day file, its per-source
+    dedup and audit), so one file's lines share one partition and, with kafka-python's
+    idempotent producer, one batch in flight. kcat spreads keyless lines over every partition
+    (librdkafka, up to 5 batches in flight each). This run tells how much of the gap to kcat is
+    that spread rather than the agent's own cost.
+    """
+
+    name = "kcat-1key"
+    reference = True
+    notes = "kcat as above with one fixed key (-k): every line to one partition, as the agent's key; a reference, not a peer"
+
+    extra_args = ("-k", "bench/peers")
 
 
 class Rsyslog(Peer):
@@ -302,4 +323,4 @@ class KeplerlogAgent(Peer):
         return lambda: acked_lines(spec.metrics_port)
 
 
-ALL: dict[str, Peer] = {p.name: p for p in (KeplerlogAgent(), Kcat(), Rsyslog(), Flume())}
+ALL: dict[str, Peer] = {p.name: p for p in (KeplerlogAgent(), Kcat(), KcatOneKey(), Rsyslog(), Flume())}
