@@ -151,9 +151,44 @@ def _mark(item: dict[str, Any], offset: int) -> TailMark:
     return TailMark(offset, length, str(item.get("tail", ""))) if length else TailMark()
 
 
+class StateFile:
+    """Writes the state file, encoding again only the entries that changed since the last write.
+
+    The agent checkpoints once a second while anything is acknowledged, and the state holds
+    every known file, closed ones included. Encoding all of them every time made the cost of
+    one busy file grow with the number of idle ones (10,000 known files: 40-70 ms a
+    checkpoint, most of the agent's CPU). Each entry's JSON is kept with the state it was made
+    from and reused while that state is unchanged. The bytes are those of `json.dumps` of the
+    whole document with sorted keys and compact separators, as before.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: dict[str, tuple[FileState, bytes]] = {}
+
+    def encode(self, files: list[FileState]) -> bytes:
+        """Return the state file's bytes for `files` (a later state of one file id wins)."""
+        old, entries = self._entries, {}
+        for state in files:
+            hit = old.get(state.file_id)
+            if hit is None or hit[0] is not state:
+                if hit is not None and hit[0] == state and hit[0].seen == state.seen:
+                    hit = (state, hit[1])  # an equal copy: next time `is` answers
+                else:
+                    key = json.dumps(state.file_id)
+                    body = json.dumps(state.to_json(), separators=(",", ":"), sort_keys=True)
+                    hit = (state, f"{key}:{body}".encode())
+            entries[state.file_id] = hit
+        self._entries = entries  # forgotten files leave the cache with the state
+        body = b",".join(entries[file_id][1] for file_id in sorted(entries))
+        return b'{"files":{%s},"version":%d}' % (body, STATE_VERSION)
+
+    def save(self, files: list[FileState]) -> None:
+        """Atomically and durably replace the state file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, self.encode(files), mode=0o640)
+
+
 def save(path: Path, files: list[FileState]) -> None:
-    """Atomically and durably replace the state file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"version": STATE_VERSION, "files": {f.file_id: f.to_json() for f in files}}
-    data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-    atomic_write(path, data, mode=0o640)
+    """Atomically and durably replace the state file (one write; see `StateFile`)."""
+    StateFile(path).save(files)

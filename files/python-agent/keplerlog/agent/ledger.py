@@ -59,6 +59,7 @@ class Ledger:
         self.metrics: AgentMetrics
         self.files = files
         self.inflight = 0  # bytes sent, not yet acknowledged or failed
+        self.state_file = checkpoint.StateFile(cfg.state_file)  # re-encodes changed entries only
         self.last_state: list[checkpoint.FileState] | None = None
         self.acked_unsaved = False  # an ack advanced since the last checkpoint
         self.next_checkpoint = 0.0
@@ -190,7 +191,7 @@ class Ledger:
             self.acked_unsaved = False
             return
         try:
-            checkpoint.save(self.cfg.state_file, states)
+            self.state_file.save(states)
         except OSError as exc:
             self.counters.errors += 1
             log.error("cannot write state file %s: %s", self.cfg.state_file, exc)

@@ -420,6 +420,47 @@ def test_checkpoint_atomic_round_trip_and_corrupt_file(tmp_path):
     assert checkpoint.load(tmp_path / "none.json") == {}
 
 
+def test_state_file_reencodes_only_changed_entries_and_writes_what_json_dumps_wrote(tmp_path):
+    """The state file's bytes stay those of json.dumps of the whole document (sorted keys,
+    compact), while a checkpoint encodes only the entries whose state changed."""
+    import dataclasses
+
+    dumps = json.dumps  # bound before the count below replaces it
+
+    def reference(states):
+        doc = {"version": 1, "files": {s.file_id: s.to_json() for s in states}}
+        return dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+    states = [
+        checkpoint.FileState(f"id{i:03d}", f"/l/ä{i}.log", 1, i, 10, "abc", i * 7, seen=i * 9, module="m")
+        for i in range(300, 0, -1)  # not in id order
+    ]
+    mark = TailMark.of(b"y" * 256, 300)
+    odd = checkpoint.FileState('x"q', "/l/\u2028.log", 1, 9, 10, "abc", 300, mark=mark)
+    states.append(odd)
+    writer = checkpoint.StateFile(tmp_path / "s.json")
+    assert writer.encode(states) == reference(states)
+    encoded = []
+    real_dumps = checkpoint.json.dumps
+    checkpoint.json.dumps = lambda *a, **k: encoded.append(a) or real_dumps(*a, **k)
+    try:
+        # unchanged, or an equal copy (the file set replaces closed states): nothing encoded
+        copies = [dataclasses.replace(s) for s in states]
+        assert writer.encode(copies) == reference(states) and not encoded
+        # an offset, a `seen` alone (not compared by ==), a forgotten file, a new file
+        changed = list(copies)
+        changed[0] = dataclasses.replace(changed[0], offset=changed[0].offset + 1)
+        changed[1] = dataclasses.replace(changed[1], seen=10**9)
+        del changed[2]
+        changed.append(checkpoint.FileState("new", "/l/new.log", 1, 999, 10, "abc", 1))
+        assert writer.encode(changed) == reference(changed)
+        assert len(encoded) == 2 * 3  # key and body of the three changed or new entries
+    finally:
+        checkpoint.json.dumps = real_dumps
+    writer.save(changed)
+    assert checkpoint.load(tmp_path / "s.json") == {s.file_id: s for s in changed}
+
+
 # -- watch and metrics -----------------------------------------------------------------------
 
 
