@@ -516,8 +516,11 @@ def files_table(part: dict[str, Any]) -> list[str]:
         rows,
     )  # fmt: skip
     met = data.get("met", {})
+    last = (data.get("rows") or [{}])[-1]
     out.append("")
     out.append(
+        f"Idle CPU over {_num(last.get('idle_seconds') or last.get('seconds'))} s (whole periods of the "
+        f"agent's safety-net rescan), the rest over {_num(last.get('seconds'))} s. "
         "Targets: idle CPU ≤ {} % of a core at the largest size ({}), RSS ≤ {} MB ({}), new-file delay ≤ {} s ({}).".format(
             t.get("idle_cpu_percent"),
             "met" if met.get("idle_cpu_percent") else "**missed**",
