@@ -210,7 +210,10 @@ class FileSet:
             )
         self.waiting = waiting
         if self.watched_all and not waiting:
-            self.next_scan = mono + RESCAN_WATCHED_S
+            # idle files are closed at a rescan (_close_idle): a close_idle_s shorter than the
+            # safety net's period shortens the period, or a file would stay open 30 s too long
+            idle_s = self.cfg.limits.close_idle_s
+            self.next_scan = mono + (min(RESCAN_WATCHED_S, idle_s) if idle_s else RESCAN_WATCHED_S)
         if self.saved:
             # Saved files a glob still matches that got no descriptor slot have not moved: they
             # wait like files closed for idleness (resumed by identity, kept in the state file),
