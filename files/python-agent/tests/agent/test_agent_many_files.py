@@ -305,3 +305,27 @@ def test_a_restart_with_more_known_files_than_slots_keeps_to_the_limit(tmp_path,
 def first_offset(first, ids, file_id: str) -> int:
     (path,) = [p for p in first if ids[str(p)] == file_id]
     return first[path]
+
+
+@pytest.mark.parametrize(("close_idle_s", "period"), [(300, 30.0), (1, 1.0), (0, 30.0)])
+def test_the_watched_rescan_period_is_30_s_unless_close_idle_s_is_shorter(
+    tmp_path, logdir, close_idle_s, period
+):
+    """Every directory watched: the safety-net rescan runs every RESCAN_WATCHED_S (30 s), not every
+    second. Idle files are closed at a rescan, so a shorter close_idle_s shortens the period (a
+    1 s close_idle_s waited 30 s for its close); 0 (never close) leaves it at 30 s."""
+    from keplerlog.agent.fileset import RESCAN_WATCHED_S
+
+    append(logdir / "app.log", lines("x", 3))
+    agent, _ = in_process(tmp_path, logdir, auto_ack=True, close_idle_s=close_idle_s)
+    try:
+        mono = time.monotonic()
+        agent.fileset.scan(mono)
+        assert agent.fileset.watched_all and not agent.fileset.waiting
+        assert RESCAN_WATCHED_S == 30.0
+        assert agent.fileset.next_scan == pytest.approx(mono + period)
+    finally:
+        for f in agent.files.values():
+            f.close()
+        agent.watcher.close()
+        agent.waker.close()
