@@ -876,14 +876,15 @@ def test_every_line_exactly_once_in_the_right_file():
         assert got["missing"] == 0, got
         assert got["duplicated"] == 0, got
         assert got["total"] == got["window"] == hi, got
-        # Reported, not asserted yet: every line of the service's files (stack-trace and probe
-        # lines too) against the central files, as a multiset. Two runs (one in CI) missed one
-        # line while every seq and every byte arrived; the second named it, `portal.log.4:1: b''`:
-        # an empty rotated file, which LINE_COUNTS counted as one empty line (fixed there).
+        # Every line of the service's files (stack-trace and probe lines too) against the central
+        # files, as a multiset. Two runs (one in CI) once missed one line while every seq and byte
+        # arrived: `portal.log.4:1: b''`, an empty rotated file that LINE_COUNTS counted as one
+        # empty line (fixed there).
         lines, diff = line_difference(svc)
         print(
             f"lines: {lines} in the service's files; " + ("; ".join(diff) or "the same in the central files")
         )
+        assert lines > 0 and not diff, diff
     # the other service's lines never land in this service's file: both numberings start at 1, so
     # a stray line would show up above as a duplicate or beyond `hi` (total != window)
     text = consumer_metrics()
