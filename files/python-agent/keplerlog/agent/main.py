@@ -196,7 +196,7 @@ class Agent:
             if ledger.inflight:
                 self.watcher.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         ledger.results()
-        self.watermarks.final()  # after the last acks; may apply late ones: checkpointed next
+        self.watermarks.final(deadline)  # after the last acks; may apply late ones: checkpointed next
         ledger.checkpoint(self.fileset.closed, final=True)
         pending, unread = ledger.unacknowledged()
         if pending:

@@ -40,8 +40,9 @@ log = logging.getLogger("keplerlog.agent")  # one logger for the agent loop (see
 Range = tuple[int, int, str]  # [start, end) of a file id's bytes and why they were lost
 Account = tuple[int, int, str, tuple[Range, ...]]  # seen, acked, state, lost: what a mark says
 
-# At shutdown, how long the last watermarks may wait for their acks (when no data is still in
-# flight: then Kafka is slow or away and the producer's close gets the only chance).
+# At shutdown, the least time the last watermarks may wait for their acks (they get what is left
+# of the shutdown budget when that is more; when data is still in flight, Kafka is slow or away
+# and the producer's close gets the only chance).
 FINAL_WAIT_S = 1.0
 # Ended file ids whose last account waits for Kafka (an outage while files rotate away): past
 # this many, the oldest is dropped, logged (its last watermark then says less than it could,
@@ -386,11 +387,13 @@ class Watermarks:
         self.book.forget(file_id)
         self.said.pop(file_id, None)
 
-    def final(self) -> None:
+    def final(self, deadline: float = 0.0) -> None:
         """At shutdown, after the last acks: one last watermark per followed file (best effort).
 
         Sent even when unchanged (it tells where this run stopped), plus the pending news;
-        waits at most FINAL_WAIT_S for them, and not at all while data is still unacknowledged.
+        waits for them until the shutdown's `deadline` (monotonic) but at least FINAL_WAIT_S (a
+        fixed second missed the last mark of a busy CI machine), and not at all while data is
+        still unacknowledged.
         """
         ledger = self.ledger
         if not self.enabled or not ledger.sender.connected:
@@ -402,5 +405,5 @@ class Watermarks:
         self.hold_until = 0.0
         self._pass_news(mono)
         if ledger.inflight == 0:
-            ledger.sender.flush(timeout=FINAL_WAIT_S)
+            ledger.sender.flush(timeout=max(FINAL_WAIT_S, deadline - time.monotonic()))
             ledger.results()

@@ -218,6 +218,66 @@ def test_start_at_end_is_the_first_byte_across_a_restart(tmp_path, logdir):
     assert [(m.first, m.acked) for m in s.marks] == [(len(before), log.stat().st_size)]
 
 
+class _SlowKafka(FakeSender):
+    """A Kafka that takes ACK_S to acknowledge a watermark: a flush given less gets no ack."""
+
+    ACK_S = 2.5
+
+    def __init__(self, wake) -> None:
+        super().__init__(wake, auto_ack=False)
+        self.delivered: list[Watermark] = []
+
+    def flush(self, timeout: float) -> bool:
+        if timeout < self.ACK_S:
+            time.sleep(timeout)
+            return False
+        time.sleep(self.ACK_S)
+        self.delivered.extend(self.marks[len(self.marks) - len(self.mark_tokens) :])
+        self.ack_marks()
+        return True
+
+
+def test_the_last_watermark_waits_for_its_ack_within_the_shutdown_budget(tmp_path, logdir):
+    """A slow Kafka (2.5 s per ack) at shutdown: the last watermark is acknowledged, since it
+    may wait for what is left of the 5 s shutdown budget (it had one fixed second, and a busy
+    CI machine once missed the last mark)."""
+    log = logdir / "a.log"
+    data = lines("a", 100)
+    append(log, data)
+    agent, _ = in_process(
+        tmp_path,
+        logdir,
+        auto_ack=False,
+        watermarks={"interval_s": 0.2, "refresh_s": 60},
+        shutdown_timeout_s=5,
+    )
+    sender = _SlowKafka(agent.waker.wake)
+    agent.sender = sender  # type: ignore[assignment]
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(sender.sent) != 1:
+            assert time.monotonic() < deadline, "the agent sent nothing"
+            time.sleep(0.02)
+        sender.ack(0)
+        while not any(m.acked == len(data) for m in sender.marks):
+            assert time.monotonic() < deadline, "no watermark claims the acknowledged bytes"
+            sender.ack_marks()
+            time.sleep(0.02)
+        sender.ack_marks()
+        before = len(sender.marks)
+        stop_ms = time.time_ns() // 1_000_000
+    finally:
+        agent.request_stop()
+        thread.join(15)
+    assert not thread.is_alive()
+    last = sender.marks[-1]
+    assert len(sender.marks) == before + 1 and last.ts_ms >= stop_ms  # the stop's own mark was sent
+    assert (last.acked, last.seen) == (len(data), len(data))
+    assert sender.delivered == [last], "the last watermark was not acknowledged before the agent stopped"
+
+
 # -- what a watermark claims, and when -------------------------------------------------------
 
 
