@@ -697,6 +697,7 @@ def test_watermarks_off_send_nothing_but_lost_bytes_are_still_counted(tmp_path, 
         append(log, lines("unread", 10))
         f.refresh(time.monotonic())
         os.truncate(log, 0)
+        agent.reader.dirty.add(str(log))  # inotify named the write
         agent.reader.read_all(time.time(), time.monotonic())
         agent.ledger.results()
         agent.watermarks.step(time.monotonic() + 3600)
@@ -736,6 +737,19 @@ def _check_order(reader, file_id: str) -> None:
         )
 
 
+def _ms_before_stop() -> int:
+    """Return the wall clock in ms once the clock has moved past it.
+
+    The agent's last watermark, stamped by the stop that follows, is then later (>) however
+    fast the agent stops: it once stopped within the same millisecond, and a test waiting for
+    a mark later than the stop waited in vain.
+    """
+    now = time.time_ns() // 1_000_000
+    while time.time_ns() // 1_000_000 <= now:
+        time.sleep(0.0005)
+    return now
+
+
 def _agent_with_frequent_watermarks(tmp_path, kafka, topic, logdir, **over) -> AgentProcess:
     """The agent following logdir/*.log, a watermark every 0.5 s (a refresh every 3 s), started;
     `over`: more configuration sections."""
@@ -762,7 +776,7 @@ def test_a_clean_run(tmp_path, kafka, topic, logdir, reader):
         (fid,) = reader.records
         reader.wait_for(lambda: any(m.acked == len(data) for m in reader.marks_of(fid)))
         time.sleep(5)  # ten intervals with nothing new: a refresh (3 s), not ten watermarks
-        stop_ms = time.time_ns() // 1_000_000
+        stop_ms = _ms_before_stop()
         m = metrics(port)
     finally:
         assert agent.stop() == 0, agent.output()
@@ -960,7 +974,7 @@ def test_records_deleted_from_the_topic_before_the_consumer_read_them(tmp_path, 
         data = b"".join(parts)
         reader.wait_contents({str(log): [data]})
         reader.wait_for(lambda: any(w.acked == len(data) for w in reader.marks_of(fid)))
-        stop_ms = time.time_ns() // 1_000_000
+        stop_ms = _ms_before_stop()
     finally:
         assert agent.stop() == 0, agent.output()
     reader.wait_for(lambda: any(w.ts_ms > stop_ms for w in reader.marks_of(fid)))  # the last one
