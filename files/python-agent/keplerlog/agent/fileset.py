@@ -24,6 +24,7 @@ import logging
 import os
 import resource
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,10 +136,14 @@ class FileSet:
         self.fresh_start = not self.saved and not cfg.state_file.exists()
         self.next_scan = 0.0
         self._warned: set[str] = set()
+        # Bumped whenever the followed files change (a scan, a file opened, split off, retired):
+        # the reader's index of which files need a look is then rebuilt by a pass over all.
+        self.generation = 0
 
     def scan(self, mono: float) -> None:
         """Match the globs; open new files; mark files whose path moved on as detached."""
         self.next_scan = mono + RESCAN_S
+        self.generation += 1
         self._close_idle(mono)
         dirs = self.watch_dirs
         if not self._can_list(dirs):
@@ -283,6 +288,7 @@ class FileSet:
         self.closed[key] = checkpoint.state_of(f)  # reads its mark: before the close
         f.close()
         del self.files[key]
+        self.generation += 1
         if f.detached:
             self.finished.add(key)
         else:
@@ -337,6 +343,7 @@ class FileSet:
         )
         f.detached = detached
         self.files[key] = f
+        self.generation += 1
         if self._by_path is not None:
             self._by_path[path] = f
         self.counters.files_opened += 1
@@ -382,6 +389,7 @@ class FileSet:
         )
         f.detached = True
         self.files[key] = f
+        self.generation += 1
         self.copies.discard(key)
         self.counters.files_opened += 1
         log.info(
@@ -451,10 +459,17 @@ class FileSet:
                     log.info("%s was rotated to %s %s; finishing it", state.path, entry.path, why)
                     self.open(entry.path, inp, mono, detached=True)
 
-    def finish_detached(self, mono: float) -> None:
-        """Close rotated/deleted files once read to the end, quiet, and fully acknowledged."""
-        for key, f in list(self.files.items()):
-            if not f.detached or not f.at_eof or f.idle_for(mono) < self.cfg.limits.close_inactive_s:
+    def finish_detached(self, mono: float, keys: Iterable[FileKey] | None = None) -> None:
+        """Close rotated/deleted files once read to the end, quiet, and fully acknowledged.
+
+        Of the files `keys` names (the reader's `looking()`: every detached file is among them,
+        so a loop step does not visit every open file), or of all.
+        """
+        for key in list(self.files if keys is None else keys):
+            f = self.files.get(key)
+            if f is None or not f.detached or not f.at_eof:
+                continue
+            if f.idle_for(mono) < self.cfg.limits.close_inactive_s:
                 continue
             if not f.finishing:
                 f.finishing = True
@@ -470,6 +485,7 @@ class FileSet:
         copy, under the old id and offsets: nothing lost, no gap, no duplicate.
         """
         self.counters.truncations += 1
+        self.generation += 1
         old = f.stream
         offset, seen = f.read_offset, f.prev_size
         # the bytes before the read offset tell the copy from an older rotation with the same start

@@ -116,7 +116,7 @@ class Agent:
             fileset.scan(mono)
         reader.read_all(wall, mono)
         reader.flush_timed_out(wall, mono)
-        fileset.finish_detached(mono)
+        fileset.finish_detached(mono, [key for key, _ in reader.looking()])
         if mono >= ledger.next_checkpoint:
             ledger.checkpoint(fileset.closed)
             ledger.next_checkpoint = mono + self.cfg.limits.checkpoint_interval_ms / 1000
@@ -159,7 +159,7 @@ class Agent:
         if ledger.inflight or ledger.acked_unsaved or ledger.last_state is None:
             # an idle agent sleeps long: wake for the checkpoint of its last acks too
             deadlines.append(ledger.next_checkpoint)
-        for f in self.files.values():
+        for _, f in self.reader.looking():  # the files with a deadline are among them
             d = f.assembler.next_deadline()
             # past due with bytes still unread: the flush waits for the read (flush_timed_out),
             # which Kafka's acks wake the loop for; waking for it now would spin while paused

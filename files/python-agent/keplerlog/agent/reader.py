@@ -2,7 +2,8 @@
 
 Filebeat calls this part the harvester (one per file there; one loop over all files here, as
 the agent has a single reading thread). It owns what the agent reads and when: which files a
-pass looks at (those inotify named, `dirty`, or all of them in a `sweep`), the truncation and
+pass looks at (those inotify named, `dirty`, and those not done, `busy`; or all of them in a
+`sweep`), the truncation and
 rewrite checks that must come before reading bytes that may belong to a new file, the memory
 budget (`max_buffer_bytes` minus the ledger's bytes in flight and the assemblers' held bytes),
 and the timed flushes of partial lines and multiline events. Everything read goes straight to
@@ -10,6 +11,10 @@ the ledger; a truncation is handed to the file set, which owns identities.
 
 The pass is the agent's hot path (hundreds of thousands of lines a second): the per-file loop
 keeps its lookups in locals and does nothing per file that the old single-class loop did not.
+With thousands of files open and one of them busy, a pass (and the loop's timeout, the timed
+flushes and the finishing of rotated files) costs what changed, not what is open: only a sweep
+visits every open file, and sweeps are periodic (FINGERPRINT_SWEEP_WATCHED_S) or follow a change
+of the file set.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from keplerlog.agent.config import AgentConfig
 from keplerlog.agent.fileset import FileSet
@@ -58,13 +63,69 @@ class Reader:
         # (no inotify, lost events, a file outside a watched directory, the periodic check).
         self.dirty: set[str] = set()
         self.sweep = True
+        # The open files a pass must look at although inotify named none of them: not read to
+        # their end, holding a partial line or an open event, detached, a rewrite to confirm,
+        # or in a directory inotify does not watch. Exact after a sweep (rebuilt), kept up to
+        # date for every file a pass looks at; stale once the file set changed (`generation`),
+        # which makes the next pass a sweep.
+        self.busy: set[FileKey] = set()
+        self._names: dict[FileKey, tuple[str, str]] = {}  # as inotify names it, and its directory
+        self._by_name: dict[str, list[FileKey]] = {}
+        self._generation = -1  # the file set's generation `busy` and the names were built for
         self.next_fp_check = 0.0
         self.last_read = 0.0
         self.paused_memory = False  # the last read pass stopped at the buffer budget
 
     def held(self) -> int:
         """Bytes read but held by the assemblers (partial lines, open multiline events)."""
-        return sum(f.assembler.held for f in self.files.values())
+        return sum(f.assembler.held for _, f in self.looking())
+
+    def looking(self) -> Iterator[tuple[FileKey, TailedFile]]:
+        """Yield the open files that may have work or a deadline: `busy`, or all if it is stale."""
+        files = self.files
+        if self._generation != self.fileset.generation:
+            yield from list(files.items())
+            return
+        for key in list(self.busy):
+            f = files.get(key)
+            if f is not None:
+                yield key, f
+
+    def _index(self) -> None:
+        """Name every open file as inotify names it, at a sweep.
+
+        Every file is `busy` until the sweep's visit finds it done: a sweep cut short (at the
+        memory cap) leaves the rest busy.
+        """
+        norm_dir = self.fileset.norm_dir
+        self._names = {key: norm_dir(f.path) for key, f in self.files.items()}
+        by_name: dict[str, list[FileKey]] = {}
+        for key, (norm, _) in self._names.items():
+            by_name.setdefault(norm, []).append(key)
+        self._by_name = by_name
+        self.busy = set(self._names)
+        self._generation = self.fileset.generation
+
+    def _to_look_at(self, sweep: bool, dirty: set[str], named: set[str]) -> list[tuple[FileKey, TailedFile]]:
+        """Return the files a pass visits.
+
+        All of them in a sweep; else the `busy` ones and those inotify named in `dirty` (the
+        names found are added to `named`).
+        """
+        files = self.files
+        by_name = self._by_name
+        if sweep:
+            self._index()
+            by_name = self._by_name
+            named.update(n for n in dirty if n in by_name)
+            return list(files.items())
+        keys = set(self.busy)
+        for norm in dirty:
+            found = by_name.get(norm)
+            if found:
+                named.add(norm)
+                keys.update(found)
+        return [(k, f) for k in keys if (f := files.get(k)) is not None]
 
     def read_all(self, wall: float, mono: float, *, draining: bool = False) -> None:
         """Read every file that grew, round-robin, until nothing is left or the budget is spent.
@@ -80,25 +141,35 @@ class Reader:
             sweep_s = FINGERPRINT_SWEEP_WATCHED_S if fileset.watched_all else FINGERPRINT_CHECK_S
             self.next_fp_check = mono + sweep_s
         sweep = draining or check_fp or self.sweep or not fileset.watched_all
+        sweep = sweep or self._generation != fileset.generation
         dirty, self.dirty, self.sweep = self.dirty, set(), False
         self.paused_memory = False
         named: set[str] = set()
-        files, counters, send = self.files, self.counters, ledger.send
-        norm_dir, watches = fileset.norm_dir, self.watcher.watches
+        counters, send = self.counters, ledger.send
+        watches = self.watcher.watches
         max_buffer_bytes = self.cfg.limits.max_buffer_bytes
         progress = True
         while progress and (draining or not self._stopping()):
             progress = False
             ledger.results()
+            sweep = sweep or self._generation != fileset.generation  # e.g. a copy split off
             held = self.held()  # kept up to date below: O(1) per file, not O(files)
-            for f in list(files.values()):
-                norm, directory = norm_dir(f.path)
-                if norm in dirty:
-                    named.add(norm)
-                elif (
-                    not sweep and f.at_eof and not f.detached and f.rewrite_due is None and watches(directory)
+            look = self._to_look_at(sweep, dirty, named)
+            busy, names = self.busy, self._names
+            for key, f in look:
+                norm, directory = names[key]
+                watched = watches(directory)
+                if (
+                    not sweep
+                    and f.at_eof
+                    and not f.detached
+                    and f.rewrite_due is None
+                    and watched
+                    and norm not in dirty
                 ):
-                    continue  # read to its end and inotify reported no write since
+                    if not f.assembler.held:
+                        busy.discard(key)  # its held bytes were flushed by their timeout
+                    continue  # busy for its held bytes only: read to its end, no write since
                 try:
                     changed = f.refresh(mono)
                     # Check the content before reading bytes that may belong to a new file.
@@ -109,30 +180,35 @@ class Reader:
                 except OSError as exc:
                     counters.errors += 1
                     log.error("%s: %s", f.path, exc)
+                    busy.add(key)
                     continue
                 budget = max_buffer_bytes - ledger.inflight - held
                 if budget <= 0:
                     self.sweep = True  # files not looked at yet may have had write events
                     self.paused_memory = True
                     return
-                if f.at_eof:
-                    continue
-                split_before = f.assembler.lines_split
-                held_before = f.assembler.held
-                try:
-                    chunks, nbytes, nlines = f.read(budget, wall, mono)
-                except OSError as exc:
-                    counters.errors += 1
-                    log.error("%s: read failed: %s", f.path, exc)
-                    continue
-                counters.lines_split += f.assembler.lines_split - split_before
-                held += f.assembler.held - held_before
-                if nbytes:
-                    progress = True
-                    self.last_read = mono
-                    counters.bytes_read += nbytes
-                    counters.lines_read += nlines
-                    send(f, f.stream, chunks)
+                if not f.at_eof:
+                    split_before = f.assembler.lines_split
+                    held_before = f.assembler.held
+                    try:
+                        chunks, nbytes, nlines = f.read(budget, wall, mono)
+                    except OSError as exc:
+                        counters.errors += 1
+                        log.error("%s: read failed: %s", f.path, exc)
+                        busy.add(key)
+                        continue
+                    counters.lines_split += f.assembler.lines_split - split_before
+                    held += f.assembler.held - held_before
+                    if nbytes:
+                        progress = True
+                        self.last_read = mono
+                        counters.bytes_read += nbytes
+                        counters.lines_read += nlines
+                        send(f, f.stream, chunks)
+                if f.at_eof and not f.detached and f.rewrite_due is None and watched and not f.assembler.held:
+                    busy.discard(key)  # done until inotify names it again (or a sweep)
+                else:
+                    busy.add(key)
                 if time.monotonic() >= ledger.send_backoff_until > mono:
                     self.sweep = True
                     return
@@ -154,12 +230,21 @@ class Reader:
             return
         fileset = self.fileset
         named_only = fileset.watched_all and not self.sweep  # neither changes in this loop
-        for f in list(self.files.values()):
+        files = self.files
+        look = list(files.items())
+        if named_only and self._generation == fileset.generation:
+            keys = set(self.busy)  # the files in unwatched directories among them
+            for norm in self.dirty:
+                keys.update(self._by_name.get(norm, ()))
+            look = [(k, f) for k in keys if (f := files.get(k)) is not None]
+        for key, f in look:
             if named_only and not self._written(f.path, self.dirty):
                 continue
             try:
                 if f.truncated(f.refresh(mono)):
                     fileset.truncated(f, mono)
+                elif not f.at_eof:
+                    self.busy.add(key)  # seen grown: the next pass reads it
             except OSError as exc:
                 self.counters.errors += 1
                 log.error("%s: %s", f.path, exc)
@@ -173,7 +258,7 @@ class Reader:
         in two pieces; it is read whole once reading goes on.
         """
         send = self.ledger.send
-        for f in list(self.files.values()):
+        for _, f in self.looking():
             if not f.assembler.held or not f.assembler.due(wall, mono):
                 continue
             try:

@@ -203,6 +203,56 @@ def test_only_files_inotify_names_are_looked_at(tmp_path, logdir, monkeypatch):
     assert looks["n"] < 1000, f"{looks['n']} file looks for 40 writes to one file"
 
 
+def test_a_loop_step_visits_the_files_that_changed_not_every_open_one(tmp_path, logdir, monkeypatch):
+    """300 quiet files next to one busy one: the read pass, the held-bytes sum, the timed
+    flushes, the loop's timeout and the finishing of rotated files visit the busy file, not
+    all 301 on every wake-up (a visit: asking a file whether it is read to its end, or what its
+    assembler holds). A sweep still visits every file, every FINGERPRINT_SWEEP_WATCHED_S.
+    """
+    from keplerlog.agent.assembler import Assembler
+    from keplerlog.agent.tailer import TailedFile
+
+    for i in range(300):
+        append(logdir / f"quiet-{i:03d}.log", lines(f"q{i}", 2))
+    busy = logdir / "busy.log"
+    append(busy, lines("busy", 1))
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True, read_coalesce_ms=20)
+    thread = _run(agent)
+    visits = {"n": 0}
+    at_eof, held = TailedFile.at_eof.fget, Assembler.held.fget
+
+    def counted(getter):
+        def get(self):
+            visits["n"] += 1
+            return getter(self)
+
+        return property(get)
+
+    try:
+        total = sum(p.stat().st_size for p in logdir.iterdir())
+        _wait(lambda: sum(len(v) for v, _ in sender.sent) == total, "initial files not shipped")
+        time.sleep(1.5)  # past the first rescan and sweep
+        monkeypatch.setattr(TailedFile, "at_eof", counted(at_eof))
+        monkeypatch.setattr(Assembler, "held", counted(held))
+        sweeps = agent.reader.next_fp_check
+        for n in range(40):  # 40 writes, 50 ms apart: about 40 wake-ups
+            append(busy, lines(f"more{n}", 1))
+            time.sleep(0.05)
+        total = sum(p.stat().st_size for p in logdir.iterdir())
+        _wait(lambda: sum(len(v) for v, _ in sender.sent) == total, "busy file not shipped")
+        swept = agent.reader.next_fp_check != sweeps
+        looked = visits["n"]  # not the shutdown's: it reads every file to its end
+    finally:
+        agent.request_stop()
+        thread.join(10)
+    assert agent.fileset.watched_all  # the fault condition: every file is in a watched directory
+    assert agent.counters.lines_read >= 300 + 41  # every write was read
+    # every-file visits would be > 40 wake-ups x 301 files x 3 loops = 36,000; a periodic
+    # sweep (which visits all 301 a few times) may fall inside the window
+    limit = 40 * 30 + (2000 if swept else 0)
+    assert looked < limit, f"{looked} file visits for 40 writes to one file (swept: {swept})"
+
+
 def test_a_glob_through_subdirectories_is_still_looked_at_every_second(tmp_path, logdir):
     """Writes to files in subdirectories are not named by the base directory's inotify watch."""
     sub = logdir / "svc"
