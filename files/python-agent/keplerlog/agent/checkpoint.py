@@ -82,10 +82,25 @@ def state_of(f: TailedFile) -> FileState:
     """Return what the state file keeps of a followed file: identity and *acknowledged* offset.
 
     Never the read offset: a restart must re-send whatever was in flight (at-least-once).
+    The state built last time is returned again while it is exact (same id, acknowledged
+    offset, size seen and start): a checkpoint of one busy file among a thousand open ones
+    builds one state, and the unchanged ones compare and encode by identity.
     """
     ident = f.stream.identity
     acked = f.stream.acks.acked
-    return FileState(
+    seen = max(f.size, acked)
+    last = f.saved_state
+    if (
+        last is not None
+        and last.offset == acked
+        and last.seen == seen
+        and last.file_id == ident.file_id
+        and last.first == f.stream.first
+        and last.path == f.path
+        and (last.mark.length or not acked)  # a mark that could not be read is tried again
+    ):
+        return last
+    f.saved_state = FileState(
         file_id=ident.file_id,
         path=f.path,
         dev=ident.dev,
@@ -94,10 +109,11 @@ def state_of(f: TailedFile) -> FileState:
         fp_hash=ident.fingerprint.digest,
         offset=acked,
         first=f.stream.first,
-        seen=max(f.size, acked),
+        seen=seen,
         module=f.inp.module,
         mark=f.acked_mark(),
     )
+    return f.saved_state
 
 
 def load(path: Path, *, first_unknown_at_offset: bool = False) -> dict[str, FileState]:
@@ -165,23 +181,39 @@ class StateFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._entries: dict[str, tuple[FileState, bytes]] = {}
+        # The entries' bytes in file id order, and each id's place: while the set of ids stays
+        # the same, a changed entry replaces its bytes in place (no sort, no lookup per entry).
+        self._blobs: list[bytes] = []
+        self._place: dict[str, int] = {}
 
     def encode(self, files: list[FileState]) -> bytes:
         """Return the state file's bytes for `files` (a later state of one file id wins)."""
         old, entries = self._entries, {}
+        same_ids = True
+        changed: list[str] = []
         for state in files:
-            hit = old.get(state.file_id)
+            file_id = state.file_id
+            hit = old.get(file_id)
             if hit is None or hit[0] is not state:
                 if hit is not None and hit[0] == state and hit[0].seen == state.seen:
                     hit = (state, hit[1])  # an equal copy: next time `is` answers
                 else:
-                    key = json.dumps(state.file_id)
+                    same_ids = same_ids and hit is not None
+                    key = json.dumps(file_id)
                     body = json.dumps(state.to_json(), separators=(",", ":"), sort_keys=True)
                     hit = (state, f"{key}:{body}".encode())
-            entries[state.file_id] = hit
+                    changed.append(file_id)
+            entries[file_id] = hit
         self._entries = entries  # forgotten files leave the cache with the state
-        body = b",".join(entries[file_id][1] for file_id in sorted(entries))
-        return b'{"files":{%s},"version":%d}' % (body, STATE_VERSION)
+        if same_ids and len(entries) == len(old) and len(self._blobs) == len(entries):
+            blobs, place = self._blobs, self._place
+            for file_id in changed:
+                blobs[place[file_id]] = entries[file_id][1]
+        else:
+            order = sorted(entries)
+            self._place = {file_id: n for n, file_id in enumerate(order)}
+            self._blobs = [entries[file_id][1] for file_id in order]
+        return b'{"files":{%s},"version":%d}' % (b",".join(self._blobs), STATE_VERSION)
 
     def save(self, files: list[FileState]) -> None:
         """Atomically and durably replace the state file."""

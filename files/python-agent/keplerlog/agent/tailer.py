@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from keplerlog.agent.acks import AckTracker
 from keplerlog.agent.assembler import Assembler, Chunk
@@ -31,6 +32,9 @@ from keplerlog.agent.identity import (
     new_file_id,
     read_prefix,
 )
+
+if TYPE_CHECKING:  # an annotation only
+    from keplerlog.agent.checkpoint import FileState
 
 READ_CHUNK = 256 * 1024
 # The bytes just before the end of what was read are kept and compared with the file when it
@@ -160,6 +164,8 @@ class TailedFile:
     looked: float = 0.0  # monotonic time of the last refresh
     rewrite_due: float | None = None  # see `refresh`
     _acked_mark: TailMark = field(default_factory=TailMark, repr=False)  # see `acked_mark`
+    # The state the last checkpoint built (checkpoint.state_of), reused while it is exact.
+    saved_state: FileState | None = field(default=None, repr=False)
 
     @classmethod
     def open(

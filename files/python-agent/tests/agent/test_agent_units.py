@@ -461,6 +461,48 @@ def test_state_file_reencodes_only_changed_entries_and_writes_what_json_dumps_wr
     assert checkpoint.load(tmp_path / "s.json") == {s.file_id: s for s in changed}
 
 
+def test_state_file_bytes_stay_those_of_json_dumps_through_any_sequence_of_changes(tmp_path):
+    """Changed entries replace their bytes in place while the set of ids is the same; a new
+    or a forgotten id re-sorts. 300 random checkpoints of changes, additions, removals and
+    duplicates: every one's bytes are json.dumps of the whole document."""
+    import dataclasses
+    import random
+
+    rnd = random.Random(7)
+
+    def reference(states):
+        doc = {"version": 1, "files": {s.file_id: s.to_json() for s in states}}
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+    def state(i: int, offset: int) -> checkpoint.FileState:
+        return checkpoint.FileState(f"id{i}", f"/l/{i}.log", 1, i, 10, "abc", offset, seen=offset)
+
+    live = {i: state(i, 0) for i in range(50)}
+    writer = checkpoint.StateFile(tmp_path / "s.json")
+    kinds = {"same": 0, "change": 0, "add": 0, "remove": 0, "dup": 0}
+    for _ in range(300):
+        kind = rnd.choice(list(kinds))
+        kinds[kind] += 1
+        if kind == "change":
+            for i in rnd.sample(sorted(live), 3):
+                live[i] = dataclasses.replace(live[i], offset=live[i].offset + 1, seen=live[i].seen + 1)
+        elif kind == "add":
+            i = max(live) + rnd.randint(1, 5)
+            live[i] = state(i, 0)
+        elif kind == "remove" and len(live) > 1:
+            del live[rnd.choice(sorted(live))]
+        states = list(live.values())
+        if kind == "dup":  # a later state of one id wins
+            i = rnd.choice(sorted(live))
+            live[i] = dataclasses.replace(live[i], offset=live[i].offset + 5)
+            states = [*states, live[i]]
+        rnd.shuffle(states)
+        if kind == "dup":
+            states = [s for s in states if s is not live[i]] + [live[i]]
+        assert writer.encode(states) == reference(list(live.values())), kind
+    assert min(kinds.values()) > 30  # every kind of step happened
+
+
 # -- watch and metrics -----------------------------------------------------------------------
 
 

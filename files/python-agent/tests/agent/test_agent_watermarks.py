@@ -184,6 +184,35 @@ def test_the_state_file_keeps_first_and_seen_and_reads_older_ones(tmp_path):
     assert old_end.first == 1234  # start_at end: where it began is unknown, claim no more
 
 
+def test_a_checkpoint_reuses_the_state_of_a_file_that_did_not_change(tmp_path, logdir):
+    """state_of builds a file's state again only when it changed (its acknowledged offset, its
+    size seen): an idle file's state is the same object, so it compares and encodes by identity."""
+    log = logdir / "a.log"
+    append(log, lines("a", 10))
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True)
+    try:
+        sender.connect()
+        agent.fileset.scan(time.monotonic())
+        agent.reader.read_all(time.time(), time.monotonic())
+        agent.ledger.results()
+        (f,) = agent.files.values()
+        first = checkpoint.state_of(f)
+        assert checkpoint.state_of(f) is first and first.offset == log.stat().st_size
+        append(log, lines("b", 1))
+        f.refresh(time.monotonic())
+        grown = checkpoint.state_of(f)  # seen moved, the offset not yet
+        assert grown is not first and (grown.offset, grown.seen) == (first.offset, log.stat().st_size)
+        agent.reader.dirty.add(str(log))
+        agent.reader.read_all(time.time(), time.monotonic())
+        agent.ledger.results()
+        acked = checkpoint.state_of(f)
+        assert acked is not grown and acked.offset == log.stat().st_size
+        assert acked.mark != first.mark and acked.mark.end == acked.offset  # the mark moved with it
+        assert checkpoint.state_of(f) is acked
+    finally:
+        _close(agent)
+
+
 def test_start_at_end_is_the_first_byte_across_a_restart(tmp_path, logdir):
     log = logdir / "a.log"
     before = lines("before", 20)
