@@ -297,6 +297,14 @@ def in_process(
     return agent, sender
 
 
+def first_pass(agent: Agent, sender: FakeSender) -> None:
+    """Connect, scan, read every file once and apply the outcomes (an in-process agent's start)."""
+    sender.connect()
+    agent.fileset.scan(time.monotonic())
+    agent.reader.read_all(time.time(), time.monotonic())
+    agent.ledger.results()
+
+
 class LiveWriter(threading.Thread):
     """The application: 200 lines/s (20 every 100 ms) into one file until `done` is set."""
 

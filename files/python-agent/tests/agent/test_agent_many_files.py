@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from agent_support import AgentProcess, append, in_process, lines, write_config
+from agent_support import AgentProcess, append, first_pass, in_process, lines, write_config
 
 NOFILE = 128
 FILES = 400
@@ -164,6 +164,17 @@ def _wait(check, what: str, timeout: float = 10) -> float:
     return time.monotonic() - t0
 
 
+def _quiet_files_and_a_busy_one(tmp_path, logdir):
+    """300 quiet files and one busy one, the agent running in process: (agent, sender, thread,
+    the busy file)."""
+    for i in range(300):
+        append(logdir / f"quiet-{i:03d}.log", lines(f"q{i}", 2))
+    busy = logdir / "busy.log"
+    append(busy, lines("busy", 1))
+    agent, sender = in_process(tmp_path, logdir, auto_ack=True, read_coalesce_ms=20)
+    return agent, sender, _run(agent), busy
+
+
 def test_only_files_inotify_names_are_looked_at(tmp_path, logdir, monkeypatch):
     """300 quiet files next to one busy one: a write costs a look at that file, not at all 301.
 
@@ -172,12 +183,7 @@ def test_only_files_inotify_names_are_looked_at(tmp_path, logdir, monkeypatch):
     """
     from keplerlog.agent.tailer import TailedFile
 
-    for i in range(300):
-        append(logdir / f"quiet-{i:03d}.log", lines(f"q{i}", 2))
-    busy = logdir / "busy.log"
-    append(busy, lines("busy", 1))
-    agent, sender = in_process(tmp_path, logdir, auto_ack=True, read_coalesce_ms=20)
-    thread = _run(agent)
+    agent, sender, thread, busy = _quiet_files_and_a_busy_one(tmp_path, logdir)
     looks = {"n": 0}
     real = TailedFile.refresh
 
@@ -212,12 +218,7 @@ def test_a_loop_step_visits_the_files_that_changed_not_every_open_one(tmp_path, 
     from keplerlog.agent.assembler import Assembler
     from keplerlog.agent.tailer import TailedFile
 
-    for i in range(300):
-        append(logdir / f"quiet-{i:03d}.log", lines(f"q{i}", 2))
-    busy = logdir / "busy.log"
-    append(busy, lines("busy", 1))
-    agent, sender = in_process(tmp_path, logdir, auto_ack=True, read_coalesce_ms=20)
-    thread = _run(agent)
+    agent, sender, thread, busy = _quiet_files_and_a_busy_one(tmp_path, logdir)
     visits = {"n": 0}
     at_eof, held = TailedFile.at_eof.fget, Assembler.held.fget
 
@@ -310,10 +311,7 @@ def test_a_restart_with_more_known_files_than_slots_keeps_to_the_limit(tmp_path,
         append(p, lines(p.stem, 10))
     agent, sender = in_process(tmp_path, logdir, auto_ack=True)
     try:
-        sender.connect()
-        agent.fileset.scan(time.monotonic())
-        agent.reader.read_all(time.time(), time.monotonic())
-        agent.ledger.results()
+        first_pass(agent, sender)
         agent.ledger.checkpoint(agent.fileset.closed)
         ids = {f.path: f.stream.file_id for f in agent.files.values()}
     finally:

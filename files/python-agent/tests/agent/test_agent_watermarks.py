@@ -28,6 +28,7 @@ from agent_support import (
     FakeSender,
     LiveWriter,
     append,
+    first_pass,
     in_process,
     lines,
     metrics,
@@ -191,10 +192,7 @@ def test_a_checkpoint_reuses_the_state_of_a_file_that_did_not_change(tmp_path, l
     append(log, lines("a", 10))
     agent, sender = in_process(tmp_path, logdir, auto_ack=True)
     try:
-        sender.connect()
-        agent.fileset.scan(time.monotonic())
-        agent.reader.read_all(time.time(), time.monotonic())
-        agent.ledger.results()
+        first_pass(agent, sender)
         (f,) = agent.files.values()
         first = checkpoint.state_of(f)
         assert checkpoint.state_of(f) is first and first.offset == log.stat().st_size
