@@ -40,6 +40,11 @@ FINGERPRINT_CHECK_S = 1.0
 FINGERPRINT_SWEEP_WATCHED_S = 10.0
 
 
+def _settled(f: TailedFile, watched: bool) -> bool:
+    """Tell whether a file needs no look until inotify names it (its held bytes aside)."""
+    return f.at_eof and not f.detached and f.rewrite_due is None and watched
+
+
 class Reader:
     """Reads what the followed files grew by and hands it to the ledger."""
 
@@ -112,19 +117,22 @@ class Reader:
         All of them in a sweep; else the `busy` ones and those inotify named in `dirty` (the
         names found are added to `named`).
         """
-        files = self.files
-        by_name = self._by_name
         if sweep:
             self._index()
-            by_name = self._by_name
-            named.update(n for n in dirty if n in by_name)
-            return list(files.items())
+            named.update(n for n in dirty if n in self._by_name)
+            return list(self.files.items())
+        return self._busy_and_named(dirty, named)
+
+    def _busy_and_named(self, dirty: set[str], named: set[str]) -> list[tuple[FileKey, TailedFile]]:
+        """Return the `busy` files and those inotify named in `dirty` (their names go to `named`)."""
         keys = set(self.busy)
+        by_name = self._by_name
         for norm in dirty:
             found = by_name.get(norm)
             if found:
                 named.add(norm)
                 keys.update(found)
+        files = self.files
         return [(k, f) for k in keys if (f := files.get(k)) is not None]
 
     def read_all(self, wall: float, mono: float, *, draining: bool = False) -> None:
@@ -159,14 +167,7 @@ class Reader:
             for key, f in look:
                 norm, directory = names[key]
                 watched = watches(directory)
-                if (
-                    not sweep
-                    and f.at_eof
-                    and not f.detached
-                    and f.rewrite_due is None
-                    and watched
-                    and norm not in dirty
-                ):
+                if not sweep and norm not in dirty and _settled(f, watched):
                     if not f.assembler.held:
                         busy.discard(key)  # its held bytes were flushed by their timeout
                     continue  # busy for its held bytes only: read to its end, no write since
@@ -205,7 +206,7 @@ class Reader:
                         counters.bytes_read += nbytes
                         counters.lines_read += nlines
                         send(f, f.stream, chunks)
-                if f.at_eof and not f.detached and f.rewrite_due is None and watched and not f.assembler.held:
+                if _settled(f, watched) and not f.assembler.held:
                     busy.discard(key)  # done until inotify names it again (or a sweep)
                 else:
                     busy.add(key)
@@ -230,21 +231,16 @@ class Reader:
             return
         fileset = self.fileset
         named_only = fileset.watched_all and not self.sweep  # neither changes in this loop
-        files = self.files
-        look = list(files.items())
         if named_only and self._generation == fileset.generation:
-            keys = set(self.busy)  # the files in unwatched directories among them
-            for norm in self.dirty:
-                keys.update(self._by_name.get(norm, ()))
-            look = [(k, f) for k in keys if (f := files.get(k)) is not None]
-        for key, f in look:
+            look = self._busy_and_named(self.dirty, set())  # busy: those in unwatched directories
+        else:
+            look = list(self.files.items())
+        for _, f in look:
             if named_only and not self._written(f.path, self.dirty):
                 continue
             try:
                 if f.truncated(f.refresh(mono)):
                     fileset.truncated(f, mono)
-                elif not f.at_eof:
-                    self.busy.add(key)  # seen grown: the next pass reads it
             except OSError as exc:
                 self.counters.errors += 1
                 log.error("%s: %s", f.path, exc)

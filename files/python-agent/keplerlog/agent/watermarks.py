@@ -391,9 +391,9 @@ class Watermarks:
         """At shutdown, after the last acks: one last watermark per followed file (best effort).
 
         Sent even when unchanged (it tells where this run stopped), plus the pending news;
-        waits for them until the shutdown's `deadline` (monotonic) but at least FINAL_WAIT_S (a
-        fixed second missed the last mark of a busy CI machine), and not at all while data is
-        still unacknowledged.
+        waits for them until the shutdown's `deadline` (monotonic), at least FINAL_WAIT_S (a
+        Kafka slower than that second to acknowledge still gets the last marks while the
+        shutdown budget lasts), and not at all while data is still unacknowledged.
         """
         ledger = self.ledger
         if not self.enabled or not ledger.sender.connected:
