@@ -278,12 +278,20 @@ def test_kafka_offsets_are_committed_only_after_the_batch_is_durable(tmp_path):
 
 
 class ScriptedPolls:
-    """poll() that brings one record on the first call, then one every `every_s` (None: never)."""
+    """poll() that brings one record on the first call, then one every `every_s` (None: never).
 
-    def __init__(self, every_s: float | None) -> None:
+    `behind`: the broker holds more than each poll brings (a consumer catching up); otherwise
+    each poll brings the partition up to its high watermark.
+    """
+
+    def __init__(self, every_s: float | None, behind: bool = False) -> None:
         self.every_s = every_s
+        self.behind = behind
         self.timeouts: list[int] = []
         self.n = 0
+
+    def highwater(self, tp):
+        return self.n + (1000 if self.behind else 0)
 
     def poll(self, timeout_ms=0, max_records=None):
         self.timeouts.append(timeout_ms)
@@ -320,17 +328,29 @@ def _gather(app: ConsumerApp, polls: ScriptedPolls) -> tuple[int, float]:
 
 
 def test_a_caught_up_batch_is_written_at_once_when_the_writer_is_idle(tmp_path):
+    """The poll reached the high watermark: no second poll, no idle wait."""
     app = _gathering_app(tmp_path, idle_ms=5, max_wait_ms=1000)
-    records, took = _gather(app, ScriptedPolls(None))
+    records, took = _gather(app, ScriptedPolls(0.002))
+    assert records == 1
+    assert took < 0.2, f"waited {took:.3f} s for records that were not coming"
+    assert app.consumer.timeouts == [500]  # the first poll only
+
+
+def test_an_idle_poll_ends_the_batch_when_the_high_watermark_is_unknown(tmp_path):
+    app = _gathering_app(tmp_path, idle_ms=5, max_wait_ms=1000)
+    polls = ScriptedPolls(None)
+    polls.highwater = lambda tp: None  # no fetch response has said it yet
+    records, took = _gather(app, polls)
     assert records == 1
     assert took < 0.2, f"waited {took:.3f} s for records that were not coming"
     assert app.consumer.timeouts[1:] == [5]
 
 
-def test_records_closer_than_the_idle_time_keep_the_batch_open_to_its_limit(tmp_path):
-    """Past the threshold: a record every 2 ms (idle time 5 ms) never ends the batch early."""
+def test_records_closer_than_the_idle_time_keep_a_lagging_batch_open_to_its_limit(tmp_path):
+    """Past the threshold: a record every 2 ms (idle time 5 ms) while the broker holds more than
+    each poll brings never ends the batch early."""
     app = _gathering_app(tmp_path, idle_ms=5, max_wait_ms=300)
-    records, took = _gather(app, ScriptedPolls(0.002))
+    records, took = _gather(app, ScriptedPolls(0.002, behind=True))
     assert took >= 0.29  # the limit, to the ms the poll timeouts are counted in
     assert records > 20
 

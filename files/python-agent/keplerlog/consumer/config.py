@@ -93,10 +93,11 @@ class ConsumerConfig:
     lines: LinePolicy = _LINES
     batch_max_bytes: int = 64 * 1024 * 1024
     batch_max_wait_ms: int = 100
-    # A batch ends before batch_max_wait_ms when a poll this long brings nothing while the
-    # writer is idle: the consumer has caught up and waiting would only add delay (at low and
-    # moderate rates most of the end-to-end delay was this wait). Under load polls keep
-    # bringing records and the writer is busy, so batches stay large. 0: always wait.
+    # A batch ends before batch_max_wait_ms when the consumer has caught up while the writer is
+    # idle: a poll brought everything up to the high watermark, or a poll this long brought
+    # nothing. Waiting would only add delay (at low and moderate rates most of the end-to-end
+    # delay was this wait). Under load the consumer is behind or the writer busy, so batches
+    # stay large. 0: always wait batch_max_wait_ms.
     batch_idle_ms: int = 5
     metrics_port: int = 9310
     metrics_host: str = "127.0.0.1"
