@@ -360,10 +360,22 @@ class KafkaCluster:
         admin = KafkaAdminClient(bootstrap_servers=self.admin_bootstrap)
         try:
             replicas = replication or min(self.size, 2)
-            admin.create_topics([NewTopic(name, partitions, replicas, topic_configs=configs or {})])
-        except TopicAlreadyExistsError:
-            if not exist_ok:
-                raise
+            expected = partitions
+            try:
+                admin.create_topics([NewTopic(name, partitions, replicas, topic_configs=configs or {})])
+            except TopicAlreadyExistsError:
+                if not exist_ok:
+                    raise
+                expected = 1  # as it was made (auto-created: the broker's partition count)
+            # Creation is asynchronous: the controller has accepted the topic, a broker's metadata
+            # may not show it yet. A client that asks then may take it for missing (librdkafka
+            # waits up to topic.metadata.propagation.max.ms, 30 s, before it decides), and a
+            # test's first records would come late.
+            deadline = time.monotonic() + 30
+            while not _has_leaders(admin.describe_topics([name]), expected):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"topic {name}: no leader for every partition after 30 s")
+                time.sleep(0.1)
         finally:
             admin.close()
 
@@ -376,3 +388,12 @@ class KafkaCluster:
         """Stop all nodes and remove their data."""
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _has_leaders(described: list[dict], partitions: int) -> bool:
+    """Tell whether a described topic has (at least) `partitions` partitions, each with a leader."""
+    if not described or described[0].get("error_code", 0) != 0:
+        return False
+    parts = described[0].get("partitions") or []
+    leaders = [p.get("leader_id", p.get("leader", -1)) for p in parts]
+    return len(leaders) >= partitions and all(leader is not None and leader >= 0 for leader in leaders)
