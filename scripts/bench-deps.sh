@@ -5,8 +5,6 @@
 #     resolved from bench/peers/flume/pom.xml and refreshed when that pom changes;
 #   - matplotlib into .venv (plots only; not a runtime dependency, so not in requirements.txt).
 #   - py-spy into .venv (the consumer part's profile; likewise not a runtime dependency).
-#   - confluent-kafka into .venv (librdkafka for the clients part, the A/B against the agent's
-#     kafka-python; not a runtime dependency).
 # A peer that cannot be installed is reported and skipped by the benchmark, so this script
 # warns instead of failing when one part is unavailable.
 set -uo pipefail
@@ -77,10 +75,5 @@ fi
 if [[ -x $py ]] && [[ ! -x $root/.venv/bin/py-spy ]]; then
   echo "bench-deps: installing py-spy into .venv"
   "$py" -m pip install -q py-spy || echo "bench-deps: py-spy install failed; no consumer profile" >&2
-fi
-# --- confluent-kafka (bench_clients.py: kafka-python against librdkafka) ------------------------
-if [[ -x $py ]] && ! "$py" -c 'import confluent_kafka' 2>/dev/null; then
-  echo "bench-deps: installing confluent-kafka into .venv"
-  "$py" -m pip install -q confluent-kafka || echo "bench-deps: confluent-kafka install failed; no clients part" >&2
 fi
 exit $rc

@@ -22,7 +22,8 @@ trap 'rm -rf "$build"' EXIT
 # Build from a copy so that no build/ or egg-info lands in the source tree.
 cp -r "$src/pyproject.toml" "$src/keplerlog" "$build/"
 find "$build" -name __pycache__ -prune -exec rm -rf {} +
-SOURCE_DATE_EPOCH=1577836800 "$pip" wheel -q --no-build-isolation --wheel-dir "$out" "$build" 2>/dev/null \
-  || SOURCE_DATE_EPOCH=1577836800 "$pip" wheel -q --wheel-dir "$out" "$build"
+# With the librdkafka extra: images carry both of the agent's Kafka clients (kafka.client).
+SOURCE_DATE_EPOCH=1577836800 "$pip" wheel -q --no-build-isolation --wheel-dir "$out" "$build[librdkafka]" 2>/dev/null \
+  || SOURCE_DATE_EPOCH=1577836800 "$pip" wheel -q --wheel-dir "$out" "$build[librdkafka]"
 echo "$inputs" > "$out/.inputs"
 echo "wheelhouse: $(ls "$out"/*.whl | wc -l) wheels in $out"

@@ -19,6 +19,8 @@ Environment (the agent applies the KEPLERLOG_* overrides of docs/interfaces.md i
                                containers' network)
   KEPLERLOG_WATERMARK_INTERVAL_S  watermarks.interval_s (default: unset, the agent's 60 s; 0 off);
                                applied by the agent's own override, not written here
+  KEPLERLOG_KAFKA_CLIENT       kafka.client: kafka-python | librdkafka (default: unset, the
+                               agent's kafka-python; the image carries both)
   KEPLERLOG_LINGER_MS          kafka.linger_ms (default: unset, the agent picks it by mode)
   KEPLERLOG_MAX_BUFFER_BYTES   limits.max_buffer_bytes (default: unset, the agent's 3 MiB)
   KEPLERLOG_DRAIN_TIMEOUT      supervisord's stop wait for the agent (s); the agent's
@@ -78,6 +80,8 @@ def render() -> dict:
     limits: dict = {}  # max_line_bytes: the agent's default, as long as one record carries
     # Only when asked: the agent's defaults depend on the mode (linger) and were measured
     # (buffer, RSS), so a copy of them here would go stale.
+    if env("KEPLERLOG_KAFKA_CLIENT", ""):
+        kafka["client"] = env("KEPLERLOG_KAFKA_CLIENT", "")
     if env("KEPLERLOG_LINGER_MS", ""):
         kafka["linger_ms"] = int(env("KEPLERLOG_LINGER_MS", ""))
     if env("KEPLERLOG_MAX_BUFFER_BYTES", ""):

@@ -156,6 +156,14 @@ def test_agent_config_rendered_from_env(app):
     # the drain ends (checkpoint written) before supervisord's SIGKILL at KEPLERLOG_DRAIN_TIMEOUT
     drain = int(app.run("printenv KEPLERLOG_DRAIN_TIMEOUT").stdout)
     assert f"shutdown_timeout_s: {drain - 5}" in text
+    # converge.yml chose the librdkafka client: rendered, and the running agent has it loaded
+    assert "client: librdkafka" in text
+    pid = supervisor_pids(app)["agent"]
+    deadline = time.monotonic() + 30  # loaded when the agent first connects
+    # read as the agent's own user: docker exec's root lacks the ptrace right /proc/PID/maps needs
+    while "librdkafka" not in app.run(f"runuser -u keplerlog -- cat /proc/{pid}/maps").stdout:
+        assert time.monotonic() < deadline, f"librdkafka not loaded by the agent (pid {pid})"
+        time.sleep(1)
     # the agent runs unprivileged; its state lives in the volume, never in the app's log dir
     assert app.file("/var/lib/keplerlog").user == "keplerlog"
     assert not app.file(f"{LOG_DIR}/agent-state.json").exists

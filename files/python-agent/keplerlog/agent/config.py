@@ -8,6 +8,7 @@ otherwise shows up weeks later as missing logs. Every problem is reported as one
 from __future__ import annotations
 
 import glob
+import importlib.util
 import ipaddress
 import os
 import re
@@ -31,11 +32,14 @@ from keplerlog.confkit import string as _str
 from keplerlog.kafkaauth import KafkaSecurity, parse_security
 
 COMPRESSIONS = ("lz4", "zstd", "gzip", "none")
+# The producer client (kafka.client): kafka-python (pure Python, the default) or librdkafka
+# through confluent-kafka (an optional compiled dependency: keplerlog[librdkafka]); see rdsender.py.
+CLIENTS = ("kafka-python", "librdkafka")
 IONICE_CLASSES = ("none", "best-effort", "idle")
 START_AT = ("beginning", "end")
 
 # kafka.linger_ms when the config leaves it unset, chosen by how records are cut. The agent
-# already packs every read (coalesced over read_coalesce_ms) into large records, so a producer
+# already packs every read (coalesced: pacer.py) into large records, so a producer
 # linger only adds latency and wake-ups (measured: 20 ms -> 2.05 % of a core at 200 lines/s,
 # 0 ms -> ~1.6 %). With one_line_per_record each line is its own record and the producer's
 # batching is what keeps requests (and CPU) per line down, so it lingers there.
@@ -71,6 +75,7 @@ class KafkaConfig:
     compression: str = "lz4"
     linger_ms: int = LINGER_MS_BATCHED  # parse() picks the mode's default when unset
     max_record_bytes: int = 900_000
+    client: str = "kafka-python"
     security: KafkaSecurity = field(default_factory=KafkaSecurity)  # TLS / SASL (keplerlog.kafkaauth)
 
 
@@ -90,7 +95,11 @@ class Limits:
     shutdown_timeout_s: float = 10.0
     checkpoint_interval_ms: int = 1000
     poll_interval_ms: int = 250
+    # A busy file is read read_coalesce_ms after the previous read; with read_coalesce_lines
+    # set, when about that many lines have come at its recent rate, waiting at most
+    # read_coalesce_ms (pacer.py: lower delay, more CPU at agent and consumer; off by default).
     read_coalesce_ms: int = 100
+    read_coalesce_lines: int = 0
     close_inactive_s: float = 5.0
     # Descriptors: at most this many files open at once (and never closer than 64 to the
     # process's RLIMIT_NOFILE, which Kafka's sockets share). A file that is read to its end,
@@ -163,7 +172,15 @@ _TOP_KEYS = {
     "one_line_per_record",
     "watermarks",
 }
-_KAFKA_KEYS = {"bootstrap_servers", "topic", "compression", "linger_ms", "max_record_bytes", "security"}
+_KAFKA_KEYS = {
+    "bootstrap_servers",
+    "topic",
+    "compression",
+    "linger_ms",
+    "max_record_bytes",
+    "client",
+    "security",
+}
 _INPUT_KEYS = {"paths", "module", "multiline", "one_line_per_record"}
 _MULTILINE_KEYS = {"start", "max_lines", "timeout_ms"}
 _LIMIT_KEYS = {
@@ -174,6 +191,7 @@ _LIMIT_KEYS = {
     "checkpoint_interval_ms",
     "poll_interval_ms",
     "read_coalesce_ms",
+    "read_coalesce_lines",
     "close_inactive_s",
     "max_open_files",
     "close_idle_s",
@@ -324,7 +342,12 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
         max_record_bytes=_int(
             ksec.get("max_record_bytes", 900_000), "kafka.max_record_bytes", 1024, 64 * 1024 * 1024
         ),
+        client=_choice(ksec.get("client", "kafka-python"), "kafka.client", CLIENTS),
     )
+    if kafka.client == "librdkafka" and importlib.util.find_spec("confluent_kafka") is None:
+        raise ConfigError(
+            "kafka.client: librdkafka needs the confluent-kafka package (pip install 'keplerlog[librdkafka]')"
+        )
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", kafka.topic):
         raise ConfigError(f"kafka.topic: invalid topic name {kafka.topic!r}")
 
@@ -352,6 +375,9 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
         ),
         read_coalesce_ms=_int(
             lsec.get("read_coalesce_ms", d.read_coalesce_ms), "limits.read_coalesce_ms", 0, 10_000
+        ),
+        read_coalesce_lines=_int(
+            lsec.get("read_coalesce_lines", d.read_coalesce_lines), "limits.read_coalesce_lines", 0, 1_000_000
         ),
         close_inactive_s=_float(
             lsec.get("close_inactive_s", d.close_inactive_s), "limits.close_inactive_s", 0

@@ -27,7 +27,7 @@ from keplerlog.agent.assembler import Chunk
 from keplerlog.agent.config import AgentConfig
 from keplerlog.agent.identity import FileKey
 from keplerlog.agent.metrics import AgentMetrics, Counters
-from keplerlog.agent.sender import Sender
+from keplerlog.agent.sender import KafkaSender
 from keplerlog.agent.tailer import Stream, TailedFile
 from keplerlog.agent.watermarks import Book
 from keplerlog.record import Batch
@@ -46,7 +46,7 @@ class Ledger:
     def __init__(
         self,
         cfg: AgentConfig,
-        sender: Sender,
+        sender: KafkaSender,
         counters: Counters,
         files: dict[FileKey, TailedFile],
         book: Book,
@@ -108,7 +108,13 @@ class Ledger:
             self.metrics.record_bytes.observe(size)
 
     def results(self) -> None:
-        """Apply acknowledgements and failures reported by the producer thread."""
+        """Apply acknowledgements and failures reported by the producer thread.
+
+        A producer can also break with nothing failed (librdkafka facing a rebuilt cluster holds
+        its records for ever, rdsender.py): it is renewed here too, and its records fail then.
+        """
+        if self.sender.broken and self.sender.connected and time.monotonic() >= self.send_backoff_until:
+            self._renew_producer(self.sender.broken_reason)
         results = self.sender.results
         while True:
             try:
@@ -119,7 +125,7 @@ class Ledger:
             if token.__class__ is not tuple:  # a watermark: its owner applies the outcome
                 token.done(outcome.error)
                 if outcome.error is not None and self.sender.broken:
-                    self._renew_producer(outcome.error)
+                    self._renew_producer(str(outcome.error))
                 continue
             f, stream, offset, size, lines, ts_ms = token
             self.inflight -= size
@@ -138,9 +144,9 @@ class Ledger:
                 log.warning("%s: record at offset %d failed: %s", f.path, offset, outcome.error)
                 self._failed(f, stream, offset, size)
                 if self.sender.broken:
-                    self._renew_producer(outcome.error)
+                    self._renew_producer(str(outcome.error))
 
-    def _renew_producer(self, error: BaseException) -> None:
+    def _renew_producer(self, error: str) -> None:
         """Replace a producer that failed for good (sender.py); its records are re-sent.
 
         Sending again at once would turn a record the broker keeps refusing into a loop of new

@@ -27,8 +27,9 @@ from keplerlog.agent.fileset import RESCAN_S, FileSet
 from keplerlog.agent.identity import FileKey
 from keplerlog.agent.ledger import Ledger
 from keplerlog.agent.metrics import AgentMetrics, Counters, FileGauge, Snapshot, summary
+from keplerlog.agent.pacer import ReadPacer
 from keplerlog.agent.reader import Reader
-from keplerlog.agent.sender import Sender
+from keplerlog.agent.sender import KafkaSender, make_sender
 from keplerlog.agent.tailer import TailedFile
 from keplerlog.agent.watch import Waker, Watcher
 from keplerlog.agent.watermarks import Book, Watermarks
@@ -44,7 +45,7 @@ class Agent:
         self.counters = Counters()
         self.waker = Waker()
         self.watcher = Watcher(self.waker, use_inotify=use_inotify)
-        sender = Sender(cfg, self.waker.wake)
+        sender = make_sender(cfg, self.waker.wake)
         # The followed files by (dev, inode): the file set opens and closes them, the reader
         # reads them, the ledger re-reads failed records through them and checkpoints them.
         self.files: dict[FileKey, TailedFile] = {}
@@ -53,6 +54,7 @@ class Agent:
         self.ledger = Ledger(cfg, sender, self.counters, self.files, book)
         self.fileset = FileSet(cfg, self.counters, self.watcher, self.ledger, self.files, book)
         self.reader = Reader(cfg, self.counters, self.watcher, self.fileset, self.ledger, self._is_stopping)
+        self.pacer = ReadPacer(cfg.limits.read_coalesce_ms / 1000, cfg.limits.read_coalesce_lines)
         self.watermarks = Watermarks(cfg, self.counters, book, self.files)
         self.watermarks.ledger, self.watermarks.fileset = self.ledger, self.fileset
         self.stopping = False
@@ -67,12 +69,12 @@ class Agent:
     # -- what callers and tests reach through the Agent ----------------------------------------
 
     @property
-    def sender(self) -> Sender:
+    def sender(self) -> KafkaSender:
         """The Kafka producer wrapper (the ledger's); tests put a fake one in its place."""
         return self.ledger.sender
 
     @sender.setter
-    def sender(self, sender: Sender) -> None:
+    def sender(self, sender: KafkaSender) -> None:
         self.ledger.sender = sender
 
     @property
@@ -114,7 +116,11 @@ class Agent:
         ledger.results()
         if mono >= fileset.next_scan:
             fileset.scan(mono)
+        counters = self.counters
+        bytes_before, lines_before = counters.bytes_read, counters.lines_read
         reader.read_all(wall, mono)
+        if counters.bytes_read != bytes_before:
+            self.pacer.read(mono, counters.lines_read - lines_before)
         reader.flush_timed_out(wall, mono)
         fileset.finish_detached(mono, [key for key, _ in reader.looking()])
         if mono >= ledger.next_checkpoint:
@@ -129,19 +135,18 @@ class Agent:
         reader.sweep = reader.sweep or woke.overflow
         if woke.changed:
             fileset.next_scan = 0.0
-        coalesce = self.cfg.limits.read_coalesce_ms / 1000
-        if woke.modified and coalesce and not self.stopping:
-            # A trickle of one-line writes would cost one read, one record and one produce
-            # request per line; reading at most every read_coalesce_ms turns it into one.
-            # An idle file is read at once (the previous read is long past).
-            delay = reader.last_read + coalesce - time.monotonic()
+        # A trickle of one-line writes would cost one read, one record and one produce request
+        # per line; waiting read_coalesce_ms after the previous read (or, pacer.py, about
+        # read_coalesce_lines lines' time) turns them into one. An idle file is read at once
+        # (the previous read is long past).
+        coalesce = woke.modified and self.cfg.limits.read_coalesce_ms and not self.stopping
+        if coalesce and self.pacer.delay(time.monotonic()) > 0:
+            # But notice a truncation at once: copytruncate's copy may be compressed and
+            # removed right after it, and the unread tail is only in that copy.
+            reader.check_truncations(time.monotonic())
+            delay = self.pacer.delay(time.monotonic())
             if delay > 0:
-                # But notice a truncation at once: copytruncate's copy may be compressed and
-                # removed right after it, and the unread tail is only in that copy.
-                reader.check_truncations(time.monotonic())
-                delay = reader.last_read + coalesce - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                time.sleep(delay)
 
     def _timeout(self, mono: float) -> float:
         ledger, fileset = self.ledger, self.fileset

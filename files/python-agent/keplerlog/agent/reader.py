@@ -78,7 +78,6 @@ class Reader:
         self._by_name: dict[str, list[FileKey]] = {}
         self._generation = -1  # the file set's generation `busy` and the names were built for
         self.next_fp_check = 0.0
-        self.last_read = 0.0
         self.paused_memory = False  # the last read pass stopped at the buffer budget
 
     def held(self) -> int:
@@ -202,7 +201,6 @@ class Reader:
                     held += f.assembler.held - held_before
                     if nbytes:
                         progress = True
-                        self.last_read = mono
                         counters.bytes_read += nbytes
                         counters.lines_read += nlines
                         send(f, f.stream, chunks)

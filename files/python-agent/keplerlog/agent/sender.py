@@ -12,7 +12,7 @@ import logging
 import queue
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from keplerlog.agent.config import AgentConfig
 from keplerlog.kafkaauth import watch_connection_problems
@@ -66,6 +66,55 @@ class Outcome:
     error: BaseException | None
 
 
+class KafkaSender(Protocol):
+    """What the ledger needs of a producer client: `Sender` (kafka-python) or `rdsender.RdSender`."""
+
+    results: queue.SimpleQueue[Outcome]
+
+    @property
+    def connected(self) -> bool:
+        """True once a producer exists."""
+
+    @property
+    def broker_connected(self) -> bool:
+        """True while the producer holds a live broker connection (read at scrape time)."""
+
+    @property
+    def broken(self) -> bool:
+        """True when the producer will never deliver again (a fatal error)."""
+
+    @property
+    def broken_reason(self) -> str:
+        """Why `broken` (for the log line of the renewal)."""
+
+    def connect(self, bootstrap_timeout_ms: int = 5000) -> bool:
+        """Create the producer; False (logged) while no broker answers."""
+
+    def renew(self) -> bool:
+        """Replace the producer; unfinished records fail onto `results`."""
+
+    def send(self, value: bytes, key: bytes, headers: list[tuple[str, bytes]], token: object) -> None:
+        """Hand one record over; its outcome arrives on `results`."""
+
+    def poke(self) -> None:
+        """Send what is batched now."""
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for every record to complete."""
+
+    def close(self, timeout: float = 0) -> None:
+        """Close; unacknowledged records are re-read at the next start."""
+
+
+def make_sender(cfg: AgentConfig, wake: Callable[[], None]) -> KafkaSender:
+    """Return the sender of the configured `kafka.client` (librdkafka imported only when chosen)."""
+    if cfg.kafka.client == "librdkafka":
+        from keplerlog.agent.rdsender import RdSender
+
+        return RdSender(cfg, wake)
+    return Sender(cfg, wake)
+
+
 class Sender:
     """Owns the KafkaProducer; (re)connects lazily so a down cluster never stops startup."""
 
@@ -106,6 +155,12 @@ class Sender:
         """True when the producer is in kafka-python's fatal state: it will never deliver again."""
         manager = getattr(self._producer, "_transaction_manager", None)
         return manager is not None and bool(manager.has_fatal_error())
+
+    @property
+    def broken_reason(self) -> str:
+        """The error that put the producer in its fatal state."""
+        manager = getattr(self._producer, "_transaction_manager", None)
+        return str(getattr(manager, "last_error", None) or "a fatal error")  # a property
 
     def renew(self) -> bool:
         """Replace the producer by a new one (new connections, new producer id); False if none.

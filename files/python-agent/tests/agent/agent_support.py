@@ -24,13 +24,15 @@ from keplerlog.agent.sender import Outcome
 from keplerlog.record import Watermark, decode_headers, decode_watermark, is_watermark
 
 
-def write_config(tmp: Path, bootstrap: str, topic: str, paths: list[str], **over) -> Path:
+def write_config(
+    tmp: Path, bootstrap: str, topic: str, paths: list[str], client: str = "kafka-python", **over
+) -> Path:
     inputs = over.pop("inputs", None) or [{"paths": paths}]
     doc = {
         "service": "shop",
         "module": "portal",
         "host": "test-host",
-        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "linger_ms": 5},
+        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "linger_ms": 5, "client": client},
         "state_file": str(tmp / "state" / "agent-state.json"),
         "inputs": inputs,
         "limits": {"close_inactive_s": 1, "partial_line_timeout_ms": 1000, "checkpoint_interval_ms": 100},

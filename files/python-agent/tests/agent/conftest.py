@@ -5,6 +5,14 @@ from __future__ import annotations
 import pytest
 from agent_support import TopicReader
 
+from keplerlog.agent.config import CLIENTS
+
+
+@pytest.fixture(params=CLIENTS)
+def client(request) -> str:
+    """The producer client (`kafka.client`): tests that take it run once with each."""
+    return request.param
+
 
 @pytest.fixture
 def reader(kafka, topic):

@@ -13,8 +13,8 @@ from agent_support import AgentProcess, append, lines, write_config
 pytestmark = pytest.mark.kafka
 
 
-def _agent(tmp_path, kafka, topic, logdir, **over) -> AgentProcess:
-    cfg = write_config(tmp_path, kafka.bootstrap, topic, [str(logdir / "*.log")], **over)
+def _agent(tmp_path, kafka, topic, logdir, client, **over) -> AgentProcess:
+    cfg = write_config(tmp_path, kafka.bootstrap, topic, [str(logdir / "*.log")], client, **over)
     return AgentProcess(cfg, tmp_path / "agent.out")
 
 
@@ -22,10 +22,10 @@ def _state(tmp_path) -> dict:
     return json.loads((tmp_path / "state" / "agent-state.json").read_text())["files"]
 
 
-def test_ships_existing_and_later_files_and_sigterm_drains(tmp_path, kafka, topic, logdir, reader):
+def test_ships_existing_and_later_files_and_sigterm_drains(tmp_path, kafka, topic, logdir, reader, client):
     a = logdir / "a.log"
     a.write_bytes(lines("a", 1000))
-    agent = _agent(tmp_path, kafka, topic, logdir).start()
+    agent = _agent(tmp_path, kafka, topic, logdir, client).start()
     try:
         reader.wait_contents({str(a): [a.read_bytes()]})
         b = logdir / "b.log"
@@ -41,10 +41,10 @@ def test_ships_existing_and_later_files_and_sigterm_drains(tmp_path, kafka, topi
     assert sorted(v["offset"] for v in state.values()) == sorted([a.stat().st_size, b.stat().st_size])
 
 
-def test_rename_and_create_rotation(tmp_path, kafka, topic, logdir, reader):
+def test_rename_and_create_rotation(tmp_path, kafka, topic, logdir, reader, client):
     log = logdir / "app.log"
     append(log, lines("r1", 500))
-    agent = _agent(tmp_path, kafka, topic, logdir).start()
+    agent = _agent(tmp_path, kafka, topic, logdir, client).start()
     try:
         reader.wait_contents({str(log): [log.read_bytes()]})
         # The writer keeps its descriptor: lines written after the rename land in the old file.
@@ -61,11 +61,11 @@ def test_rename_and_create_rotation(tmp_path, kafka, topic, logdir, reader):
     assert "rotated" in agent.output()
 
 
-def test_copytruncate_and_truncation_regrown_beyond_offset(tmp_path, kafka, topic, logdir, reader):
+def test_copytruncate_and_truncation_regrown_beyond_offset(tmp_path, kafka, topic, logdir, reader, client):
     log = logdir / "app.log"
     first = lines("before", 300)
     append(log, first)
-    agent = _agent(tmp_path, kafka, topic, logdir).start()
+    agent = _agent(tmp_path, kafka, topic, logdir, client).start()
     try:
         reader.wait_contents({str(log): [first]})
         # copytruncate: copy aside (not followed: *.log only), truncate in place, keep writing.
@@ -87,9 +87,9 @@ def test_copytruncate_and_truncation_regrown_beyond_offset(tmp_path, kafka, topi
         assert agent.stop() == 0, agent.output()
 
 
-def test_kill_9_and_restart_loses_nothing(tmp_path, kafka, topic, logdir, reader):
+def test_kill_9_and_restart_loses_nothing(tmp_path, kafka, topic, logdir, reader, client):
     log = logdir / "app.log"
-    agent = _agent(tmp_path, kafka, topic, logdir).start()
+    agent = _agent(tmp_path, kafka, topic, logdir, client).start()
     written = bytearray(lines("k", 500))
     append(log, bytes(written))
     reader.wait_for(lambda: bool(reader.records))
@@ -117,12 +117,12 @@ def test_kill_9_and_restart_loses_nothing(tmp_path, kafka, topic, logdir, reader
     assert "from offset 0" not in agent.output()
 
 
-def test_long_lines_binary_and_partial_lines(tmp_path, kafka, topic, logdir, reader):
+def test_long_lines_binary_and_partial_lines(tmp_path, kafka, topic, logdir, reader, client):
     log = logdir / "bin.log"
     long_line = b"L" * 200_000 + b"\n"
     binary = b"nul\x00byte \xff\xfe invalid utf-8 \xc3\x28\n" + bytes(range(256)).replace(b"\n", b"") + b"\n"
     append(log, b"short\n" + long_line + binary + b"no newline yet")
-    agent = _agent(tmp_path, kafka, topic, logdir, limits={"max_line_bytes": 65536}).start()
+    agent = _agent(tmp_path, kafka, topic, logdir, client, limits={"max_line_bytes": 65536}).start()
     try:
         reader.wait_contents({str(log): [log.read_bytes()]}, timeout=30)
         append(log, b" ... done\n")
@@ -135,7 +135,7 @@ def test_long_lines_binary_and_partial_lines(tmp_path, kafka, topic, logdir, rea
     assert [b.lines for b, v in reader.batches if not v.endswith(b"\n")] == [1, 1, 1, 1]
 
 
-def test_multiline_events_stay_in_one_record(tmp_path, kafka, topic, logdir, reader):
+def test_multiline_events_stay_in_one_record(tmp_path, kafka, topic, logdir, reader, client):
     log = logdir / "java.log"
     events = []
     for i in range(50):
@@ -147,6 +147,7 @@ def test_multiline_events_stay_in_one_record(tmp_path, kafka, topic, logdir, rea
         kafka,
         topic,
         logdir,
+        client,
         one_line_per_record=True,
         inputs=[
             {

@@ -1,0 +1,285 @@
+"""The Kafka side through librdkafka (confluent-kafka): `kafka.client: librdkafka`.
+
+The same contract as `sender.Sender` (the ledger cannot tell them apart): one idempotent
+producer, acks=all, every outcome put on `results` and the main loop woken, so all bookkeeping
+stays on the main thread. Why a second client: `make bench` (bench_clients.py) measured
+librdkafka at a third of kafka-python's CPU at a trickle (the agent at 200 lines/s) and with up
+to 5 batches in flight per partition where kafka-python keeps one, so one module's partition
+ships more per round trip. It is opt-in because confluent-kafka is a compiled wheel the service
+image must carry (`pip install keplerlog[librdkafka]`).
+
+How librdkafka's behaviour is mapped onto the agent's rules:
+- Delivery reports arrive only from `poll()`: one daemon thread polls; its callbacks only queue.
+- A message never times out (`message.timeout.ms` 0: infinite) for the same reason as
+  sender.DELIVERY_TIMEOUT_MS: the file is the durable buffer, the agent's memory cap bounds
+  what waits, and an outage of any length must end with the records delivered in order.
+- librdkafka's own queue is capped a little above what the agent may have in flight, so it
+  never holds more than the agent's budget; a full queue raises BufferError from `produce`,
+  which the ledger treats like any failed send (backoff, re-read).
+- An idempotence error librdkafka cannot recover from is *fatal* (error_cb): every message
+  then fails and only a new producer ships again, the same `broken` / `renew` as kafka-python.
+- A producer that finds a *different cluster* at its addresses (a cluster rebuilt from empty
+  disks) refuses to talk to it and would wait for ever, records in flight: librdkafka only logs
+  that (CLUSTERID), so the log is read for it and the producer counts as broken (renewed: a new
+  one has no memory of the old cluster, re-reads its topic and starts a new producer id).
+- librdkafka's own log goes to the `kafka.librdkafka` logger, kept quiet like kafka-python's
+  (sender.py) unless the agent runs with --debug.
+- `broker_connected` comes from librdkafka's statistics (each broker's state), which are
+  parsed only on the scrape that asks, not every interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from keplerlog.agent.config import AgentConfig
+from keplerlog.agent.sender import Outcome, batch_size
+from keplerlog.kafkaauth import watch_connection_problems
+
+log = logging.getLogger(__name__)
+
+STATS_INTERVAL_MS = 5000  # how fresh `broker_connected` is; JSON built by librdkafka, parsed on demand
+POLL_S = 0.5  # the poll thread's wait when nothing happens (returns at once on a report)
+QUEUE_SLACK_BYTES = 4 * 1024 * 1024  # librdkafka's queue above the agent's in-flight budget
+
+
+class SendError(Exception):
+    """A librdkafka error as an exception (the ledger logs and counts it)."""
+
+    def __init__(self, error: Any) -> None:
+        super().__init__(f"{error.name()}: {error.str()}")
+        self.error = error
+
+
+def client_config(cfg: AgentConfig, problems: Callable[[Any], None]) -> dict[str, Any]:
+    """Return the librdkafka settings that give the same guarantees as the kafka-python producer."""
+    k = cfg.kafka
+    conf: dict[str, Any] = {
+        "bootstrap.servers": ",".join(s.strip() for s in k.bootstrap_servers.split(",") if s.strip()),
+        "client.id": f"keplerlog-agent-{cfg.host}",
+        "acks": "all",
+        "enable.idempotence": True,
+        "max.in.flight.requests.per.connection": 5,  # idempotence keeps order up to 5
+        "compression.type": k.compression,
+        "linger.ms": k.linger_ms,
+        "batch.size": batch_size(k.max_record_bytes),
+        "message.max.bytes": max(1024 * 1024, k.max_record_bytes + 64 * 1024),
+        "message.timeout.ms": 0,  # never: see the module docstring
+        "request.timeout.ms": 30000,
+        "retry.backoff.ms": 200,
+        "reconnect.backoff.max.ms": 5000,
+        "queue.buffering.max.kbytes": (cfg.limits.max_buffer_bytes + k.max_record_bytes + QUEUE_SLACK_BYTES)
+        // 1024,
+        "statistics.interval.ms": STATS_INTERVAL_MS,
+        "error_cb": problems,
+    }
+    sec = k.security
+    conf["security.protocol"] = sec.protocol
+    if sec.tls:
+        conf["ssl.endpoint.identification.algorithm"] = "https" if sec.check_hostname else "none"
+        for key, name in (("cafile", "ssl.ca.location"), ("certfile", "ssl.certificate.location")):
+            if getattr(sec, key):
+                conf[name] = getattr(sec, key)
+        if sec.keyfile:
+            conf["ssl.key.location"] = sec.keyfile
+    if sec.sasl:
+        conf["sasl.mechanism"] = sec.sasl_mechanism.upper()
+        conf["sasl.username"] = sec.username
+        conf["sasl.password"] = sec.password
+    return conf
+
+
+def explain(reason: str) -> str:
+    """Put a librdkafka connection error in the words sender.py's explanations use."""
+    low = reason.lower()  # the broker's address may read sasl_ssl://...: match the words of the error
+    if "certificate verify failed" in low and ("hostname" in low or "ip address mismatch" in low):
+        return f"the broker's certificate does not name the host in bootstrap_servers [{reason}]"
+    if "certificate verify failed" in low:
+        return f"the broker's certificate is not signed by kafka.security.cafile's CA [{reason}]"
+    if "authentication" in low:
+        return f"login refused: wrong user name or password (check kafka.security) [{reason}]"
+    return f"not reachable [{reason}]"
+
+
+def _generic(reason: str) -> bool:
+    """Tell whether a cause says no more than "not reachable" (no login or certificate problem)."""
+    return explain(reason).startswith("not reachable")
+
+
+class _LogBridge:
+    """librdkafka's `logger`: forwards its log to Python logging and reports a replaced cluster.
+
+    confluent-kafka calls `log(level, "%s [%s] %s", facility, client, message)` on the poll
+    thread (the log goes through the queue that `poll` serves).
+    """
+
+    def __init__(self, on_cluster_change: Callable[[str], None]) -> None:
+        self._logger = logging.getLogger("kafka.librdkafka")
+        self._on_cluster_change = on_cluster_change
+
+    def log(self, level: int, fmt: str, facility: str, client: str, message: str) -> None:
+        """Log one librdkafka line; a CLUSTERID line means the brokers now belong to another cluster."""
+        if facility == "CLUSTERID":
+            self._on_cluster_change(message)
+        self._logger.log(level, fmt, facility, client, message)
+
+
+class RdSender:
+    """Owns the librdkafka producer and the thread that serves its delivery reports."""
+
+    def __init__(self, cfg: AgentConfig, wake: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self._wake = wake
+        self._producer: Any = None
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._fatal: str | None = None  # why this producer will never deliver again
+        self._last_problem: str | None = None
+        self._stats: str | None = None  # the latest statistics JSON, parsed when asked
+        # the `kafka` loggers stay out of the agent's log as with kafka-python (sender.py)
+        watch_connection_problems(quiet=logging.getLogger("kafka").level != logging.DEBUG)
+
+    @property
+    def connected(self) -> bool:
+        """True once a producer exists."""
+        return self._producer is not None
+
+    @property
+    def broker_connected(self) -> bool:
+        """True while librdkafka's latest statistics show a bootstrap-listed or learned broker UP."""
+        if self._producer is None:
+            return False
+        stats = self._stats
+        if stats is None:
+            return True  # no statistics yet: connect() has just seen the cluster answer
+        try:
+            brokers = json.loads(stats).get("brokers", {})
+        except ValueError:
+            return True
+        return any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0 for b in brokers.values())
+
+    @property
+    def broken(self) -> bool:
+        """True after a fatal error: this producer will never deliver again."""
+        return self._fatal is not None
+
+    @property
+    def broken_reason(self) -> str:
+        """The fatal error, or the cluster change."""
+        return self._fatal or ""
+
+    def _problem(self, error: Any) -> None:
+        """error_cb, on the poll thread: keep the reason; remember a fatal error."""
+        if error.fatal():
+            self._fatal = f"{error.name()}: {error.str()}"
+            self._wake()
+            log.warning("Kafka producer: fatal error %s: %s", error.name(), error.str())
+        else:
+            # a refused login is followed by generic disconnects: those never replace it
+            last = self._last_problem
+            if last is None or _generic(last) or not _generic(error.str()):
+                self._last_problem = error.str()
+
+    def _stats_cb(self, stats: str) -> None:
+        self._stats = stats
+
+    def _cluster_changed(self, message: str) -> None:
+        if self._fatal is None:
+            self._fatal = f"another Kafka cluster at the same addresses: {message}"
+            log.warning("Kafka producer: %s", self._fatal)
+            self._wake()  # the ledger renews the producer: nothing in flight would fail by itself
+
+    def connect(self, bootstrap_timeout_ms: int = 5000) -> bool:
+        """Create the producer and see the cluster answer; False (logged) while none does."""
+        from confluent_kafka import KafkaException, Producer
+
+        k = self.cfg.kafka
+        conf = client_config(self.cfg, self._problem)
+        conf["stats_cb"] = self._stats_cb
+        conf["logger"] = _LogBridge(self._cluster_changed)
+        self._fatal = None
+        self._stats = None
+        self._last_problem = None
+        try:
+            producer = Producer(conf)
+        except KafkaException as exc:  # a setting librdkafka refuses (a bad path, ...)
+            log.warning("Kafka at %s: %s", k.bootstrap_servers, exc)
+            return False
+        try:
+            producer.list_topics(timeout=bootstrap_timeout_ms / 1000)
+        except KafkaException as exc:
+            producer.poll(0)  # serve the error_cb events that say why (no poll thread yet)
+            reason = self._last_problem or str(exc)
+            log.warning("Kafka at %s: %s", k.bootstrap_servers, explain(reason))
+            producer.purge()
+            return False
+        self._producer = producer
+        self._stop.clear()
+        self._poller = threading.Thread(target=self._poll_loop, args=(producer,), daemon=True)
+        self._poller.name = "keplerlog-rdkafka-poll"
+        self._poller.start()
+        log.info("connected to Kafka at %s (librdkafka)", k.bootstrap_servers)
+        return True
+
+    def _poll_loop(self, producer: Any) -> None:
+        while not self._stop.is_set():
+            producer.poll(POLL_S)
+
+    def send(self, value: bytes, key: bytes, headers: list[tuple[str, bytes]], token: object) -> None:
+        """Hand one record to librdkafka; the outcome arrives later on `results`.
+
+        Raises BufferError (librdkafka's queue full) or KafkaException synchronously.
+        """
+        self._producer.produce(
+            self.cfg.kafka.topic,
+            value=value,
+            key=key,
+            headers=headers,
+            on_delivery=lambda error, _msg: self._done(token, error),
+        )
+
+    def _done(self, token: object, error: Any) -> None:
+        self.results.put(Outcome(token, None if error is None else SendError(error)))
+        self._wake()
+
+    def poke(self) -> None:
+        """Nothing to do: librdkafka sends as soon as linger.ms allows."""
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for every sent record to complete; False on timeout."""
+        if self._producer is None:
+            return True
+        return self._producer.flush(timeout) == 0
+
+    def _drop(self) -> None:
+        """Fail what is unfinished (reports with _PURGE_*), deliver those reports, stop the thread."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join()
+            self._poller = None
+        producer.purge()
+        producer.poll(0)  # the purged messages' reports, before the producer goes away
+
+    def renew(self) -> bool:
+        """Replace the producer (new connections, new producer id); False if no broker answers.
+
+        The old one's unfinished records fail (their outcomes arrive on `results`), so the
+        caller re-reads them from the file and sends them to the new one.
+        """
+        self._drop()
+        return self.connect()
+
+    def close(self, timeout: float = 0) -> None:
+        """Close the producer (records still unacknowledged are abandoned; they are re-read)."""
+        if self._producer is not None and timeout > 0:
+            self._producer.flush(timeout)
+        self._drop()
