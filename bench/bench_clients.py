@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import confluent_kafka  # noqa: F401
     except ImportError:
-        print("confluent-kafka is not installed (scripts/bench-deps.sh installs it)", file=sys.stderr)
+        print("confluent-kafka is not installed (make venv installs it: requirements.txt)", file=sys.stderr)
         return 2
     runs: list[dict[str, Any]] = []
     with kafka_cluster(WORK_DIR / "kafka-clients") as cluster:

@@ -10,9 +10,12 @@ and peak RSS. And where the time goes: the topic keeps the broker's append time
 record is enough: a record is consecutive lines of one file), so each line's delay splits into
   * write -> agent read (`kl.ts`): inotify, then the agent's `read_coalesce_ms`;
   * agent read -> broker append: the record's assembly, the producer's linger, the request;
-  * broker append -> day file: replication to the follower (acks=all; the consumer sees a
-    record only then), the consumer's fetch, its batch gathering (`batch_max_wait_ms`),
-    write and fsync, and this script's polling of the day file.
+  * broker append -> fetched: replication to the follower (acks=all; a consumer sees a record
+    only then) and a fetch, as the tap (a plain kafka-python consumer, like the consumer's)
+    gets it;
+  * fetched -> day file: the rest, the consumer's own part: its batch gathering
+    (`batch_idle_ms`, `batch_max_wait_ms`), write and fsync, and this script's polling of the
+    day file.
 The tap's own reads cost some CPU on the same machine. Usage:
 
     .venv/bin/python bench/bench_latency.py --out bench/results/latency.json
@@ -152,8 +155,9 @@ class DayFileReader:
 
 
 class Tap:
-    """Reads the topic beside the consumer: per measured seq, the agent's read time (`kl.ts`) and
-    the broker's append time (the record timestamp of a LogAppendTime topic), both in ms."""
+    """Reads the topic beside the consumer: per measured seq, the agent's read time (`kl.ts`), the
+    broker's append time (the record timestamp of a LogAppendTime topic) and when the tap got
+    the record, all in ms."""
 
     def __init__(self, bootstrap: str, topic: str, total: int) -> None:
         from kafka import KafkaConsumer
@@ -161,6 +165,7 @@ class Tap:
 
         self.read_ms = array("q", [-1]) * total
         self.append_ms = array("q", [-1]) * total
+        self.fetched_ms = array("q", [-1]) * total
         self._decode, self._is_watermark = decode_headers, is_watermark
         self.consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
                                       auto_offset_reset="earliest", enable_auto_commit=False)  # fmt: skip
@@ -172,6 +177,7 @@ class Tap:
         total = len(self.read_ms)
         while not self.stop.is_set():
             for recs in self.consumer.poll(timeout_ms=100).values():
+                now_ms = time.time_ns() // 1_000_000
                 for r in recs:
                     if self._is_watermark(r.headers):
                         continue
@@ -182,6 +188,7 @@ class Tap:
                     for seq in range(got[1], min(total, got[1] + labels.lines)):
                         self.read_ms[seq] = labels.ts_ms
                         self.append_ms[seq] = r.timestamp
+                        self.fetched_ms[seq] = now_ms
 
     def close(self) -> None:
         """Stop reading."""
@@ -192,13 +199,21 @@ class Tap:
 
 def breakdown(write_ns: array, day_ns: array, tap: Tap) -> dict[str, dict[str, float]]:
     """p50/p99 in ms of each stage, over the lines the tap saw."""
-    stages: dict[str, list[float]] = {"write_to_read": [], "read_to_broker": [], "broker_to_day_file": []}
+    stages: dict[str, list[float]] = {
+        "write_to_read": [],
+        "read_to_broker": [],
+        "broker_to_fetched": [],
+        "fetched_to_day_file": [],
+        "broker_to_day_file": [],
+    }
     for seq, (w, d) in enumerate(zip(write_ns, day_ns, strict=True)):
-        read, append = tap.read_ms[seq], tap.append_ms[seq]
+        read, append, fetched = tap.read_ms[seq], tap.append_ms[seq], tap.fetched_ms[seq]
         if d < 0 or read < 0 or append < 0:
             continue
         stages["write_to_read"].append(read - w / 1e6)
         stages["read_to_broker"].append(append - read)
+        stages["broker_to_fetched"].append(fetched - append)
+        stages["fetched_to_day_file"].append(d / 1e6 - fetched)
         stages["broker_to_day_file"].append(d / 1e6 - append)
     out = {}
     for name, values in stages.items():
@@ -218,15 +233,20 @@ def percentile(values: list[int], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))]
 
 
-def _yaml_configs(run: Path, bootstrap: str, topic: str) -> tuple[Path, Path]:
+def _yaml_configs(run: Path, bootstrap: str, topic: str, args: argparse.Namespace) -> tuple[Path, Path]:
     agent = run / "agent.yml"
     agent.write_text(
         f"service: {SERVICE}\nmodule: {MODULE}\nhost: bench\n"
         f'kafka:\n  bootstrap_servers: "{bootstrap}"\n  topic: {topic}\n'
-        "  compression: lz4\n"
+        f"  compression: lz4\n  client: {args.agent_client}\n"
         f"state_file: {run / 'agent-state.json'}\n"
         f'inputs:\n  - paths: ["{run / "logs"}/*.log"]\n'
         "metrics:\n  port: 0\n  log_interval_s: 3600\n"
+        + (
+            ""
+            if args.read_coalesce_lines is None
+            else f"limits:\n  read_coalesce_lines: {args.read_coalesce_lines}\n"
+        )
     )
     consumer = run / "consumer.yml"
     consumer.write_text(
@@ -253,7 +273,7 @@ def _start_pipeline(
     create_topic(
         bootstrap, topic, partitions=4, replication=2, configs={"message.timestamp.type": "LogAppendTime"}
     )
-    agent_yml, consumer_yml = _yaml_configs(run, bootstrap, topic)
+    agent_yml, consumer_yml = _yaml_configs(run, bootstrap, topic, args)
     consumer_cmd = [*(consumer_command() or []), "--config", str(consumer_yml)]
     agent_cmd = [*(agent_command() or []), "--config", str(agent_yml)]
     # Only the agent is pinned, as in the peer benchmark; the consumer runs elsewhere.
@@ -393,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup-timeout", type=float, default=120)
     ap.add_argument("--drain-timeout", type=float, default=30)
     ap.add_argument("--pipeline", choices=("keplerlog", "passthrough"), default="keplerlog")
+    ap.add_argument("--agent-client", choices=("kafka-python", "librdkafka"), default="kafka-python")
+    ap.add_argument("--read-coalesce-lines", type=int, help="the agent's limits.read_coalesce_lines")
     ap.add_argument("--passthrough-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     exit_on_sigterm()
@@ -412,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             "line_bytes": LINE_BYTES,
             "duration_s": args.duration,
             "pinned_cpu": args.cpu,
+            "agent_client": args.agent_client,
+            "read_coalesce_lines": args.read_coalesce_lines,  # None: the agent's default
         },
         "results": [],
     }

@@ -275,14 +275,18 @@ def summarize(runs: list[dict[str, Any]], names: list[str], window_s: float) -> 
         # A round counts only if the agent and every peer that shipped in some round shipped in
         # it: a failed kcat must not make the agent look good against a slower peer.
         # References (kcat with one key) are compared with but never the best peer.
+        # The agent in another setting (`ours`) is compared with the same best peer of the round.
         refs = {n for n in names if ALL[n].reference}
-        shipping = {r["tool"] for r in of if r["ok"] and r["tool"] != AGENT and r["tool"] not in refs}
+        ours = {n for n in names if ALL[n].ours}
+        shipping = {r["tool"] for r in of if r["ok"] and r["tool"] != AGENT and r["tool"] not in refs | ours}
         per_round, void = [], []
         vs_ref: dict[str, list[float]] = {}
+        vs_best: dict[str, list[float]] = {}
         for rnd in sorted({r["round"] for r in of}):
             got = {r["tool"]: r["lines_per_s"] for r in of if r["round"] == rnd and r["ok"]}
             agent = got.pop(AGENT, None)
             ref_rates = {n: got.pop(n) for n in refs if n in got}
+            our_rates = {n: got.pop(n) for n in ours if n in got}
             if agent is None or not got or set(got) != shipping:
                 void.append(rnd)
                 continue
@@ -291,12 +295,16 @@ def summarize(runs: list[dict[str, Any]], names: list[str], window_s: float) -> 
             for n, rate in sorted(ref_rates.items()):
                 entry_round[f"ratio_to_{n}"] = round(agent / rate, 3)
                 vs_ref.setdefault(n, []).append(agent / rate)
+            for n, rate in sorted(our_rates.items()):
+                entry_round[f"ratio_of_{n}"] = round(rate / got[best], 3)
+                vs_best.setdefault(n, []).append(rate / got[best])
             per_round.append(entry_round)
         entry: dict[str, Any] = {"variant": variant, "rounds": per_round, "void_rounds": void}
         entry["references"] = {
             n: {k: round(v, 3) for k, v in _spread(ratios_of_ref).items()}
             for n, ratios_of_ref in vs_ref.items()
         }
+        entry["ours"] = {n: {k: round(v, 3) for k, v in _spread(r).items()} for n, r in vs_best.items()}
         if per_round:
             spread = {k: round(v, 3) for k, v in _spread([r["ratio"] for r in per_round]).items()}
             peers = sorted(r["best_peer"] for r in per_round)

@@ -49,7 +49,7 @@ class Part:
 
 
 PARTS = [
-    Part("agent", "bench_agent.py", 1200, quick=["--lines", "100000"]),
+    Part("agent", "bench_agent.py", 1800, quick=["--lines", "100000"]),
     # three alternating consumer / kcat runs: medians and their spread, not one sample
     Part(
         "consumer",
@@ -68,6 +68,15 @@ PARTS = [
         ],
     ),
     Part("latency", "bench_latency.py", 900, quick=["--duration", "5"]),
+    # the same with the agent's opt-in rate-paced reads (limits.read_coalesce_lines): what a
+    # shorter wait saves in delay and costs in CPU, agent and consumer
+    Part(
+        "latency-paced",
+        "bench_latency.py",
+        900,
+        args=["--read-coalesce-lines", "20"],
+        quick=["--duration", "5"],
+    ),
     Part("files", "bench_files.py", 1200, quick=["--sizes", "100,1000", "--seconds", "5"]),
     # TLS + SCRAM against plaintext on the same broker, alternating: the ratio is what matters
     Part("security", "bench_security.py", 1800, quick=["--lines", "50000", "--mb", "64", "--runs", "1"]),
@@ -89,6 +98,7 @@ PARTS = [
     ),
 ]
 
+LATENCY_P50_TARGET_MS, LATENCY_P99_TARGET_MS = 50, 250  # end to end, at 1k, 10k and 50k lines/s
 WATERMARK_COST_TARGET = 0.2  # % of one core: "next to nothing", the same bound as the metrics
 
 
@@ -323,6 +333,20 @@ def _reference_ratios(ratio: dict[str, Any]) -> str:
     )
 
 
+def _ours_ratios(ratio: dict[str, Any]) -> str:
+    """The agent in another setting (its librdkafka client) over the best peer; '–' when not run."""
+    ours = ratio.get("ours") or {}
+    return (
+        "; ".join(
+            f"{_num(v.get('median'), 2)} ({_num(v.get('min'), 2)}–{_num(v.get('max'), 2)})"
+            + (f" ({name})" if len(ours) > 1 else "")
+            for name, v in sorted(ours.items())
+            if isinstance(v, dict)
+        )
+        or "–"
+    )
+
+
 def ratio_table(part: dict[str, Any]) -> list[str]:
     """Per line size: the agent's lines/s over the best peer's, round by round."""
     data = part.get("data")
@@ -339,6 +363,7 @@ def ratio_table(part: dict[str, Any]) -> list[str]:
             + (f"; rounds {r['void_rounds']} void (a tool failed)" if r.get("void_rounds") else ""),
             f">= {PEER_RATIO_TARGET}",
             "met" if (r.get("ratio_median") or 0) >= PEER_RATIO_TARGET else "**missed**",
+            _ours_ratios(r),
             _reference_ratios(r),
         ]
         for r in ratios
@@ -351,6 +376,7 @@ def ratio_table(part: dict[str, Any]) -> list[str]:
             "per round",
             "target",
             "met",
+            "the agent with librdkafka / best peer",
             "agent / reference (one partition, as the agent)",
         ],
         rows,
@@ -438,6 +464,13 @@ def missed_targets(merged: dict[str, Any]) -> list[str]:
             out += [f"outage: {m}{stale}" for m in data.get("missed", [])]
         elif name == "consumer" and "consumer" in data:
             out += [f"consumer: {t}{stale}" for t, ok in consumer_checks(data) if ok is False]
+        elif name == "latency":  # at defaults (latency-paced is the opt-in comparison)
+            for r in data.get("results", []):
+                for key, target in (("p50_ms", LATENCY_P50_TARGET_MS), ("p99_ms", LATENCY_P99_TARGET_MS)):
+                    if _le(r.get(key), target) is False:
+                        out.append(
+                            f"latency: {key[:3]} <= {target} ms at {_num(r.get('rate'))} lines/s{stale}"
+                        )
     return out
 
 
@@ -459,9 +492,16 @@ def agent_sections(part: dict[str, Any]) -> list[str]:
         rows.append(row("peak RSS with a 16 MiB buffer (MB)", big.get("peak_rss_mb"), "–", None, 1))
     out = _table(["measure", "value", "target", "met"], rows)
     out += metrics_ab(data.get("metrics_cost_200_lines_s") or {})
+    out += client_ab(data.get("client_ab") or {})
     if not part.get("ok"):
         out.append(f"\n_agent: {part.get('error', '')}_")
     return out
+
+
+def _median_fig(m: dict[str, Any], digits: int) -> str:
+    """A bench_agent.py spread ({median, spread: [min, max]}) as 'median (min–max)'."""
+    lo, hi = m["spread"]
+    return f"{m['median']:,.{digits}f} ({lo:,.{digits}f}–{hi:,.{digits}f})"
 
 
 def metrics_ab(mc: dict[str, Any]) -> list[str]:
@@ -470,9 +510,7 @@ def metrics_ab(mc: dict[str, Any]) -> list[str]:
         return []
 
     def fig(side: str, key: str, digits: int) -> str:
-        m = mc[side][key]
-        lo, hi = m["spread"]
-        return f"{m['median']:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+        return _median_fig(mc[side][key], digits)
 
     rows = [
         [
@@ -490,6 +528,30 @@ def metrics_ab(mc: dict[str, Any]) -> list[str]:
         "cost at a scrape interval is the CPU per scrape divided by the interval.",
         "",
         *_table(["measure", "hand-written page", "prometheus_client"], rows),
+    ]
+
+
+def client_ab(ab: dict[str, Any]) -> list[str]:
+    """The agent with kafka-python (its default client) against itself with librdkafka."""
+    clients = [c for c in ("kafka-python", "librdkafka") if isinstance(ab.get(c), dict)]
+    if len(clients) < 2:
+        return []
+
+    rows = [
+        [label, *(_median_fig(ab[c][key], digits) for c in clients)]
+        for label, key, digits in (
+            ("CPU at a steady 200 lines/s (% of one core; target <= 1)", "cpu_percent", 2),
+            ("RSS at 200 lines/s (MB)", "rss_mb", 1),
+            (f"lines/s shipping {_num(ab.get('lines'))} lines of 200 B", "lines_per_s", 0),
+            ("peak RSS during that run (MB; target <= 40)", "peak_rss_mb", 1),
+        )
+    ]
+    return [
+        "",
+        f"Producer client A/B (`kafka.client`): the same agent with kafka-python (the default) and with "
+        f"librdkafka, {ab.get('runs')} rounds, alternating; median (min–max).",
+        "",
+        *_table(["measure", *clients], rows),
     ]
 
 
@@ -783,14 +845,14 @@ def security_table(part: dict[str, Any]) -> list[str]:
     return out
 
 
-def latency_table(part: dict[str, Any]) -> list[str]:
-    """Rate | p50 | p90 | p99 | max | lines | agent and consumer CPU."""
+def latency_table(part: dict[str, Any], note: bool = True) -> list[str]:
+    """Rate | p50 | p90 | p99 | max | lines | agent and consumer CPU | stages; `note`: what they hold."""
     data = part.get("data") or {}
     if not part.get("ok") and not data.get("results"):
         return [f"_latency: failed — {data.get('error') or part.get('error', '')}_"]
     header = ["lines/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "received/written",
               "agent CPU s", "consumer CPU s", "p50 ms: write → agent read", "agent read → broker",
-              "broker → day file", "notes"]  # fmt: skip
+              "broker → fetched", "fetched → day file", "notes"]  # fmt: skip
     rows = []
     for r in data.get("results", []):
         stages = r.get("breakdown") or {}
@@ -800,18 +862,21 @@ def latency_table(part: dict[str, Any]) -> list[str]:
             f"{_num(r.get('received'))}/{_num(r.get('written'))}",
             _num(r.get("agent_cpu_s"), 2), _num(r.get("consumer_cpu_s"), 2),
             *(_num((stages.get(k) or {}).get("p50_ms"), 0)
-              for k in ("write_to_read", "read_to_broker", "broker_to_day_file")),
+              for k in ("write_to_read", "read_to_broker", "broker_to_fetched", "fetched_to_day_file")),
             str(r.get("error", ""))[:160],
         ])  # fmt: skip
+    if not note:
+        return _table(header, rows)
     return [
         *_table(header, rows),
         "",
         "Where the time goes (p50 of each stage; bench_latency.py's docstring says what each holds): "
-        "the agent reads a busy file at most every `read_coalesce_ms` (100 ms: 50 ms on average, the "
-        "price of one read, record and request per 100 ms instead of per write); the broker's append "
-        "to the day file holds replication to the follower (acks=all), the consumer's fetch, its "
-        "batch (ended as soon as it has caught up, `batch_idle_ms`) and the fsyncs of the day files "
-        "and the state.",
+        "the agent reads a busy file `read_coalesce_ms` (100 ms) after its previous read (50 ms on "
+        "average: the price of one read, record and request per 100 ms instead of per write); "
+        '"broker → fetched" is replication to the follower (acks=all) and a fetch, as a plain '
+        'consumer beside ours gets the record; "fetched → day file" is our consumer\'s own part: its '
+        "batch (written as soon as it has caught up and its writer is free, `batch_idle_ms`), and "
+        "the writes and fsyncs of it (intent, day files, state) and of the batch before it.",
     ]
 
 
@@ -870,6 +935,11 @@ def markdown(merged: dict[str, Any]) -> str:
         + _when(merged["parts"].get("latency", {})),
         "",
         *latency_table(merged["parts"].get("latency", {})),
+        "",
+        "**The same with `limits.read_coalesce_lines: 20` (opt-in, keplerlog/agent/pacer.py)**"
+        + _when(merged["parts"].get("latency-paced", {})),
+        "",
+        *latency_table(merged["parts"].get("latency-paced", {}), note=False),
         "",
         "![throughput](bench/results/throughput.png) ![latency](bench/results/latency.png)",
         "",

@@ -66,6 +66,9 @@ class Peer:
     notes = ""
     # A reference is shown and compared with, but is not a peer: it never is the best peer.
     reference = False
+    # kepler-log's own agent in another setting (its librdkafka client): compared with the best
+    # peer like the agent, never a peer itself
+    ours = False
 
     def missing(self) -> str:
         """Why the tool cannot run here ('' when it can)."""
@@ -250,12 +253,12 @@ def consumer_command() -> list[str] | None:
     return _entry("keplerlog.consumer.main", "keplerlog-consumer")
 
 
-def agent_config(spec: RunSpec) -> str:
+def agent_config(spec: RunSpec, client: str = "kafka-python") -> str:
     """The agent's YAML (schema in docs/interfaces.md) for one benchmark run.
 
     Only what the run needs (where to read, where to ship, the metrics port the harness counts
     acknowledged lines on): every tuning knob (linger_ms, max_record_bytes, limits) stays at the
-    agent's default, as the peers keep theirs.
+    agent's default, as the peers keep theirs; `client` is the producer client (kafka.client).
     """
     return (
         "service: bench\n"
@@ -265,6 +268,7 @@ def agent_config(spec: RunSpec) -> str:
         f'  bootstrap_servers: "{spec.bootstrap}"\n'
         f"  topic: {spec.topic}\n"
         "  compression: lz4\n"
+        f"  client: {client}\n"
         f"state_file: {spec.workdir / 'agent-state.json'}\n"
         "inputs:\n"
         f'  - paths: ["{spec.watch}/*.log"]\n'
@@ -296,6 +300,7 @@ class KeplerlogAgent(Peer):
     name = AGENT
     lines_in_headers = True
     notes = "many lines per record (counted by kl.lines), lz4, agent defaults (linger 0 ms)"
+    client = "kafka-python"
 
     def missing(self) -> str:
         if agent_command() is None:
@@ -315,7 +320,7 @@ class KeplerlogAgent(Peer):
 
         spec.metrics_port = free_port()
         conf = spec.workdir / "agent.yml"
-        conf.write_text(agent_config(spec))
+        conf.write_text(agent_config(spec, self.client))
         cmd = [*(agent_command() or []), "--config", str(conf)]
         return Tool(cmd, spec.workdir / "agent.log", cpu=spec.cpu)
 
@@ -323,4 +328,25 @@ class KeplerlogAgent(Peer):
         return lambda: acked_lines(spec.metrics_port)
 
 
-ALL: dict[str, Peer] = {p.name: p for p in (KeplerlogAgent(), Kcat(), KcatOneKey(), Rsyslog(), Flume())}
+class KeplerlogAgentLibrdkafka(KeplerlogAgent):
+    """The agent with `kafka.client: librdkafka` (confluent-kafka): the same run, another client."""
+
+    name = "keplerlog-agent-librdkafka"
+    ours = True
+    client = "librdkafka"
+    notes = (
+        "the agent as above with kafka.client: librdkafka (confluent-kafka); the agent's option, not a peer"
+    )
+
+    def missing(self) -> str:
+        import importlib.util
+
+        if importlib.util.find_spec("confluent_kafka") is None:
+            return "confluent-kafka not installed (pip install 'keplerlog[librdkafka]')"
+        return super().missing()
+
+
+ALL: dict[str, Peer] = {
+    p.name: p
+    for p in (KeplerlogAgent(), KeplerlogAgentLibrdkafka(), Kcat(), KcatOneKey(), Rsyslog(), Flume())
+}
