@@ -23,6 +23,7 @@ import pytest
 from consumer_support import ANY_TIME, die
 from kafka import TopicPartition
 
+from keplerlog.consumer import intents
 from keplerlog.consumer.app import ConsumerApp
 from keplerlog.consumer.config import load_config
 from keplerlog.consumer.files import FileCache, FileOps
@@ -104,8 +105,10 @@ def recover_and_finish(root, committed: dict) -> Sink:
 
 def check(root, fresh: Sink) -> None:
     assert day_files(root) == EXPECTED  # every line exactly once, in order
-    assert not list((root / ".keplerlog/state").glob("*.intent.json"))
     reader = Journal(str(root), "reader")
+    assert reader.recover() == []  # nothing left to roll back or forward
+    assert fresh.journal.pending() is None
+    assert not list((root / ".keplerlog/state").glob("victim.*"))  # its intent was removed
     for tp, recs in ((P0, PORTAL), (P1, BILLING)):
         state = reader.load(*tp)
         assert state.next_offset == recs[-1].offset + 1
@@ -172,6 +175,48 @@ def test_killed_in_the_middle_of_an_append(tmp_path, after_bytes):
         sink.write(BATCHES[1])
     assert armed["hit"] == 1
     die(sink)
+    check(tmp_path, recover_and_finish(tmp_path, committed))
+
+
+def _tear_latest_intent(root) -> int:
+    """Spoil the newest intent record's last bytes, as a crash during its in-place write would.
+
+    Returns the phase the torn record announced's sequence number (the fault, to assert on)."""
+    slots = sorted((root / ".keplerlog/state").glob("victim.intent.*"))
+    newest = max(slots, key=lambda p: (intents.decode(p.read_bytes()) or (-1,))[0])
+    data = bytearray(newest.read_bytes())
+    seq, _ = intents.decode(bytes(data))
+    header = data[: data.index(b"\n") + 1]
+    end = len(header) + int(header.split()[2])  # the record's end, not an older record's tail
+    data[end - 4 : end] = b"\0\0\0\0"
+    newest.write_bytes(bytes(data))
+    assert intents.decode(bytes(data)) is None  # now torn
+    return seq
+
+
+# A record torn by the crash counts as never written: the same outcome as a kill before the step.
+@pytest.mark.parametrize("method", ["begin", "commit", "clear"])
+@pytest.mark.parametrize("batch_no", [1, 2])
+def test_killed_while_writing_an_intent_record_recovers_exactly_once(tmp_path, method, batch_no):
+    sink = make_sink(tmp_path, "victim")
+    committed: dict = {}
+    run_batches(sink, BATCHES[:batch_no], committed)
+    real = getattr(sink.journal, method)
+
+    def killed(*args, **kwargs):
+        real(*args, **kwargs)
+        raise Killed
+
+    setattr(sink.journal, method, killed)
+    with pytest.raises(Killed):
+        sink.write(BATCHES[batch_no])
+    die(sink)
+    torn_seq = _tear_latest_intent(tmp_path)
+    # the previous record is intact and is what recovery sees
+    previous = intents.read_latest(intents.slot_paths(tmp_path / ".keplerlog/state", "victim"))
+    assert previous is not None
+    assert previous["phase"] == {"begin": "done", "commit": "write", "clear": "commit"}[method]
+    assert torn_seq == 3 * batch_no + {"begin": 1, "commit": 2, "clear": 3}[method]
     check(tmp_path, recover_and_finish(tmp_path, committed))
 
 

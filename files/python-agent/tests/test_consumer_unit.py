@@ -178,7 +178,7 @@ def test_sink_disk_full_rolls_back_and_retries(tmp_path):
             sink.write({TP: [rec(1, batch(20, second), second)]})
         assert path.read_bytes() == first  # rolled back
         assert sink.states[TP].next_offset == 1
-        assert not list((tmp_path / ".keplerlog/state").glob("*.intent.json"))
+        assert sink.journal.pending() is None
     assert sink.write({TP: [rec(1, batch(20, second), second)]}) == {TP: 2}
     assert path.read_bytes() == first + second
 
@@ -227,7 +227,8 @@ def test_journal_recovery_rollback_and_roll_forward(tmp_path):
     live = Journal(str(tmp_path), "live")
     live.begin({"shop/portal.20231114": (0, 10)})
     other.assign([TP])
-    assert target.read_bytes() == data and live.intent_path.exists()
+    assert target.read_bytes() == data and live.pending() == "write"
+    assert (tmp_path / ".keplerlog/state/live.intent.0").exists()
 
 
 def test_written_counters_past_the_label_cap_and_the_latency_samples_past_their_cap(tmp_path, monkeypatch):

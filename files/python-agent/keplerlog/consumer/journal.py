@@ -1,14 +1,16 @@
 """Durable per-partition state and the write-ahead intent that keeps it consistent with data.
 
 Protocol of one batch (see README.md):
-1. intent `write`: for every target file its size before the append (atomic replace + fsync);
+1. intent `write`: for every target file its size before the append;
 2. append + fsync the data files;
 3. intent `commit`: the new state of every partition in the batch;
-4. replace each partition state file, then remove the intent;
+4. replace each partition state file, then intent `done`;
 5. commit the offsets to Kafka (informational: the state file is authoritative).
 A crash in 1-2 is undone by truncating the files back (rollback); a crash in 3-4 is completed
-from the intent (roll forward). Each consumer process holds an flock on its own lock file for its
-lifetime so that a peer recovers only the intents of dead processes.
+from the intent (roll forward). The intent lives in two slot files written in place
+(intents.py); consumers before them wrote `<id>.intent.json`, still recovered. Each consumer
+process holds an flock on its own lock file for its lifetime so that a peer recovers only the
+intents of dead processes.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keplerlog.durable import atomic_write, fsync_dir
+from keplerlog.durable import fsync_dir
 from keplerlog.paths import UnsafePathError, make_dirs, open_beneath
 
-from . import coverage
+from . import coverage, intents
 from .files import replace_all
 from .locks import Locks
 from .marks import Mark, decode_all, encode_all
@@ -89,18 +91,26 @@ class Journal:
         self.consumer_id = consumer_id
         make_dirs(root, STATE_SUBDIR)
         self.dir = Path(root) / STATE_SUBDIR
-        self.intent_path = self.dir / f"{consumer_id}.intent.json"
         lock = self.dir / f"{consumer_id}.lock"
         self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.intents = intents.IntentSlots(self.dir, consumer_id)
+        fsync_dir(self.dir)  # the slots must exist on disk before a record in them counts
         self.locks = Locks(root)
 
     def close(self) -> None:
-        """Release the liveness lock (the intent, if any, stays for recovery)."""
+        """Release the liveness lock; the intent stays for recovery unless it is `done`."""
         self.locks.close()
+        self.intents.close(remove=self.pending() is None)
         with contextlib.suppress(OSError):
             os.unlink(self.dir / f"{self.consumer_id}.lock")
         os.close(self._lock_fd)
+
+    def pending(self) -> str | None:
+        """Return the phase of this process's unfinished intent (`write` or `commit`), None if none."""
+        latest = self.intents.latest
+        phase = None if latest is None else latest.get("phase")
+        return None if phase == "done" else phase
 
     # -- partition state -------------------------------------------------------------------
     def load(self, topic: str, partition: int) -> PartitionState:
@@ -121,14 +131,14 @@ class Journal:
     # -- intent ------------------------------------------------------------------------------
     def begin(self, files: dict[str, tuple[int, int]]) -> None:
         """Record, durably, each target file's size and the length about to be appended."""
-        body = {"consumer": self.consumer_id, "phase": "write", "files": files}
-        atomic_write(self.intent_path, json.dumps(body).encode())
+        self.intents.write({"consumer": self.consumer_id, "phase": "write", "files": files})
 
     def commit(self, files: dict[str, tuple[int, int]], states: dict[str, PartitionState]) -> None:
         """Mark the appended data as complete: from here on recovery rolls forward."""
         head = json.dumps({"consumer": self.consumer_id, "phase": "commit", "files": files})
         encoded = ", ".join(f"{json.dumps(name)}: {s.dumps()}" for name, s in states.items())
-        atomic_write(self.intent_path, f'{head[:-1]}, "states": {{{encoded}}}}}'.encode())
+        body = f'{head[:-1]}, "states": {{{encoded}}}}}'.encode()
+        self.intents.write_raw(body, {"phase": "commit", "files": files})
 
     def finish(self, states: dict[str, PartitionState]) -> None:
         """Apply the committed states and drop the intent."""
@@ -136,41 +146,39 @@ class Journal:
         self.clear()
 
     def clear(self) -> None:
-        """Remove our intent (after apply or after an in-process rollback)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.intent_path)
-        fsync_dir(str(self.dir))
+        """Mark our intent done (after apply or after an in-process rollback)."""
+        self.intents.write({"consumer": self.consumer_id, "phase": "done"})
 
     # -- recovery ----------------------------------------------------------------------------
     def dead_write_intent_for(self, rels: Iterable[str]) -> bool:
         """Tell whether a dead consumer's intent in phase `write` names one of these files.
 
         Called with their file locks held, before appending: such an intent means torn bytes
-        at the end of a file that must be undone first (locks.py).
+        at the end of a file that must be undone first (locks.py). A live peer's latest record
+        is never `write` while we hold the locks of its files: it holds them until `commit`
+        or until its rollback is done.
         """
         wanted = set(rels)
-        for intent in self.dir.glob("*.intent.json"):
-            if intent.name == self.intent_path.name:
-                continue
-            try:
-                body = json.loads(intent.read_bytes())
-            except FileNotFoundError:
-                continue
-            except ValueError:
-                return True  # unreadable: let recover() deal with it
-            if body.get("phase") == "write" and wanted & set(body.get("files") or ()):
+        for owner, paths in self._intent_files().items():
+            if owner == self.consumer_id or self._alive(owner):
+                continue  # a live peer's slots may hold a large commit record: not read
+            body = _read_intent(paths)
+            if body is _UNREADABLE:
+                return True  # let recover() deal with it
+            writing = isinstance(body, dict) and body.get("phase") == "write"
+            if writing and wanted & set(body.get("files") or ()):  # type: ignore[union-attr]
                 return True
         return False
 
     def recover(self) -> list[str]:
         """Finish or undo the intents of dead consumer processes (and of our predecessors).
 
-        Returns a description per intent handled. Intents whose owner still holds its lock
-        are left alone: that process is alive and will complete its own batch.
+        Returns a description per intent handled (an intent that was `done` needs nothing and
+        is only removed). Intents whose owner still holds its lock are left alone: that process
+        is alive and will complete its own batch.
         """
         done: list[str] = []
-        for intent in sorted(self.dir.glob("*.intent.json")):
-            owner = intent.name[: -len(".intent.json")]
+        for owner, paths in sorted(self._intent_files().items()):
             if owner == self.consumer_id:
                 continue
             lock_path = self.dir / f"{owner}.lock"
@@ -182,40 +190,76 @@ class Journal:
                 try:
                     fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    log.info("intent %s belongs to a live consumer, left alone", intent.name)
+                    log.info("intent of %s belongs to a live consumer, left alone", owner)
                     continue
-                if not intent.exists():
-                    continue
-                done.append(self._recover_one(intent))
-                os.unlink(intent)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock_path)
+                handled = self._recover_one(owner, _read_intent(paths))
+                if handled:
+                    done.append(handled)
+                for path in [*paths, lock_path]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
                 fsync_dir(str(self.dir))
             finally:
                 os.close(lock_fd)
         return done
 
-    def _recover_one(self, intent: Path) -> str:
+    def _alive(self, owner: str) -> bool:
+        """Tell whether the owner of intents still holds its liveness lock (a quick test)."""
         try:
-            body = json.loads(intent.read_bytes())
-            files = {str(k): (int(v[0]), int(v[1])) for k, v in body["files"].items()}
+            fd = os.open(self.dir / f"{owner}.lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also drops the lock we may have taken
+        return False
+
+    def _intent_files(self) -> dict[str, list[Path]]:
+        """Every consumer's intent files by owner: its two slots, or a `.intent.json` of old."""
+        found: dict[str, list[Path]] = {}
+        for path in self.dir.iterdir():
+            if path.name.endswith(LEGACY_SUFFIX):
+                owner: str | None = path.name[: -len(LEGACY_SUFFIX)]
+            else:
+                owner = intents.owner_of(path)
+            if owner:
+                found.setdefault(owner, []).append(path)
+        return found
+
+    def _recover_one(self, owner: str, body: object) -> str | None:
+        if body is _UNREADABLE or not isinstance(body, dict):
+            if body is None:
+                return None  # no record (died before its first batch) or only torn ones
+            log.error("intent of %s unreadable: removed; its batch may repeat", owner)
+            return f"{owner}: unreadable"
+        try:
             phase = body["phase"]
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            log.error("intent %s unreadable (%s): removed; its batch may repeat", intent, exc)
-            return f"{intent.name}: unreadable"
+            if phase == "done":
+                return None
+            files = {str(k): (int(v[0]), int(v[1])) for k, v in body["files"].items()}
+            states = (
+                {str(k): PartitionState.from_json(v) for k, v in body["states"].items()}
+                if phase == "commit"
+                else {}
+            )
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            log.error("intent of %s unreadable (%s): removed; its batch may repeat", owner, exc)
+            return f"{owner}: unreadable"
         if phase == "commit":
-            states = {str(k): PartitionState.from_json(v) for k, v in body["states"].items()}
             self.save_states(states)
-            log.warning("recovered intent %s: rolled forward %d partition states", intent.name, len(states))
-            return f"{intent.name}: rolled forward"
+            log.warning("recovered intent of %s: rolled forward %d partition states", owner, len(states))
+            return f"{owner}: rolled forward"
         self.locks.lock_files(files)  # nobody appends to these files while we undo
         try:
             for rel, (before, length) in files.items():
                 self._rollback_file(rel, before, length)
         finally:
             self.locks.unlock_files()
-        log.warning("recovered intent %s: rolled back %d files", intent.name, len(files))
-        return f"{intent.name}: rolled back"
+        log.warning("recovered intent of %s: rolled back %d files", owner, len(files))
+        return f"{owner}: rolled back"
 
     def _rollback_file(self, rel: str, before: int, length: int) -> None:
         try:
@@ -240,3 +284,25 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+LEGACY_SUFFIX = ".intent.json"  # the whole intent in one file, replaced atomically (before intents.py)
+_UNREADABLE = object()
+
+
+def _read_intent(paths: list[Path]) -> object:
+    """Return the latest record among an owner's intent files: a dict, None (none) or _UNREADABLE.
+
+    Slots (intents.py) hold a torn record at worst, which is skipped; a legacy JSON file was
+    replaced atomically, so one that does not parse is reported unreadable.
+    """
+    legacy = [p for p in paths if p.name.endswith(LEGACY_SUFFIX)]
+    if legacy:
+        try:
+            body = json.loads(legacy[0].read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return _UNREADABLE
+        return body if isinstance(body, dict) else _UNREADABLE
+    return intents.read_latest(paths)
