@@ -17,6 +17,7 @@ import threading
 import time
 from collections import namedtuple
 from concurrent.futures import Future
+from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -242,6 +243,10 @@ class FakeConsumer:
         self.commits: list[tuple[dict, dict]] = []
         self.durable: dict = {}
         self.lock = threading.Lock()
+        self.in_flight: list = []  # asynchronous commits not answered yet
+        self.polls = 0
+        self.answer_every = 1  # polls until the coordinator answers an asynchronous commit
+        self.sync_commits = 0
 
     def subscribe(self, topics, listener):
         self.listener = listener
@@ -250,6 +255,12 @@ class FakeConsumer:
         if not self.assigned:
             self.assigned = True
             self.listener.on_partitions_assigned([TopicPartition(*P0), TopicPartition(*P1)])
+        self.polls += 1
+        if self.polls % self.answer_every == 0:  # kafka-python runs commit callbacks inside poll
+            for future, callback, offsets in self.in_flight:
+                future.is_done = True
+                callback(offsets, object())  # an OffsetCommitResponse
+            self.in_flight.clear()
         if self.todo:
             return self.todo.pop(0)
         self.app.stop()
@@ -275,13 +286,21 @@ class FakeConsumer:
         key = (tp.topic, tp.partition)
         return max((r.offset + 1 for b in BATCHES for recs in [b.get(key, [])] for r in recs), default=None)
 
-    def commit(self, offsets):
+    def _record(self, offsets):
         with self.lock:
             self.commits.append(
                 ({(tp.topic, tp.partition): m.offset for tp, m in offsets.items()}, dict(self.durable))
             )
 
-    commit_async = commit
+    def commit(self, offsets):
+        self._record(offsets)
+        self.sync_commits += 1
+
+    def commit_async(self, offsets, callback):
+        self._record(offsets)
+        future = SimpleNamespace(is_done=False)
+        self.in_flight.append((future, callback, offsets))
+        return future
 
     def close(self, autocommit=False):
         pass
@@ -317,6 +336,39 @@ def test_kafka_offsets_are_committed_only_after_the_batch_is_durable(tmp_path):
             assert offset <= (durable.get(tp) or 0), f"committed {tp}@{offset} while durable was {durable}"
     assert {tp: off for c, _ in fake.commits for tp, off in c.items()} == {P0: 9, P1: 6}
     assert app.metrics.lag == {P0: 0, P1: 0}  # high watermark - committed, once all is durable
+
+
+def test_offsets_durable_while_a_commit_is_in_flight_go_in_the_next_one(tmp_path):
+    """At most one asynchronous commit in flight: the offsets of the batches durable meanwhile
+    are merged into the next one; at shutdown an unanswered one is sent again, synchronously."""
+    cfg = load_config(
+        None,
+        {
+            "KEPLERLOG_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+            "KEPLERLOG_ROOT": str(tmp_path),
+            "KEPLERLOG_METRICS_PORT": "0",
+        },
+    )
+    app = ConsumerApp(cfg)
+    fake = FakeConsumer(app)
+    app.consumer = fake
+    fake.assigned = True  # no rebalance in this test
+    app._commit({P0: 3})
+    app._commit({P0: 6})
+    app._commit({P1: 2})
+    app._send_commits()
+    assert [c for c, _ in fake.commits] == [{P0: 3}]  # the others wait for its answer
+    assert app._committed == {}
+    fake.poll()  # the coordinator answers
+    assert app._committed == {TopicPartition(*P0): 3}
+    app._send_commits()
+    assert [c for c, _ in fake.commits] == [{P0: 3}, {P0: 6, P1: 2}]
+    app._commit({P0: 9})
+    app._send_commits(sync=True)  # shutdown: {P0: 6, P1: 2} unanswered, {P0: 9} not sent
+    assert [c for c, _ in fake.commits][2:] == [{P0: 9, P1: 2}]
+    assert fake.sync_commits == 1
+    assert app._committed == {TopicPartition(*P0): 9, TopicPartition(*P1): 2}
+    assert app.metrics.counts["commit_failures"] == 0
 
 
 # -- batch gathering: wait for more records only while it pays -------------------------------

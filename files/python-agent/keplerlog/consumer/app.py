@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
@@ -82,6 +83,9 @@ class ConsumerApp:
             last_commit_timestamp_seconds=time.time(),
         )
         self._committed: dict[TopicPartition, int] = {}  # next offset per partition, as committed
+        self._to_commit: dict[TopicPartition, int] = {}  # durable, not sent to Kafka yet
+        self._commit_future: Any = None  # the asynchronous commit in flight (kafka.future.Future)
+        self._in_flight: dict[TopicPartition, int] = {}  # its offsets
         os.makedirs(config.root, exist_ok=True)
         self.files = FileCache(config.root, config.max_open_files, config.idle_close_s, ops)
         self.journal = Journal(config.root, new_consumer_id())
@@ -136,6 +140,7 @@ class ConsumerApp:
         self.sink.revoke(revoked)
         for tp in revoked:
             self._committed.pop(tp, None)
+            self._to_commit.pop(tp, None)
         log.info("revoked %s", sorted(tp.partition for tp in revoked))
 
     def on_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -219,6 +224,7 @@ class ConsumerApp:
             while not self._stop.is_set():
                 batch = self._gather()  # the writer works on the previous batch meanwhile
                 failed, error = self._settle()  # from here the writer is idle
+                self._send_commits()  # what waited for the previous commit's answer
                 if self.files.close_idle():
                     self.metrics.gauges["open_files"] = len(self.files)
                 self._count_replaced_keys()
@@ -238,6 +244,7 @@ class ConsumerApp:
                 log.exception("writer failed at shutdown")
             self._writer.shutdown(wait=True)
             self.sink.write_reports(force=True)  # the audit reports of the last batches
+            self._send_commits(sync=True)
             log.info("stopping: %s", self.metrics.summary())
             try:
                 self.consumer.close(autocommit=False)
@@ -413,30 +420,63 @@ class ConsumerApp:
             self._pending.setdefault(tp, []).extend(recs)
         return True
 
-    def _commit(self, offsets: dict, sync: bool = True) -> None:
-        """Commit Kafka offsets of partitions we still own; failures are logged, not fatal."""
+    def _commit(self, offsets: dict, sync: bool = False) -> None:
+        """Commit Kafka offsets of partitions we still own; failures are logged, not fatal.
+
+        Asynchronous by default, at most one request in flight and the offsets of the batches
+        that come meanwhile merged into the next one: the state files are authoritative (the
+        consumer seeks to them on assignment), so a commit only moves the group's offsets and
+        the lag metric. A synchronous commit here held every next batch back by a round trip
+        to the group coordinator. `sync` (at shutdown) waits for it.
+        """
         assert self.consumer is not None
         owned = self.consumer.assignment()
-        commit = {
-            TopicPartition(tp[0], tp[1]): OffsetAndMetadata(off, "", -1)
-            for tp, off in offsets.items()
-            if TopicPartition(tp[0], tp[1]) in owned
-        }
+        for tp, off in offsets.items():
+            key = TopicPartition(tp[0], tp[1])
+            if key in owned:
+                self._to_commit[key] = off
+        self._send_commits(sync)
+
+    def _send_commits(self, sync: bool = False) -> None:
+        """Send the merged offsets unless a commit is in flight (called again every loop)."""
+        assert self.consumer is not None
+        busy = self._commit_future is not None and not self._commit_future.is_done
+        if busy and sync:  # its answer would come in a poll that never runs: send it again
+            self._to_commit = {**self._in_flight, **self._to_commit}
+        if not self._to_commit or (busy and not sync):
+            return
+        owned = self.consumer.assignment()
+        commit = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self._to_commit.items() if tp in owned}
+        self._in_flight, self._to_commit = self._to_commit, {}
         if not commit:
             return
         try:
             if sync:
                 self.consumer.commit(commit)
+                self._committed_ok(commit)
             else:
-                self.consumer.commit_async(commit)
+                self._commit_future = self.consumer.commit_async(commit, callback=self._commit_done)
         except (KafkaError, RuntimeError) as exc:
-            self.metrics.inc("commit_failures")
-            log.warning("offset commit failed (state file stays authoritative): %s", exc)
-            return
-        for tp, meta in commit.items():
-            self._committed[tp] = meta.offset
+            self._commit_failed(exc)
+
+    def _commit_done(self, offsets: dict, response: object) -> None:
+        """kafka-python's callback of an asynchronous commit (runs inside poll())."""
+        if isinstance(response, BaseException):
+            self._commit_failed(response)
+        else:
+            self._committed_ok(offsets)
+
+    def _committed_ok(self, offsets: dict) -> None:
+        owned = self.consumer.assignment() if self.consumer is not None else set()
+        for tp, meta in offsets.items():
+            if tp in owned:
+                self._committed[tp] = meta.offset
         self.metrics.gauges["last_commit_timestamp_seconds"] = time.time()
         self._update_lag()
+
+    def _commit_failed(self, exc: BaseException) -> None:
+        self.metrics.inc("commit_failures")
+        log.warning("offset commit failed (state file stays authoritative): %s", exc)
 
     def _update_lag(self) -> None:
         """Per partition we own: the broker's high watermark (as last fetched) - what we committed.
