@@ -98,7 +98,7 @@ def count_lines(bootstrap: str, total: int, idle_s: float = 30) -> tuple[bytearr
     return seen, foreign
 
 
-def run(work: Path, outage_s: float, rate: int) -> dict[str, Any]:
+def run(work: Path, outage_s: float, rate: int, client: str = "kafka-python") -> dict[str, Any]:
     """One outage of `outage_s` under `rate` lines/s; the figures of the module docstring."""
     cluster = KafkaCluster(work / "kafka", size=1)
     cluster.start()
@@ -110,7 +110,7 @@ def run(work: Path, outage_s: float, rate: int) -> dict[str, Any]:
         logs = work / "logs"
         logs.mkdir()
         log = logs / "app.log"
-        agent = Agent(work, cluster.bootstrap, TOPIC, log, core=1)
+        agent = Agent(work, cluster.bootstrap, TOPIC, log, core=1, client=client)
         pid = agent.proc.pid
         writer = threading.Thread(
             target=lambda: written.append(steady_writer(log, rate, 1e9, stop, TAG, 0.05)), daemon=True
@@ -222,14 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--outage-s", type=float, default=1800.0)
     p.add_argument("--rate", type=int, default=500, help="lines/s the application writes (default 500)")
+    p.add_argument("--agent-client", choices=("kafka-python", "librdkafka"), default="kafka-python",
+                   help="the agent's producer client (kafka.client)")  # fmt: skip
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kl-outage-") as tmp:
-        result = run(Path(tmp), args.outage_s, args.rate)
+        result = run(Path(tmp), args.outage_s, args.rate, args.agent_client)
+    result["agent_client"] = args.agent_client
     result["missed"] = missed(result)
     result["targets"] = {"resume_s": RESUME_TARGET_S, "rss_mb": RSS_TARGET_MB, "lost": 0, "duplicated": 0}
     result["machine"] = machine_info()
     out = os.path.relpath(args.out, Path(__file__).resolve().parents[1])
-    result["command"] = f".venv/bin/python bench/bench_outage.py --out {out} --outage-s {args.outage_s:.0f}"
+    client = "" if args.agent_client == "kafka-python" else f" --agent-client {args.agent_client}"
+    result["command"] = (
+        f".venv/bin/python bench/bench_outage.py --out {out} --outage-s {args.outage_s:.0f}{client}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     r = result

@@ -335,7 +335,11 @@ class KafkaCluster:
             except (KafkaError, OSError):
                 pass
             time.sleep(0.5)
-        tail = (self.nodes[0].workdir / "server.log").read_text(errors="replace")[-3000:]
+        log_file = self.nodes[0].workdir / "server.log"
+        try:
+            tail = log_file.read_text(errors="replace")[-3000:]
+        except OSError as exc:  # the timeout is the error to report, not a missing log
+            tail = f"({log_file}: {exc.strerror or exc})"
         raise TimeoutError(f"Kafka did not come up within {timeout}s:\n{tail}")
 
     def create_topic(
