@@ -8,7 +8,8 @@ per line. Reported: p50/p90/p99/p99.9/max, lines lost, and the agent's and consu
 and peak RSS. And where the time goes: the topic keeps the broker's append time
 (LogAppendTime), and a tap reads the topic alongside the consumer (the first line of each
 record is enough: a record is consecutive lines of one file), so each line's delay splits into
-  * write -> agent read (`kl.ts`): inotify, then the agent's `read_coalesce_ms`;
+  * write -> agent read (`kl.ts`): inotify, then the agent's read wait (about
+    `read_coalesce_lines` lines' time, 20 ms to `read_coalesce_ms`);
   * agent read -> broker append: the record's assembly, the producer's linger, the request;
   * broker append -> fetched: replication to the follower (acks=all; a consumer sees a record
     only then) and a fetch, as the tap (a plain kafka-python consumer, like the consumer's)

@@ -5,26 +5,27 @@ apply) whatever it brings, so a trickle of one-line writes read one by one would
 per line. Waiting a fixed `read_coalesce_ms` (100 ms) after the previous read bounds that cost,
 but adds 50 ms on average to every line, also at rates where each read would bring plenty.
 
-With `read_coalesce_lines` set, the window follows the rate: a read should bring about that
-many lines. At the last read's rate (its lines over the time since the read before it) that
-takes `lines / rate`; the window is that, kept between MIN_WINDOW_S and `read_coalesce_ms`.
-With 20, a file written at 200 lines/s is still read every 100 ms (the CPU at a trickle does
-not move), one at 1,000 lines/s every 20 ms, one at 10,000 every 5 ms. The first write after
-a quiet spell is read at once (the previous read is long past), as with the fixed window.
+With `read_coalesce_lines` (default 20), the window follows the rate: a read should bring
+about that many lines. At the last read's rate (its lines over the time since the read before
+it) that takes `lines / rate`; the window is that, kept between MIN_WINDOW_S and
+`read_coalesce_ms`. So a file written at 200 lines/s or less is still read every 100 ms (the CPU
+at a trickle does not move), one at 500 lines/s every 40 ms, at 1,000 lines/s and more every
+20 ms. The first write after a quiet spell is read at once (the previous read is long past).
+0 turns it off: the fixed window, for an operator who wants the least CPU above a trickle.
 
-It is off by default (0: the fixed window), because shorter waits are paid for at both ends.
-`make bench` (its latency and latency-paced parts, 2026-12-05, 15 s per rate) measured with 20:
-p50 end to end 70 -> 38 ms at 1,000 lines/s, but the agent's CPU 4.5 times and the consumer's
-4.4 times as high (more, smaller records: more produce requests, more durable batches), and
-p99 124 -> 284 ms; at 10,000 lines/s p50 72 -> 65 ms and p99 126 -> 534 ms. For an operator
-who wants the lower median at a moderate rate and has the CPU.
+Shorter waits are paid for at both ends: more, smaller records, so more produce requests and
+more durable batches at the consumer. Measured (a 10 s A/B on this machine, 2026-12-05, with a
+busy neighbour; `make bench`'s latency and latency-fixed parts give the figures of record): at
+1,000 lines/s p50 end to end 84 -> 42 ms, agent CPU 2.3 -> 7.2 % of a core, consumer 6.6 ->
+19 %; at 10,000 lines/s p50 77 -> 23 ms. A 5 ms floor (tried first) raised the agent's CPU at
+10,000 lines/s to saturation of its produce path and the median went up again (63 ms).
 """
 
 from __future__ import annotations
 
-# The shortest window: at 10,000 lines/s and more a read every 5 ms already brings 50+ lines,
-# and a shorter one would only add loop steps.
-MIN_WINDOW_S = 0.005
+# The shortest window: at 1,000 lines/s and more a read every 20 ms already brings 20+ lines; a
+# 5 ms floor cost more CPU per line than it saved in delay (see the module docstring).
+MIN_WINDOW_S = 0.02
 
 
 class ReadPacer:

@@ -1,6 +1,6 @@
-"""The read coalescing window (pacer.py): with `read_coalesce_lines` set, about that many lines a
-read, between MIN_WINDOW_S and `read_coalesce_ms`, so a busy file's lines wait less than a fixed
-100 ms while a trickle still costs one read per 100 ms; 0 (the default) keeps the fixed window."""
+"""The read coalescing window (pacer.py): with `read_coalesce_lines` (default 20), about that many
+lines a read, between MIN_WINDOW_S and `read_coalesce_ms`, so a busy file's lines wait less than a
+fixed 100 ms while a trickle still costs one read per 100 ms; 0 keeps the fixed window."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def _steady(pacer: ReadPacer, rate: float, reads: int = 5) -> None:
     [
         (50, 0.1),  # 5 lines in 100 ms: the cap, as with the fixed window
         (200, 0.1),  # the trickle the CPU bench measures: still one read per 100 ms
-        (1000, 0.02),  # 20 lines take 20 ms
-        (4000, 0.005),  # 5 ms
-        (100_000, MIN_WINDOW_S),  # far past the floor: 0.2 ms would be wanted
+        (500, 0.04),  # 20 lines take 40 ms
+        (1000, 0.02),  # 20 ms: the floor
+        (4000, MIN_WINDOW_S),  # past the floor: 5 ms would be wanted
+        (100_000, MIN_WINDOW_S),  # far past it: 0.2 ms would be wanted
     ],
 )
 def test_the_window_is_the_time_the_lines_take_between_the_floor_and_the_cap(rate, window):
@@ -42,12 +43,12 @@ def test_the_window_is_the_time_the_lines_take_between_the_floor_and_the_cap(rat
 
 def test_the_window_follows_the_rate_down_and_up_again():
     pacer = ReadPacer(0.1, 20)
-    _steady(pacer, 2000)
-    assert pacer.window_s == pytest.approx(0.01, rel=0.05)
+    _steady(pacer, 500)
+    assert pacer.window_s == pytest.approx(0.04, rel=0.05)
     _steady(pacer, 100)
     assert pacer.window_s == pytest.approx(0.1)
-    _steady(pacer, 2000)
-    assert pacer.window_s == pytest.approx(0.01, rel=0.05)
+    _steady(pacer, 500)
+    assert pacer.window_s == pytest.approx(0.04, rel=0.05)
 
 
 def test_a_write_after_a_quiet_spell_is_read_at_once():
@@ -81,7 +82,7 @@ def test_the_setting_is_checked(tmp_path, logdir):
     with pytest.raises(ConfigError, match="read_coalesce_lines"):
         load(str(path))
     path = write_config(tmp_path, "127.0.0.1:1", "t", pattern)
-    assert load(str(path)).limits.read_coalesce_lines == 0  # off: the fixed window
+    assert load(str(path)).limits.read_coalesce_lines == 20  # on: paced by the rate
 
 
 @pytest.mark.parametrize(("lines_per_read", "shorter"), [(20, True), (0, False)])
