@@ -306,17 +306,18 @@ class FakeConsumer:
         pass
 
 
+def _app_with_fake_kafka(tmp_path) -> tuple[ConsumerApp, FakeConsumer]:
+    env = {
+        "KEPLERLOG_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+        "KEPLERLOG_ROOT": str(tmp_path),
+        "KEPLERLOG_METRICS_PORT": "0",
+    }
+    app = ConsumerApp(load_config(None, env))
+    return app, FakeConsumer(app)
+
+
 def test_kafka_offsets_are_committed_only_after_the_batch_is_durable(tmp_path):
-    cfg = load_config(
-        None,
-        {
-            "KEPLERLOG_BOOTSTRAP_SERVERS": "127.0.0.1:1",
-            "KEPLERLOG_ROOT": str(tmp_path),
-            "KEPLERLOG_METRICS_PORT": "0",
-        },
-    )
-    app = ConsumerApp(cfg)
-    fake = FakeConsumer(app)
+    app, fake = _app_with_fake_kafka(tmp_path)
     write = app.sink.write
     probe = Journal(str(tmp_path), "probe")
 
@@ -341,16 +342,7 @@ def test_kafka_offsets_are_committed_only_after_the_batch_is_durable(tmp_path):
 def test_offsets_durable_while_a_commit_is_in_flight_go_in_the_next_one(tmp_path):
     """At most one asynchronous commit in flight: the offsets of the batches durable meanwhile
     are merged into the next one; at shutdown an unanswered one is sent again, synchronously."""
-    cfg = load_config(
-        None,
-        {
-            "KEPLERLOG_BOOTSTRAP_SERVERS": "127.0.0.1:1",
-            "KEPLERLOG_ROOT": str(tmp_path),
-            "KEPLERLOG_METRICS_PORT": "0",
-        },
-    )
-    app = ConsumerApp(cfg)
-    fake = FakeConsumer(app)
+    app, fake = _app_with_fake_kafka(tmp_path)
     app.consumer = fake
     fake.assigned = True  # no rebalance in this test
     app._commit({P0: 3})
