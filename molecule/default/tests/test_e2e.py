@@ -10,7 +10,9 @@ Kafka unreachable for 150 s, two consumer hosts killed in turn and at once, the 
 root full for real): for each, the load stops after the fault, the pipeline settles and
 lost / duplicated lines of that window are counted (goal: zero); 4. the whole run, every line
 exactly once in the right file; 5. the fault table (pytest output; with KEPLERLOG_FAULT_REPORT set
-also bench/results/faults.md).
+also bench/results/faults.md). Lost means: in the service's files, not in the central ones. The
+lines copytruncate itself loses (written between its copy and its truncation: in no file; seen
+once, 15 lines, with the machine loaded) are reported apart, and must form one run per truncation.
 """
 
 from __future__ import annotations
@@ -81,11 +83,17 @@ for path in sorted(glob.glob(pattern)):
             if lo <= n <= hi:
                 counts[n] = counts.get(n, 0) + 1
 missing = [n for n in range(lo, hi + 1) if n not in counts]
+runs = []
+for n in missing:
+    if runs and runs[-1][1] == n - 1:
+        runs[-1][1] = n
+    else:
+        runs.append([n, n])
 dups = sorted(n for n, c in counts.items() if c > 1)
 print(json.dumps({
     "files": files, "total": total, "max": top, "window": sum(counts.values()),
     "distinct": len(counts), "missing": len(missing), "missing_first": missing[:10],
-    "duplicated": sum(counts[n] - 1 for n in dups), "dup_first": dups[:10],
+    "missing_runs": runs[:100], "duplicated": sum(counts[n] - 1 for n in dups), "dup_first": dups[:10],
 }))
 """
 
@@ -225,6 +233,13 @@ def seq_stats(container: str, pattern: str, lo: int, hi: int) -> dict:
     )
 
 
+def missing_seqs(stats: dict) -> set[int]:
+    """Every missing seq of seq_stats' output (its runs; checked complete against the count)."""
+    seqs = {n for a, b in stats["missing_runs"] for n in range(a, b + 1)}
+    assert len(seqs) == stats["missing"], f"more than 100 runs of missing lines: {stats}"
+    return seqs
+
+
 def central_stats(svc: Service, lo: int, hi: int) -> dict:
     return seq_stats(CONSUMER, svc.central_glob, lo, hi)
 
@@ -330,6 +345,10 @@ class FaultRow:
 
 
 RESULTS: list[FaultRow] = []
+# Lines logrotate's copytruncate itself lost, per module: written between its copy and its
+# truncation, so in no file (logrotate(8): "some logging data might be lost"). Not the
+# pipeline's to ship; the whole-run test expects exactly these gone, from source and center.
+LOST_BY_COPYTRUNCATE: dict[str, set[int]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -833,18 +852,26 @@ def test_fault_loses_nothing(fault, dockerc, tmp_path_factory):
         lo, hi = windows[svc.module]
         src = source_stats(svc, lo, hi)
         got = central[svc.module]
+        gone_at_source, gone_central = missing_seqs(src), missing_seqs(got)
         row.written += hi - lo + 1
-        row.lost += got["missing"]
+        row.lost += len(gone_central - gone_at_source)  # in the service's files, not in the center
         row.duplicated += got["duplicated"]
         if src["missing"] or src["duplicated"]:
             row.notes.append(
                 f"{svc.module}: {src['missing']} of seq {lo}..{hi} not in the container's files "
-                f"(first {src['missing_first']}), {src['duplicated']} twice"
+                f"(runs {src['missing_runs'][:5]}), {src['duplicated']} twice"
             )
         if got["missing"] or got["duplicated"]:
             row.notes.append(
-                f"{svc.module}: lost first {got['missing_first']}, duplicated first {got['dup_first']}"
+                f"{svc.module}: not in the central files first {got['missing_first']}, "
+                f"duplicated first {got['dup_first']}"
             )
+        if fault == "logrotate copytruncate":
+            # one truncation of this file: at most one run of lines written between copy and cut
+            assert len(src["missing_runs"]) <= 1 and not src["duplicated"], row.notes
+            LOST_BY_COPYTRUNCATE.setdefault(svc.module, set()).update(gone_at_source)
+        else:
+            assert not src["missing"] and not src["duplicated"], row.notes  # the app lost nothing
     RESULTS.append(row)
     print(
         f"\n{fault}: fault {took:.0f} s, settled in {waited:.0f} s; written {row.written}, lost {row.lost}, "
@@ -872,10 +899,12 @@ def test_every_line_exactly_once_in_the_right_file():
             f"{got['total']} in {got['files']} central file(s): {got['missing']} missing, "
             f"{got['duplicated']} duplicated"
         )
-        assert src["missing"] == 0 and src["duplicated"] == 0, src
-        assert got["missing"] == 0, got
+        # the only lines in no file are those copytruncate itself lost (test_fault_loses_nothing)
+        gone = LOST_BY_COPYTRUNCATE.get(svc.module, set())
+        assert missing_seqs(src) == gone and src["duplicated"] == 0, src
+        assert missing_seqs(got) == gone, got
         assert got["duplicated"] == 0, got
-        assert got["total"] == got["window"] == hi, got
+        assert got["total"] == got["window"] == hi - len(gone), got
         # Every line of the service's files (stack-trace and probe lines too) against the central
         # files, as a multiset. Two runs (one in CI) once missed one line while every seq and byte
         # arrived: `portal.log.4:1: b''`, an empty rotated file that LINE_COUNTS counted as one
