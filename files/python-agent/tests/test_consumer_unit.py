@@ -316,6 +316,20 @@ def test_config_env_and_errors(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("keplerlog-consumer: config error: layout")
 
 
+def test_fetch_max_wait_ms_defaults_to_100_and_is_checked(tmp_path):
+    """The broker's hold on a fetch that finds nothing (see config.py: it bounds how long a
+    partition left out of the in-flight fetch waits); kafka-python's own 500 ms is not used."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("kafka: {bootstrap_servers: 'k:9092'}\nroot: /srv/x\n")
+    assert load_config(str(cfg), {}).fetch_max_wait_ms == 100
+    cfg.write_text("kafka: {bootstrap_servers: 'k:9092', fetch_max_wait_ms: 20}\nroot: /srv/x\n")
+    assert load_config(str(cfg), {}).fetch_max_wait_ms == 20
+    for bad in ("0", "10001", "'soon'"):
+        cfg.write_text(f"kafka: {{bootstrap_servers: 'k:9092', fetch_max_wait_ms: {bad}}}\nroot: /srv/x\n")
+        with pytest.raises(ConfigError, match=r"kafka\.fetch_max_wait_ms"):
+            load_config(str(cfg), {})
+
+
 def test_state_file_is_json(tmp_path):
     sink = make_sink(tmp_path)
     sink.write({TP: [rec(4, batch(0, b"x\n"), b"x\n")]})

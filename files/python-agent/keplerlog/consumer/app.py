@@ -172,6 +172,7 @@ class ConsumerApp:
             max_poll_records=c.max_poll_records,
             fetch_max_bytes=c.fetch_max_bytes,
             max_partition_fetch_bytes=c.max_partition_fetch_bytes,
+            fetch_max_wait_ms=c.fetch_max_wait_ms,
             receive_buffer_bytes=4 * 1024 * 1024,
             session_timeout_ms=c.session_timeout_ms,
             heartbeat_interval_ms=max(500, c.session_timeout_ms // 4),
