@@ -23,6 +23,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from consumer_support import ANY_TIME, die
 from kafka import TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 
 from keplerlog.consumer import intents
 from keplerlog.consumer.app import ConsumerApp
@@ -361,6 +363,10 @@ def test_offsets_durable_while_a_commit_is_in_flight_go_in_the_next_one(tmp_path
     assert fake.sync_commits == 1
     assert app._committed == {TopicPartition(*P0): 9, TopicPartition(*P1): 2}
     assert app.metrics.counts["commit_failures"] == 0
+    app._commit_done({TopicPartition(*P0): OffsetAndMetadata(6, "", -1)}, object())  # a late answer
+    assert app._committed[TopicPartition(*P0)] == 9  # never moves back
+    app._commit_done({TopicPartition(*P0): OffsetAndMetadata(12, "", -1)}, KafkaError("rebalanced"))
+    assert app._committed[TopicPartition(*P0)] == 9 and app.metrics.counts["commit_failures"] == 1
 
 
 # -- batch gathering: wait for more records only while it pays -------------------------------

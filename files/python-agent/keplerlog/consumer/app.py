@@ -468,10 +468,15 @@ class ConsumerApp:
             self._committed_ok(offsets)
 
     def _committed_ok(self, offsets: dict) -> None:
+        """Note what the group now has; an older answer never moves a partition back.
+
+        Answers may come out of order: kafka-python runs the callbacks at a later poll, and a
+        commit sent during a coordinator lookup is not the one `_commit_future` tracks.
+        """
         owned = self.consumer.assignment() if self.consumer is not None else set()
         for tp, meta in offsets.items():
             if tp in owned:
-                self._committed[tp] = meta.offset
+                self._committed[tp] = max(meta.offset, self._committed.get(tp, meta.offset))
         self.metrics.gauges["last_commit_timestamp_seconds"] = time.time()
         self._update_lag()
 
