@@ -14,11 +14,12 @@ at a trickle does not move), one at 500 lines/s every 40 ms, at 1,000 lines/s an
 0 turns it off: the fixed window, for an operator who wants the least CPU above a trickle.
 
 Shorter waits are paid for at both ends: more, smaller records, so more produce requests and
-more durable batches at the consumer. Measured (a 10 s A/B on this machine, 2026-12-05, with a
-busy neighbour; `make bench`'s latency and latency-fixed parts give the figures of record): at
-1,000 lines/s p50 end to end 84 -> 42 ms, agent CPU 2.3 -> 7.2 % of a core, consumer 6.6 ->
-19 %; at 10,000 lines/s p50 77 -> 23 ms. A 5 ms floor (tried first) raised the agent's CPU at
-10,000 lines/s to saturation of its produce path and the median went up again (63 ms).
+more durable batches at the consumer. `make bench` (2026-12-05 22:32, the latency and
+latency-fixed parts, 15 s per rate) measured at 1,000 lines/s: p50 end to end 65.5 -> 21.5 ms,
+the agent's CPU 1.9 -> 6.5 % of a core, the consumer's 7.9 -> 19 %; at 10,000 lines/s p50
+64.1 -> 19.2 ms, at 50,000 68.7 -> 23.2 ms. A 5 ms floor (tried first, in a 10 s A/B with a
+busy neighbour) saturated the agent's produce path at 10,000 lines/s and its median went up
+again (63 ms against 23 ms with 20 ms).
 """
 
 from __future__ import annotations
