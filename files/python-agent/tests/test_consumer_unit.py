@@ -374,6 +374,34 @@ def test_large_socket_reads_same_bytes_and_errors():
     right.close()
 
 
+@pytest.mark.parametrize("transport_name", ["KafkaTCPTransport", "KafkaSSLTransport"])
+def test_bytes_that_came_with_the_end_of_the_stream_are_delivered_first(transport_name):
+    """netfix: a broker's last answer (a refused login) and its close read in one go: the answer
+    is delivered, the end is reported by the next read (kafka-python dropped the answer)."""
+    import socket
+
+    from kafka.net import transport
+
+    from keplerlog.consumer import netfix
+
+    assert netfix.apply()
+    recv = getattr(transport, transport_name)._sock_recv
+
+    class Fake:
+        pass
+
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    fake = Fake()
+    fake._sock = right
+    left.sendall(b"the broker's answer")
+    left.close()  # answer and end of stream are both there before the first read
+    assert recv(fake) == (b"the broker's answer", None)
+    data, err = recv(fake)
+    assert data == b"" and "disconnected" in str(err)
+    right.close()
+
+
 def test_favor_io_thread_only_lowers_the_switch_interval():
     import sys
 

@@ -21,6 +21,14 @@ Re-checked with kafka-python 3.0.12 (the newest release in December 2026, still 
 smaller: 6 alternating pairs gave with/without ratios 0.98-1.20, median 1.07, 5 of 6 for it.
 Small, consistent and free, so it stays; drop it when that row reaches 1.00.
 
+A second fix, on both transports: kafka-python's read loop drops what it received when the same
+recv loop then reads the end of the stream (`_read_from_sock` aborts on the error without passing
+the bytes on). A broker that refuses a login sends its answer and closes right after it
+(`connection.failed.authentication.delay.ms` delays both), so the consumer mostly saw only
+"socket disconnected" and could not say the password was wrong (seen: 18 attempts in a row in a
+CI run; 0, 6 and 6 in three local runs before the refusal was read). Here the bytes are delivered
+first and the end of the stream is reported by the next read (the socket stays readable at EOF).
+
 Applied once per process by the consumer (never by the agent). If a kafka-python version no
 longer has the method it replaces, `apply()` does nothing and says so in the log.
 """
@@ -36,12 +44,16 @@ log = logging.getLogger(__name__)
 RECV_BYTES = 1 << 20
 SWITCH_INTERVAL_S = 0.0005
 _MARK = "_keplerlog_large_recv"
+_EOF = "_keplerlog_eof"  # a transport's end of stream, reported by the read after the bytes
 
 
 def _sock_recv(self: Any) -> tuple[bytes, BaseException | None]:
     """kafka-python's KafkaTCPTransport._sock_recv, with RECV_BYTES per call."""
     from kafka import errors
 
+    pending = self.__dict__.pop(_EOF, None)
+    if pending is not None:
+        return b"", pending
     received = []
     err: BaseException | None = None
     while True:
@@ -58,10 +70,31 @@ def _sock_recv(self: Any) -> tuple[bytes, BaseException | None]:
             err = errors.KafkaConnectionError("socket disconnected")
             break
         received.append(data)
-    return (received[0] if len(received) == 1 else b"".join(received)), err
+    data = received[0] if len(received) == 1 else b"".join(received)
+    if err is not None and data:  # deliver what came before the end; report the end next time
+        self.__dict__[_EOF] = err
+        return data, None
+    return data, err
 
 
 setattr(_sock_recv, _MARK, True)
+
+
+def _deliver_before_eof(original: Any) -> Any:
+    """Wrap a transport's _sock_recv so bytes read before the end of the stream are delivered."""
+
+    def _sock_recv_then_eof(self: Any) -> tuple[bytes, BaseException | None]:
+        pending = self.__dict__.pop(_EOF, None)
+        if pending is not None:
+            return b"", pending
+        data, err = original(self)
+        if err is not None and data:
+            self.__dict__[_EOF] = err
+            return data, None
+        return data, err
+
+    setattr(_sock_recv_then_eof, _MARK, True)
+    return _sock_recv_then_eof
 
 
 def apply() -> bool:
@@ -79,6 +112,10 @@ def apply() -> bool:
     if getattr(current, _MARK, False):
         return True
     cls._sock_recv = _sock_recv
+    tls = getattr(transport, "KafkaSSLTransport", None)
+    tls_recv = getattr(tls, "_sock_recv", None)
+    if tls is not None and tls_recv is not None and not getattr(tls_recv, _MARK, False):
+        tls._sock_recv = _deliver_before_eof(tls_recv)  # its own 4 KiB reads, the bytes kept
     return True
 
 
