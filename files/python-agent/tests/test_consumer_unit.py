@@ -337,9 +337,18 @@ def test_state_file_is_json(tmp_path):
     assert state["next_offset"] == 5 and state["files"]["shop\x1fh1\x1ff1"][1:] == [0, 2]
 
 
+def _socket_transport():
+    """A connected socket pair and a stand-in transport reading the non-blocking end."""
+    import socket
+    from types import SimpleNamespace
+
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    return left, right, SimpleNamespace(_sock=right)
+
+
 def test_large_socket_reads_same_bytes_and_errors():
     """netfix: 1 MiB recv() per call returns exactly what was sent, and reports a closed peer."""
-    import socket
     import threading
 
     from keplerlog.consumer import netfix
@@ -349,13 +358,7 @@ def test_large_socket_reads_same_bytes_and_errors():
 
     assert KafkaSSLTransport._sock_recv is not netfix._sock_recv  # TLS keeps its own reads
 
-    class Fake:
-        pass
-
-    left, right = socket.socketpair()
-    right.setblocking(False)
-    fake = Fake()
-    fake._sock = right
+    left, right, fake = _socket_transport()
     payload = os.urandom(3 * 1024 * 1024 + 17)
     got = bytearray()
     sender = threading.Thread(target=left.sendall, args=(payload,))
@@ -378,7 +381,6 @@ def test_large_socket_reads_same_bytes_and_errors():
 def test_bytes_that_came_with_the_end_of_the_stream_are_delivered_first(transport_name):
     """netfix: a broker's last answer (a refused login) and its close read in one go: the answer
     is delivered, the end is reported by the next read (kafka-python dropped the answer)."""
-    import socket
 
     from kafka.net import transport
 
@@ -387,13 +389,7 @@ def test_bytes_that_came_with_the_end_of_the_stream_are_delivered_first(transpor
     assert netfix.apply()
     recv = getattr(transport, transport_name)._sock_recv
 
-    class Fake:
-        pass
-
-    left, right = socket.socketpair()
-    right.setblocking(False)
-    fake = Fake()
-    fake._sock = right
+    left, right, fake = _socket_transport()
     left.sendall(b"the broker's answer")
     left.close()  # answer and end of stream are both there before the first read
     assert recv(fake) == (b"the broker's answer", None)
