@@ -356,7 +356,7 @@ def test_large_socket_reads_same_bytes_and_errors():
     assert netfix.apply() and netfix.apply() and netfix.applied()  # idempotent
     from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
 
-    assert KafkaSSLTransport._sock_recv is not netfix._sock_recv  # TLS keeps its own reads
+    assert KafkaSSLTransport._sock_recv is not KafkaTCPTransport._sock_recv  # TLS keeps its own reads
 
     left, right, fake = _socket_transport()
     payload = os.urandom(3 * 1024 * 1024 + 17)

@@ -51,9 +51,6 @@ def _sock_recv(self: Any) -> tuple[bytes, BaseException | None]:
     """kafka-python's KafkaTCPTransport._sock_recv, with RECV_BYTES per call."""
     from kafka import errors
 
-    pending = self.__dict__.pop(_EOF, None)
-    if pending is not None:
-        return b"", pending
     received = []
     err: BaseException | None = None
     while True:
@@ -70,14 +67,7 @@ def _sock_recv(self: Any) -> tuple[bytes, BaseException | None]:
             err = errors.KafkaConnectionError("socket disconnected")
             break
         received.append(data)
-    data = received[0] if len(received) == 1 else b"".join(received)
-    if err is not None and data:  # deliver what came before the end; report the end next time
-        self.__dict__[_EOF] = err
-        return data, None
-    return data, err
-
-
-setattr(_sock_recv, _MARK, True)
+    return (received[0] if len(received) == 1 else b"".join(received)), err
 
 
 def _deliver_before_eof(original: Any) -> Any:
@@ -111,7 +101,7 @@ def apply() -> bool:
         return False
     if getattr(current, _MARK, False):
         return True
-    cls._sock_recv = _sock_recv
+    cls._sock_recv = _deliver_before_eof(_sock_recv)
     tls = getattr(transport, "KafkaSSLTransport", None)
     tls_recv = getattr(tls, "_sock_recv", None)
     if tls is not None and tls_recv is not None and not getattr(tls_recv, _MARK, False):
