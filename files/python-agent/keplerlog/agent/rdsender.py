@@ -24,6 +24,9 @@ How librdkafka's behaviour is mapped onto the agent's rules:
   one has no memory of the old cluster, re-reads its topic and starts a new producer id).
 - librdkafka's own log goes to the `kafka.librdkafka` logger, kept quiet like kafka-python's
   (sender.py) unless the agent runs with --debug.
+- Keys are hashed as kafka-python and the Java client hash them (`murmur2_random`; librdkafka's
+  own default is CRC32): a module's records land on the same partition whichever client an
+  agent runs, so a fleet that switches clients host by host keeps each module on one partition.
 - `broker_connected` comes from librdkafka's statistics (each broker's state), which are
   parsed only on the scrape that asks, not every interval.
 """
@@ -64,6 +67,7 @@ def client_config(cfg: AgentConfig, problems: Callable[[Any], None]) -> dict[str
         "client.id": f"keplerlog-agent-{cfg.host}",
         "acks": "all",
         "enable.idempotence": True,
+        "partitioner": "murmur2_random",  # kafka-python's and Java's key hash: see the docstring
         "max.in.flight.requests.per.connection": 5,  # idempotence keeps order up to 5
         "compression.type": k.compression,
         "linger.ms": k.linger_ms,

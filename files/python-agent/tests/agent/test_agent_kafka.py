@@ -164,3 +164,34 @@ def test_multiline_events_stay_in_one_record(tmp_path, kafka, topic, logdir, rea
         assert agent.stop() == 0, agent.output()
     assert sorted(v for _, v in reader.batches) == sorted(events)
     assert [b.lines for b, v in reader.batches] == [v.count(b"\n") for _, v in reader.batches]
+
+
+def test_both_clients_put_a_key_on_the_same_partition(kafka, topic):
+    """librdkafka with the agent's settings hashes a key as kafka-python (and Java) does, so a
+    module stays on one partition while a fleet switches clients host by host."""
+    from confluent_kafka import Producer
+    from kafka.partitioner.default import murmur2
+
+    from keplerlog.agent import rdsender
+    from keplerlog.agent.config import parse
+
+    cfg = parse(
+        {
+            "service": "shop",
+            "state_file": "/var/lib/keplerlog/state.json",
+            "inputs": [{"paths": ["/app/logs/*.log"]}],
+            "kafka": {"bootstrap_servers": kafka.bootstrap, "topic": topic, "client": "librdkafka"},
+        },
+        env={},
+    )
+    producer = Producer(rdsender.client_config(cfg, lambda _e: None))
+    keys = [f"shop/module-{i}".encode() for i in range(40)]
+    landed: dict[bytes, int] = {}
+    for key in keys:
+        producer.produce(
+            topic, value=b"x\n", key=key, on_delivery=lambda e, m: landed.__setitem__(m.key(), m.partition())
+        )
+    assert producer.flush(30) == 0
+    expected = {key: (murmur2(key) & 0x7FFFFFFF) % 4 for key in keys}
+    assert len(set(expected.values())) == 4  # the keys cover every partition: a wrong hash shows
+    assert landed == expected
