@@ -5,7 +5,9 @@
 # Unlike `molecule test --all`, a failed scenario does not hide the ones after it: each later
 # scenario still runs (every scenario destroys its own containers first and last), so one CI run
 # shows every failure. The summary names each scenario with its result and wall time, and the
-# exit status is non-zero when any failed.
+# exit status is non-zero when any failed. A CI log is often read from its end only: under the
+# summary, each failed scenario's failing tests, assertion lines and fatal tasks are printed again
+# (from its full output, kept in $MOLECULE_LOG_DIR, by default a fresh temporary directory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 molecule=${MOLECULE:-.venv/bin/molecule}
@@ -35,23 +37,33 @@ for s in "${scenarios[@]}"; do
     exit 2
   fi
 done
+logs=${MOLECULE_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/molecule-logs.XXXXXX")}
+mkdir -p "$logs"
 results=()
+failed_names=()
 failed=0
 for s in "${scenarios[@]}"; do
   echo "== scenario ${s}: start"
   start=$(date +%s)
-  "$molecule" test -s "$s"
-  rc=$?
+  "$molecule" test -s "$s" 2>&1 | tee "$logs/$s.log"
+  rc=${PIPESTATUS[0]}
   took=$(($(date +%s) - start))
   if ((rc == 0)); then
     results+=("  ${s}: passed (${took}s)")
   else
     results+=("  ${s}: FAILED, exit ${rc} (${took}s)")
+    failed_names+=("$s")
     failed=$((failed + 1))
   fi
   echo "== scenario ${s}: exit ${rc} after ${took}s"
 done
 echo "== molecule scenarios:"
 printf '%s\n' "${results[@]}"
+for s in "${failed_names[@]}"; do
+  echo "== why ${s} failed (the matching lines of $logs/$s.log):"
+  sed -E 's/\x1b\[[0-9;]*m//g' "$logs/$s.log" \
+    | grep -aE '\b(FAILED|ERROR)\b|[│|] E  |^E  |fatal: \[|short test summary|[0-9]+ (passed|failed)' \
+    | tail -n 60
+done
 echo "scenarios: $((${#scenarios[@]} - failed)) passed, ${failed} failed"
 exit $((failed > 0))
