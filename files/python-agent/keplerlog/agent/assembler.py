@@ -70,6 +70,7 @@ class Assembler:
         self.multiline = multiline
         self.one_line = one_line_per_record
         self.lines_split = 0
+        self.newlines = 0  # newline bytes fed so far: the lines read, counted once (see _lines)
         self.emit_offset = offset
         self._tail = b""
         self._tail_since = 0.0
@@ -211,29 +212,41 @@ class Assembler:
         self._close(out, ts_ms)
 
     def _lines(self, run: bytes, mono: float, out: list[Chunk], ts_ms: int) -> None:
-        """Handle a run of complete lines (each at most max_line bytes)."""
+        """Handle a run of complete lines (each at most max_line bytes).
+
+        Every newline fed is in exactly one run (held tails and cut pieces of over-long lines
+        have none), so `newlines` counts the lines read from the counts the records need anyway:
+        counting the read's bytes a second time cost 13 % of the agent's CPU at 2 KB lines
+        (perf, 2026-12-06).
+        """
         if not run:
             return
         if self.multiline is not None:
-            self._group(run, mono, out, ts_ms)
+            self.newlines += self._group(run, mono, out, ts_ms)
         elif self.one_line:
             start = 0
             while start < len(run):
                 end = run.index(b"\n", start) + 1
                 self._append(run[start:end], 1)
                 self._close(out, ts_ms)
+                self.newlines += 1
                 start = end
         else:
-            self._pack(run, out, ts_ms)
+            self.newlines += self._pack(run, out, ts_ms)
 
-    def _pack(self, run: bytes, out: list[Chunk], ts_ms: int) -> None:
-        """Append complete lines to the open record, closing it at line ends when full."""
+    def _pack(self, run: bytes, out: list[Chunk], ts_ms: int) -> int:
+        """Append complete lines to the open record, closing it at line ends when full.
+
+        Returns the number of lines (newlines) in `run`.
+        """
         i, n = 0, len(run)
+        total = 0
         while i < n:
             room = self.max_record - self._cur_size
             if n - i <= room:
-                self._append(run[i:] if i else run, run.count(b"\n", i))
-                return
+                lines = run.count(b"\n", i)
+                self._append(run[i:] if i else run, lines)
+                return total + lines
             cut = run.rfind(b"\n", i, i + room)
             if cut < i:
                 if self._cur_size:
@@ -241,16 +254,23 @@ class Assembler:
                     continue
                 cut = i + room - 1  # unreachable while max_line <= max_record; never stall
             piece = run[i : cut + 1]
-            self._append(piece, piece.count(b"\n"))
+            lines = piece.count(b"\n")
+            self._append(piece, lines)
             self._close(out, ts_ms)
+            total += lines
             i = cut + 1
+        return total
 
-    def _group(self, run: bytes, mono: float, out: list[Chunk], ts_ms: int) -> None:
-        """Multiline: keep continuation lines in the event opened by a `start` line."""
+    def _group(self, run: bytes, mono: float, out: list[Chunk], ts_ms: int) -> int:
+        """Multiline: keep continuation lines in the event opened by a `start` line.
+
+        Returns the number of lines in `run`.
+        """
         ml = self.multiline
         assert ml is not None
         start = 0
         n = len(run)
+        count = 0
         while start < n:
             end = run.index(b"\n", start) + 1
             line = run[start:end]
@@ -263,7 +283,9 @@ class Assembler:
             self._event_last = mono
             if self._event_lines >= ml.max_lines:
                 self._flush_event(out, ts_ms)
+            count += 1
             start = end
+        return count
 
     def _flush_event(self, out: list[Chunk], ts_ms: int) -> None:
         if not self._event:

@@ -370,7 +370,9 @@ class TailedFile:
             else:
                 self.tail = (self.tail + data[self.tail_end - offset :])[-TAIL_BYTES:]
             self.tail_end = end
-        return self.assembler.feed(data, wall, mono), len(data), data.count(b"\n")
+        before = self.assembler.newlines
+        chunks = self.assembler.feed(data, wall, mono)
+        return chunks, len(data), self.assembler.newlines - before
 
     def rewind(self, offset: int) -> None:
         """Re-read from `offset` (a record starting there failed); held bytes are dropped."""

@@ -566,3 +566,34 @@ def test_producer_batches_hold_a_whole_record_or_more(monkeypatch):
     assert seen["batch_size"] <= seen["max_request_size"]
     assert sender_mod.batch_size(64 * 1024) == 256 * 1024
     assert sender_mod.batch_size(2_000_000) == 2_000_000
+
+
+@pytest.mark.parametrize("mode", ["packed", "one_line", "multiline"])
+def test_the_assembler_counts_every_newline_fed_once(mode):
+    """`newlines` (the agent's lines_read) equals the newlines in the bytes fed, whatever the
+    pieces: partial lines held across feeds, over-long lines cut, records closed when full."""
+    import random
+
+    rng = random.Random(5)
+    over = {
+        "packed": {},
+        "one_line": {"one_line_per_record": True},
+        "multiline": {"multiline": Multiline(start=re.compile(rb"^\d"), max_lines=4, timeout_ms=500)},
+    }[mode]
+    a = _asm(max_record_bytes=300, max_line_bytes=100, **over)
+    lines = [
+        (b"%d" % i if rng.random() < 0.5 else b" ") + b"y" * rng.choice([0, 5, 60, 99, 150, 420]) + b"\n"
+        for i in range(400)
+    ]
+    data = b"".join(lines) + b"tail without newline"
+    fed, pos, shipped = 0, 0, []
+    while pos < len(data):
+        step = rng.choice([1, 7, 64, 333, 1000])
+        before = a.newlines
+        shipped += a.feed(data[pos : pos + step], 1000.0, 1.0)
+        assert a.newlines - before == data[pos : pos + step].count(b"\n")
+        pos += step
+        fed = a.newlines
+    assert fed == len(lines)
+    shipped += a.flush()
+    assert b"".join(c.data for c in shipped) == data
