@@ -11,7 +11,8 @@ Measures, with the agent pinned to one core:
   * only with `--watermark-cost` (not part of the default run): what watermarks cost, CPU at
     200 lines/s spread over 1,000 files (most idle), watermarks every 60 s vs off.
 
-The agent runs with its default settings except where a row says otherwise (the comparison
+The agent runs with its default settings and the service image's Kafka client (`--client`,
+default: the role's `service_image_agent_kafka_client`) except where a row says otherwise (the comparison
 row uses the old 16 MiB `max_buffer_bytes`); each row records the effective `max_buffer_bytes`
 and `kafka.linger_ms` as the agent itself resolved them from the config.
 
@@ -44,6 +45,7 @@ from kafka import KafkaConsumer
 from keplerlog.agent.config import load as load_agent_config
 from keplerlog.record import is_watermark
 from keplerlog.testing.kafka_node import KafkaCluster, free_port
+from peers.harness import deployed_client  # bench/ is sys.path[0]
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = 200
@@ -608,13 +610,14 @@ def bench_latency(
     core: int,
     rate: int = 10_000,
     seconds: float = 10,
+    client: str = "kafka-python",
 ) -> dict:
     """Write-to-visible-in-Kafka latency per line at `rate` lines/s (upper bound of write-to-ack)."""
     cluster.create_topic("bench-lat", partitions=4, replication=replication(cluster))
     log = work / "logs" / "lat.log"
     log.unlink(missing_ok=True)
     log.touch()
-    agent = Agent(work, cluster.bootstrap, "bench-lat", log, core)
+    agent = Agent(work, cluster.bootstrap, "bench-lat", log, core, client=client)
     consumer = KafkaConsumer(
         "bench-lat",
         bootstrap_servers=cluster.bootstrap,
@@ -671,6 +674,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "agent.json")
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--core", type=int, default=1)
+    parser.add_argument(
+        "--client",
+        choices=("kafka-python", "librdkafka"),
+        default=deployed_client(),
+        help="the agent's kafka.client for every row but the A/Bs (default: the service image's)",
+    )
     parser.add_argument("--metrics-runs", type=int, default=3, help="alternating runs of the metrics cost")
     parser.add_argument("--brokers", type=int, default=3, help="Kafka brokers (1: quick run, RF 1)")
     parser.add_argument(
@@ -696,12 +705,15 @@ def main() -> int:
     try:
         cluster.start()
         results = {
-            "throughput": bench_throughput(work, cluster, args.lines, args.core),
-            "throughput_16mib_buffer": bench_throughput(work, cluster, args.lines, args.core, OLD_BUFFER),
-            "cpu_200_lines_s": bench_cpu(work, cluster, args.core),
+            "client": args.client,
+            "throughput": bench_throughput(work, cluster, args.lines, args.core, client=args.client),
+            "throughput_16mib_buffer": bench_throughput(
+                work, cluster, args.lines, args.core, OLD_BUFFER, client=args.client
+            ),
+            "cpu_200_lines_s": bench_cpu(work, cluster, args.core, client=args.client),
             "metrics_cost_200_lines_s": bench_metrics_cost(work, cluster, args.core, args.metrics_runs),
             "client_ab": bench_client_ab(work, cluster, args.core, args.lines, args.metrics_runs),
-            "latency_10k_lines_s": bench_latency(work, cluster, args.core),
+            "latency_10k_lines_s": bench_latency(work, cluster, args.core, client=args.client),
         }
     finally:
         cluster.destroy()

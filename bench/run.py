@@ -334,12 +334,11 @@ def _reference_ratios(ratio: dict[str, Any]) -> str:
 
 
 def _ours_ratios(ratio: dict[str, Any]) -> str:
-    """The agent in another setting (its librdkafka client) over the best peer; '–' when not run."""
+    """The agent in another setting (its other Kafka client) over the best peer; '–' when not run."""
     ours = ratio.get("ours") or {}
     return (
         "; ".join(
-            f"{_num(v.get('median'), 2)} ({_num(v.get('min'), 2)}–{_num(v.get('max'), 2)})"
-            + (f" ({name})" if len(ours) > 1 else "")
+            f"{_num(v.get('median'), 2)} ({_num(v.get('min'), 2)}–{_num(v.get('max'), 2)}) ({name})"
             for name, v in sorted(ours.items())
             if isinstance(v, dict)
         )
@@ -376,7 +375,7 @@ def ratio_table(part: dict[str, Any]) -> list[str]:
             "per round",
             "target",
             "met",
-            "the agent with librdkafka / best peer",
+            "the agent's other client / best peer",
             "agent / reference (one partition, as the agent)",
         ],
         rows,
@@ -407,8 +406,10 @@ def agent_checks(data: dict[str, Any]) -> list[tuple[str, Any, str, bool | None,
     mc = data.get("metrics_cost_200_lines_s") or {}
     rss_cost = None if "rss_mb_cost" not in mc else round(mc["rss_mb_cost"], 1)
     at15, at1 = mc.get("cpu_percent_cost_at_15s_scrape"), mc.get("cpu_percent_cost_at_1s_scrape")
+    client = data.get("client", "kafka-python")  # runs before the key existed used the package's default
     return [
-        ("lines/s, 200 B lines, one core, 3 brokers, acks=all (defaults)", tp.get("lines_per_s"),
+        (f"lines/s, 200 B lines, one core, 3 brokers, acks=all (defaults, kafka.client {client})",
+         tp.get("lines_per_s"),
          ">= 100,000", _ge(tp.get("lines_per_s"), 100_000), 0),
         ("peak RSS during that run (MB)", tp.get("peak_rss_mb"), "<= 40", _le(tp.get("peak_rss_mb"), 40), 1),
         ("CPU at a steady 200 lines/s (% of one core)", cpu.get("cpu_percent_of_one_core"), "<= 1",
@@ -532,7 +533,7 @@ def metrics_ab(mc: dict[str, Any]) -> list[str]:
 
 
 def client_ab(ab: dict[str, Any]) -> list[str]:
-    """The agent with kafka-python (its default client) against itself with librdkafka."""
+    """The agent with kafka-python (the package's default client) against itself with librdkafka."""
     clients = [c for c in ("kafka-python", "librdkafka") if isinstance(ab.get(c), dict)]
     if len(clients) < 2:
         return []
@@ -548,8 +549,8 @@ def client_ab(ab: dict[str, Any]) -> list[str]:
     ]
     return [
         "",
-        f"Producer client A/B (`kafka.client`): the same agent with kafka-python (the default) and with "
-        f"librdkafka, {ab.get('runs')} rounds, alternating; median (min–max).",
+        f"Producer client A/B (`kafka.client`): the same agent with kafka-python (the package's default) "
+        f"and with librdkafka (the service image's), {ab.get('runs')} rounds, alternating; median (min–max).",
         "",
         *_table(["measure", *clients], rows),
     ]

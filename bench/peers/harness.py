@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 BENCH_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = BENCH_DIR.parent
 # Gitignored scratch space (Kafka data, peer state, workload files).
@@ -73,6 +75,16 @@ _WORDS = (
     "warn",
 )
 _LEVELS = ("INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR")
+
+
+def deployed_client() -> str:
+    """The agent's Kafka client as the service image runs it (the role's default, defined once).
+
+    The agent package's own default is kafka-python; the image (roles/service_image) picks
+    librdkafka unless told otherwise, so "the agent at defaults" in a benchmark is the image's.
+    """
+    defaults = yaml.safe_load((REPO_ROOT / "roles/service_image/defaults/main.yml").read_text())
+    return str(defaults["service_image_agent_kafka_client"])
 
 
 def exit_on_sigterm() -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from peers.harness import REPO_ROOT, VENV_BIN, Tool
+from peers.harness import REPO_ROOT, VENV_BIN, Tool, deployed_client
 
 PEERS_DIR = Path(__file__).resolve().parent
 FLUME_HOME = REPO_ROOT / "dist" / "peers" / "flume"
@@ -66,7 +66,7 @@ class Peer:
     notes = ""
     # A reference is shown and compared with, but is not a peer: it never is the best peer.
     reference = False
-    # kepler-log's own agent in another setting (its librdkafka client): compared with the best
+    # kepler-log's own agent in another setting (its other Kafka client): compared with the best
     # peer like the agent, never a peer itself
     ours = False
 
@@ -295,14 +295,19 @@ def acked_lines(port: int) -> int | None:
 
 
 class KeplerlogAgent(Peer):
-    """The kepler-log agent, measured exactly like the peers (many lines per record)."""
+    """The kepler-log agent as the service image runs it, measured exactly like the peers."""
 
     name = AGENT
     lines_in_headers = True
-    notes = "many lines per record (counted by kl.lines), lz4, agent defaults (linger 0 ms)"
-    client = "kafka-python"
+    client = deployed_client()
+    notes = (
+        f"many lines per record (counted by kl.lines), lz4, agent defaults (linger 0 ms), "
+        f"kafka.client: {client} (the service image's default)"
+    )
 
     def missing(self) -> str:
+        if self.client == "librdkafka" and importlib.util.find_spec("confluent_kafka") is None:
+            return "confluent-kafka not installed (pip install 'keplerlog[librdkafka]')"
         if agent_command() is None:
             return "kepler-log agent not installed yet (no keplerlog-agent / keplerlog.agent.main)"
         return ""
@@ -328,25 +333,16 @@ class KeplerlogAgent(Peer):
         return lambda: acked_lines(spec.metrics_port)
 
 
-class KeplerlogAgentLibrdkafka(KeplerlogAgent):
-    """The agent with `kafka.client: librdkafka` (confluent-kafka): the same run, another client."""
+class KeplerlogAgentOtherClient(KeplerlogAgent):
+    """The agent with its other producer client (kafka.client): the same run, another client."""
 
-    name = "keplerlog-agent-librdkafka"
+    client = "kafka-python" if KeplerlogAgent.client == "librdkafka" else "librdkafka"
+    name = f"keplerlog-agent-{client}"
     ours = True
-    client = "librdkafka"
-    notes = (
-        "the agent as above with kafka.client: librdkafka (confluent-kafka); the agent's option, not a peer"
-    )
-
-    def missing(self) -> str:
-        import importlib.util
-
-        if importlib.util.find_spec("confluent_kafka") is None:
-            return "confluent-kafka not installed (pip install 'keplerlog[librdkafka]')"
-        return super().missing()
+    notes = f"the agent as above with kafka.client: {client}; the agent's option, not a peer"
 
 
 ALL: dict[str, Peer] = {
     p.name: p
-    for p in (KeplerlogAgent(), KeplerlogAgentLibrdkafka(), Kcat(), KcatOneKey(), Rsyslog(), Flume())
+    for p in (KeplerlogAgent(), KeplerlogAgentOtherClient(), Kcat(), KcatOneKey(), Rsyslog(), Flume())
 }
