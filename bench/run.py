@@ -320,30 +320,27 @@ def peer_ratios(data: Any) -> list[dict[str, Any]]:
     return [r for r in ratios or [] if isinstance(r, dict)]
 
 
-def _reference_ratios(ratio: dict[str, Any]) -> str:
-    """The agent over each reference run (not a peer), median (min–max); '–' when none ran."""
-    refs = ratio.get("references") or {}
+def _ratio_list(ratios: dict[str, Any] | None, label: str) -> str:
+    """Named ratios as 'median (min–max)' plus `label` with the name in it; '–' when none ran."""
     return (
         "; ".join(
-            f"{_num(v.get('median'), 2)} ({_num(v.get('min'), 2)}–{_num(v.get('max'), 2)}) vs {name}"
-            for name, v in sorted(refs.items())
+            f"{_num(v.get('median'), 2)} ({_num(v.get('min'), 2)}–{_num(v.get('max'), 2)})"
+            + label.format(name=name)
+            for name, v in sorted((ratios or {}).items())
             if isinstance(v, dict)
         )
         or "–"
     )
+
+
+def _reference_ratios(ratio: dict[str, Any]) -> str:
+    """The agent over each reference run (not a peer)."""
+    return _ratio_list(ratio.get("references"), " vs {name}")
 
 
 def _ours_ratios(ratio: dict[str, Any]) -> str:
-    """The agent in another setting (its other Kafka client) over the best peer; '–' when not run."""
-    ours = ratio.get("ours") or {}
-    return (
-        "; ".join(
-            f"{_num(v.get('median'), 2)} ({_num(v.get('min'), 2)}–{_num(v.get('max'), 2)}) ({name})"
-            for name, v in sorted(ours.items())
-            if isinstance(v, dict)
-        )
-        or "–"
-    )
+    """The agent in another setting (its other Kafka client) over the best peer."""
+    return _ratio_list(ratio.get("ours"), " ({name})")
 
 
 def ratio_table(part: dict[str, Any]) -> list[str]:
