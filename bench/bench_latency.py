@@ -44,6 +44,7 @@ from peers.harness import (
     WORK_DIR,
     Tool,
     create_topic,
+    deployed_client,
     exit_on_sigterm,
     kafka_cluster,
     machine_info,
@@ -414,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup-timeout", type=float, default=120)
     ap.add_argument("--drain-timeout", type=float, default=30)
     ap.add_argument("--pipeline", choices=("keplerlog", "passthrough"), default="keplerlog")
-    ap.add_argument("--agent-client", choices=("kafka-python", "librdkafka"), default="kafka-python")
+    ap.add_argument(
+        "--agent-client",
+        choices=("kafka-python", "librdkafka"),
+        default=deployed_client(),
+        help="the agent's kafka.client (default: the service image's)",
+    )
     ap.add_argument("--read-coalesce-lines", type=int, help="the agent's limits.read_coalesce_lines")
     ap.add_argument("--passthrough-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -33,7 +33,7 @@ from bench_agent import Agent, cpu_seconds, make_line, metrics, proc_status, ste
 from kafka import KafkaConsumer
 from keplerlog.record import is_watermark
 from keplerlog.testing.kafka_node import KafkaCluster
-from peers.harness import machine_info
+from peers.harness import deployed_client, machine_info
 
 TOPIC = "outage"
 RESUME_TARGET_S = 10.0
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--outage-s", type=float, default=1800.0)
     p.add_argument("--rate", type=int, default=500, help="lines/s the application writes (default 500)")
-    p.add_argument("--agent-client", choices=("kafka-python", "librdkafka"), default="kafka-python",
-                   help="the agent's producer client (kafka.client)")  # fmt: skip
+    p.add_argument("--agent-client", choices=("kafka-python", "librdkafka"), default=deployed_client(),
+                   help="the agent's producer client (kafka.client; default: the service image's)")  # fmt: skip
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kl-outage-") as tmp:
         result = run(Path(tmp), args.outage_s, args.rate, args.agent_client)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = {"resume_s": RESUME_TARGET_S, "rss_mb": RSS_TARGET_MB, "lost": 0, "duplicated": 0}
     result["machine"] = machine_info()
     out = os.path.relpath(args.out, Path(__file__).resolve().parents[1])
-    client = "" if args.agent_client == "kafka-python" else f" --agent-client {args.agent_client}"
+    client = "" if args.agent_client == deployed_client() else f" --agent-client {args.agent_client}"
     result["command"] = (
         f".venv/bin/python bench/bench_outage.py --out {out} --outage-s {args.outage_s:.0f}{client}"
     )

@@ -624,7 +624,8 @@ def outage_table(part: dict[str, Any]) -> list[str]:
     out = [
         f"Kafka (one broker, `kill -9`) away for {_num(data.get('outage_s'))} s while the application "
         f"writes {_num(data.get('rate_lines_s'))} lines/s of {_num(data.get('line_bytes'))} B; the agent "
-        "at its defaults. Reproduce: `" + str(data.get("command", "")) + "`.",
+        f"at its defaults, Kafka client {data.get('agent_client', 'kafka-python')}. "
+        "Reproduce: `" + str(data.get("command", "")) + "`.",
         "",
         *_table(["measure", "value", "target"], rows),
     ]
@@ -863,9 +864,12 @@ def latency_table(part: dict[str, Any], note: bool = True) -> list[str]:
               for k in ("write_to_read", "read_to_broker", "broker_to_fetched", "fetched_to_day_file")),
             str(r.get("error", ""))[:160],
         ])  # fmt: skip
+    client = (data.get("setup") or {}).get("agent_client")
+    said = [f"The agent's Kafka client: {client}.", ""] if client else []
     if not note:
-        return _table(header, rows)
+        return [*said, *_table(header, rows)]
     return [
+        *said,
         *_table(header, rows),
         "",
         "Where the time goes (p50 of each stage; bench_latency.py's docstring says what each holds): "
