@@ -80,8 +80,8 @@ _LEVELS = ("INFO", "INFO", "INFO", "DEBUG", "WARN", "ERROR")
 def deployed_client() -> str:
     """The agent's Kafka client as the service image runs it (the role's default, defined once).
 
-    The agent package's own default is kafka-python; the image (roles/service_image) picks
-    librdkafka unless told otherwise, so "the agent at defaults" in a benchmark is the image's.
+    The image (roles/service_image) may pick another client than the agent package's own
+    default (kafka-python): "the agent at defaults" in a benchmark is the one operators run.
     """
     defaults = yaml.safe_load((REPO_ROOT / "roles/service_image/defaults/main.yml").read_text())
     return str(defaults["service_image_agent_kafka_client"])
