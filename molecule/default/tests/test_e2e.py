@@ -290,6 +290,20 @@ def wait_for(what: str, check, timeout: float, interval: float = 1.0):
         time.sleep(interval)
 
 
+def agents_said(lines: int = 12) -> str:
+    """The last lines each service container logged (its agent's stats and warnings), for an
+    assertion message: why a pipeline stalled shows in the CI log's failure lines."""
+    client = docker.from_env()
+    out = []
+    for svc in SERVICES:
+        try:
+            tail = client.containers.get(svc.container).logs(tail=lines).decode(errors="replace")
+        except docker.errors.DockerException as exc:
+            tail = f"(no log: {exc})"
+        out.append(f"{svc.container} logged:\n{tail.rstrip()}")
+    return "\n".join(out)
+
+
 def start_load() -> dict[str, int]:
     """Start the applications (supervisorctl); returns the first seq each will write."""
     first = {}
@@ -791,7 +805,13 @@ def fill_the_data_root(ctx) -> str:
     subprocess.run(["mount", "-o", f"remount,size={used + 256 * 1024}", mount], check=True)
     try:
         t0 = time.monotonic()
-        wait_for("a consumer paused on the full disk", lambda: 1 in consumers_gauge("disk_full_paused"), 90)
+        try:
+            wait_for(
+                "a consumer paused on the full disk", lambda: 1 in consumers_gauge("disk_full_paused"), 90
+            )
+        except AssertionError as exc:  # nothing reached the data root: say what the agents were doing
+            unacked = {svc.module: agent_unacked(svc) for svc in SERVICES}
+            raise AssertionError(f"{exc}; agent unacked bytes {unacked}\n{agents_said()}") from None
         paused_after = time.monotonic() - t0
         free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
         lag_start = consumer_lag()
@@ -902,7 +922,7 @@ def test_every_line_exactly_once_in_the_right_file():
         # the only lines in no file are those copytruncate itself lost (test_fault_loses_nothing)
         gone = LOST_BY_COPYTRUNCATE.get(svc.module, set())
         assert missing_seqs(src) == gone and src["duplicated"] == 0, src
-        assert missing_seqs(got) == gone, got
+        assert missing_seqs(got) == gone, f"{got}\n{agents_said()}"
         assert got["duplicated"] == 0, got
         assert got["total"] == got["window"] == hi - len(gone), got
         # Every line of the service's files (stack-trace and probe lines too) against the central
