@@ -12,8 +12,8 @@ Measures, with the agent pinned to one core:
     200 lines/s spread over 1,000 files (most idle), watermarks every 60 s vs off.
 
 The agent runs with its default settings and the service image's Kafka client (`--client`,
-default: the role's `service_image_agent_kafka_client`) except where a row says otherwise (the comparison
-row uses the old 16 MiB `max_buffer_bytes`); each row records the effective `max_buffer_bytes`
+default: the role's `service_image_agent_kafka_client`) except where a row says otherwise (the
+comparison row uses the old 16 MiB `max_buffer_bytes`); each row records the effective `max_buffer_bytes`
 and `kafka.linger_ms` as the agent itself resolved them from the config.
 
 Usage: .venv/bin/python bench/bench_agent.py --out bench/results/agent.json [--lines 1000000]
