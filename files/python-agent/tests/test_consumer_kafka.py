@@ -13,6 +13,7 @@ from kafka import KafkaProducer
 
 from keplerlog.consumer.app import ConsumerApp
 from keplerlog.consumer.files import FileOps
+from keplerlog.consumer.journal import Journal
 from keplerlog.layout import Layout
 from keplerlog.record import Batch
 from keplerlog.testing.consumer import consumer_config
@@ -181,6 +182,44 @@ def test_disk_full_pauses_and_retries_without_loss(kafka, topic, tmp_path):
         run.stop()
     assert run.app.metrics.counts["disk_full"] == 3
     assert files_under(root) == {"shop/portal.20231114": b"l1\nl2\nl3\n"}
+
+
+def test_a_full_disk_when_the_state_is_written_pauses_and_writes_each_line_once(
+    kafka, topic, tmp_path, monkeypatch
+):
+    """ENOSPC after the lines are durable, when the batch's state files are written (the e2e
+    tmpfs hit it there): the consumer must show it paused and count it like any full disk,
+    keep its group membership, and write the batch once. It used to retry unseen in the
+    writer thread: no pause gauge, no count, no poll for as long as the disk stayed full."""
+    real = Journal.save_states
+    refused = {"left": 4, "seen": 0}
+
+    def save_states(self, states):
+        if refused["left"] > 0:
+            refused["left"] -= 1
+            refused["seen"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, states)
+
+    monkeypatch.setattr(Journal, "save_states", save_states)
+    root = tmp_path / "root"
+    send(kafka, topic, [mk(0, b"l1\nl2\n"), mk(6, b"l3\n")])
+    run = Running(config(kafka, topic, root), sleep=lambda s: time.sleep(0.05))
+    paused = []
+    try:
+        deadline = time.monotonic() + 40
+        while refused["left"] and time.monotonic() < deadline:
+            paused.append(run.app.metrics.gauges["disk_full_paused"])
+            time.sleep(0.005)
+        send(kafka, topic, [mk(9, b"l4\n")])  # after the disk came back
+        run.wait(lambda c: c["records"] >= 3)
+        run.wait(lambda c: 3 in run.app._committed.values())  # committed past all four
+    finally:
+        run.stop()
+    assert refused["seen"] == 4 and 1 in paused  # the fault happened, and it showed
+    assert run.app.metrics.counts["disk_full"] == 4
+    assert run.app.metrics.gauges["disk_full_paused"] == 0
+    assert files_under(root) == {"shop/portal.20231114": b"l1\nl2\nl3\nl4\n"}  # once each
 
 
 def produce_raw_headers(kafka, topic, key: bytes, headers: list[bytes], value: bytes) -> None:

@@ -15,7 +15,7 @@ from keplerlog.consumer.journal import Journal
 from keplerlog.consumer.main import main
 from keplerlog.consumer.metrics import Metrics, bucket_quantile
 from keplerlog.consumer.route import Plan, Router
-from keplerlog.consumer.sink import Sink
+from keplerlog.consumer.sink import Sink, StateNotApplied
 from keplerlog.layout import Layout, LayoutError
 from keplerlog.names import name_problem
 from keplerlog.paths import PathGuard, UnsafePathError
@@ -442,6 +442,67 @@ def test_enospc_saving_the_state_of_a_duplicate_only_batch_is_disk_full(tmp_path
     monkeypatch.setattr(sink.journal, "save_states", real)
     assert sink.write({TP: [rec(1, batch(0, data), data)]}) == {TP: 2}
     assert sink.metrics.counts["duplicate_records"] == 1
+
+
+def test_a_full_disk_after_the_commit_holds_the_state_back_and_never_writes_the_batch_again(
+    tmp_path, monkeypatch
+):
+    """ENOSPC when the state files of a committed (durable) batch are written: the batch is not
+    written again, and its state and offsets wait for apply_pending() (a crash meanwhile: the
+    committed intent is rolled forward). The old sink retried in its thread, unseen (no
+    disk-full error, no pause)."""
+    sink = make_sink(tmp_path)
+    first, second, third = b"a\n" * 3, b"b\n" * 3, b"c\n" * 3
+    sink.write({TP: [rec(0, batch(0, first), first)]})
+    real = sink.journal.save_states
+    refused = {"n": 0}
+
+    def full(states):
+        refused["n"] += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sink.journal, "save_states", full)
+    with pytest.raises(StateNotApplied):
+        sink.write({TP: [rec(1, batch(6, second), second)]})
+    path = tmp_path / "shop" / "portal.20231114"
+    assert path.read_bytes() == first + second  # durable at once
+    assert sink.journal.pending() == "commit"  # what recovery rolls forward
+    assert sink.states[TP].next_offset == 1  # the memory follows the state files
+    for _ in range(3):  # past the first refusal: it stays pending as long as the disk is full
+        with pytest.raises(StateNotApplied):
+            sink.apply_pending()
+    with pytest.raises(StateNotApplied):  # a next batch waits for it, and is not written yet
+        sink.write({TP: [rec(2, batch(12, third), third)]})
+    assert refused["n"] == 5 and path.read_bytes() == first + second
+
+    monkeypatch.setattr(sink.journal, "save_states", real)
+    assert sink.apply_pending() == {TP: 2}
+    assert sink.unapplied is None and sink.states[TP].next_offset == 2
+    assert sink.apply_pending() == {}
+    assert sink.write({TP: [rec(2, batch(12, third), third)]}) == {TP: 3}
+    assert path.read_bytes() == first + second + third  # each batch once
+    assert sink.metrics.counts["duplicate_records"] == 0
+
+
+def test_a_write_first_applies_a_state_held_back_and_returns_both_offsets(tmp_path, monkeypatch):
+    sink = make_sink(tmp_path)
+    real = sink.journal.save_states
+    calls = {"n": 0}
+
+    def once_full(states):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        real(states)
+
+    monkeypatch.setattr(sink.journal, "save_states", once_full)
+    first, second = b"a\n", b"b\n"
+    with pytest.raises(StateNotApplied):
+        sink.write({TP: [rec(0, batch(0, first), first)]})
+    other = ("t", 1)
+    b = batch(0, second, file_id="f9")
+    assert sink.write({other: [Rec("t", 1, 0, DAY1, b.headers(), second)]}) == {TP: 1, other: 1}
+    assert (tmp_path / "shop" / "portal.20231114").read_bytes() == first + second
 
 
 @pytest.mark.parametrize("target", ["outside", "inside"])

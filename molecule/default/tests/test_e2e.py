@@ -817,13 +817,14 @@ def fill_the_data_root(ctx) -> str:
         lag_start = consumer_lag()
         time.sleep(30)
         lag_end = consumer_lag()
-        rolled_back = disk_full_count() - before
+        refused = disk_full_count() - before
     finally:
         subprocess.run(["mount", "-o", f"remount,size={CENTRAL_SIZE}", mount], check=True)
-    # the fault happened: the file system was full for real (free space under one batch), batches
-    # were rolled back, and the records the load kept producing piled up in Kafka unconsumed
+    # the fault happened: the file system was full for real (free space under one batch), writes
+    # were refused (batches rolled back, or a written batch's state held back), and the records
+    # the load kept producing piled up in Kafka unconsumed
     assert free < 256 * 1024, f"{free} B still free on {mount}"
-    assert rolled_back >= 2, f"only {rolled_back} batches hit ENOSPC"
+    assert refused >= 2, f"only {refused} writes hit ENOSPC"
     assert lag_end > lag_start >= 0, f"consumer lag {lag_start} -> {lag_end} while the disk was full"
     t1 = time.monotonic()
     wait_for(
@@ -833,8 +834,8 @@ def fill_the_data_root(ctx) -> str:
         2,
     )
     return (
-        f"tmpfs remounted to its usage + 256 KiB: paused after {paused_after:.0f} s, {rolled_back} batches "
-        f"rolled back, lag {lag_start} -> {lag_end} records in 30 s; resumed {time.monotonic() - t1:.0f} s "
+        f"tmpfs remounted to its usage + 256 KiB: paused after {paused_after:.0f} s, {refused} writes "
+        f"refused, lag {lag_start} -> {lag_end} records in 30 s; resumed {time.monotonic() - t1:.0f} s "
         "after the space came back"
     )
 

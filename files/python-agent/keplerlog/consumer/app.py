@@ -38,7 +38,7 @@ from .files import DiskFullError, FileCache, FileOps
 from .journal import Journal
 from .metrics import Metrics, PeriodicLog, start_server
 from .route import Router, TsWindow
-from .sink import Sink
+from .sink import Sink, StateNotApplied
 
 log = logging.getLogger(__name__)
 
@@ -234,12 +234,17 @@ class ConsumerApp:
                 if error is not None:
                     # Retry the failed batch (and what came after it, in order) in the
                     # foreground with the disk-full backoff; nothing of it is committed yet.
-                    self._process(_merge(failed, batch), error)
+                    # Unless it is durable and only its state is left (StateNotApplied).
+                    durable = isinstance(error, StateNotApplied)
+                    self._process(batch if durable else _merge(failed, batch), error)
                 elif batch or self.sink.has_expired_holds() or self.sink.reports_due():
                     self._submit(batch)  # an empty batch writes held line ends, reports that are due
         finally:
             try:
-                if self._settle()[1] is not None:
+                error = self._settle()[1]
+                if isinstance(error, StateNotApplied) or self.sink.unapplied is not None:
+                    log.warning("last batch written, its state not (disk full): applied at the next start")
+                elif error is not None:
                     log.warning("last batch not written (disk full): not committed, read again later")
             except Exception:  # still release Kafka and the files below
                 log.exception("writer failed at shutdown")
@@ -359,11 +364,15 @@ class ConsumerApp:
         read again by its next owner from the state file (which the failed write did not move).
         """
         if self._inflight is None:
+            self._apply_before_rebalance()  # a foreground retry's poll() may have brought us here
             return
         future, batch = self._inflight
         self._inflight = None
         try:
             offsets = future.result()
+        except StateNotApplied:  # durable: never read again; its state must be written first
+            self._apply_before_rebalance()
+            return
         except OSError as exc:
             log.warning("batch failed during rebalance (%s): re-reading it", exc)
             assert self.consumer is not None
@@ -375,11 +384,35 @@ class ConsumerApp:
             return
         self._commit(offsets, sync=False)
 
+    def _apply_before_rebalance(self) -> None:
+        """Write the state of a durable batch before partitions move, waiting out a full disk.
+
+        The next owner resumes from the state files: moving on without them would make it read
+        (and append) the batch again. So this blocks, as the rebalance callback must, unless
+        the consumer is stopping (then the journal applies it at the next start).
+        """
+        delay = 0.1
+        while self.sink.unapplied is not None and not self._stop.is_set():
+            try:
+                self._commit(self.sink.apply_pending(), sync=False)
+            except DiskFullError as exc:
+                self.metrics.inc("disk_full")
+                self.metrics.gauges["disk_full_paused"] = 1
+                log.error(
+                    "disk full (%s) in a rebalance: state not written; retry in %.1fs", exc.strerror, delay
+                )
+                self._sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                continue
+            self.metrics.gauges["disk_full_paused"] = 0
+
     def _process(self, batch: dict[TopicPartition, list], failed: DiskFullError | None = None) -> None:
         """Write one batch, pausing consumption and backing off while the disk is full.
 
         `failed`: the writer thread's attempt at (the start of) this batch already hit a full
         disk; it counts as the first attempt, so the backoff starts before the next one.
+        A StateNotApplied (the writer's batch is durable, its state is not) is retried with
+        `Sink.apply_pending()` first, then `batch` is written.
         """
         assert self.consumer is not None
         delay = 1.0
@@ -389,15 +422,20 @@ class ConsumerApp:
                 if not self._back_off(failed, delay):
                     return
                 delay = min(delay * 2, MAX_BACKOFF_S)
-            while self._pending:
+            while self._pending or self.sink.unapplied is not None:
                 try:
-                    offsets = self.sink.write(self._pending)
+                    if self.sink.unapplied is not None:
+                        offsets = self.sink.apply_pending()
+                    else:
+                        offsets = self.sink.write(self._pending)
+                        self._pending = {}
                 except DiskFullError as exc:
+                    if isinstance(exc, StateNotApplied):
+                        self._pending = {}  # durable: what the back-off polls is the next batch
                     if not self._back_off(exc, delay):
                         return
                     delay = min(delay * 2, MAX_BACKOFF_S)
                     continue
-                self._pending = {}
                 self.metrics.gauges["disk_full_paused"] = 0
                 self._commit(offsets)
         finally:
@@ -411,7 +449,8 @@ class ConsumerApp:
         self.metrics.inc("disk_full")
         self.metrics.gauges["disk_full_paused"] = 1  # 0 again once a batch is durable
         self._update_lag()
-        log.error("disk full (%s): batch rolled back, not committed; retry in %.0fs", exc.strerror, delay)
+        what = "written, its state not" if isinstance(exc, StateNotApplied) else "rolled back, not"
+        log.error("disk full (%s): batch %s committed; retry in %.0fs", exc.strerror, what, delay)
         if self._stop.is_set():
             return False
         self.consumer.pause(*self.consumer.assignment())

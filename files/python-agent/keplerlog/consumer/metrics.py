@@ -51,7 +51,8 @@ COUNTERS = {
     "quarantined": "Records written to _quarantine",
     "unsafe_names": "Records rejected for an unsafe service/module name",
     "empty_records": "Records with an empty value (nothing to write)",
-    "disk_full": "Batches rolled back because of ENOSPC/EDQUOT",
+    "disk_full": "Writes a full data root refused (ENOSPC/EDQUOT), each retry counted: a batch rolled back, "
+    "or the state of a written batch held back",
     "batches": "Batches made durable",
     "commit_failures": "Kafka offset commits that failed (the state file is authoritative)",
     "connect_failures": "Attempts to reach Kafka that failed at start (the log says why)",

@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from keplerlog.paths import UnsafePathError
 
@@ -30,6 +31,30 @@ TopicPartition = tuple[str, int]  # kafka.TopicPartition is a namedtuple of (top
 STATE_TTL_MS = 30 * 24 * 3600 * 1000
 MAX_SOURCES = 100_000  # per partition: ~10 MB of state; hundreds of hosts x files x rotations fit
 _PRUNE_EVERY_S = 600.0
+_FINISH_RETRY_MAX_S = 10.0
+
+
+class StateNotApplied(DiskFullError):
+    """A batch is durable but the disk was full when its state files were written.
+
+    Its lines are appended and fsynced and its intent is committed (a crash now rolls it
+    forward, journal.py), so it must never be written again: the caller pauses and calls
+    `Sink.apply_pending()` until it succeeds, then commits the offsets that returns. Before
+    this error existed the writer thread retried in place, unseen: no pause gauge, no count,
+    and a consumer that stopped polling for as long as the disk stayed full.
+    """
+
+
+@dataclass(slots=True)
+class _Written:
+    """What a durable batch changes in memory once its state files are written."""
+
+    plan: Plan
+    offsets: dict[TopicPartition, int]
+    states: dict[str, PartitionState]
+    holds: dict[TopicPartition, Holds]
+    consumed: dict[TopicPartition, int]
+    totals: dict[TopicPartition, dict[tuple[str, str], tuple[int, int, int]]]
 
 
 class Sink:
@@ -67,6 +92,7 @@ class Sink:
         self.holds: dict[TopicPartition, Holds] = {}
         self.consumed: dict[TopicPartition, int] = {}
         self._pruned_at: dict[TopicPartition, float] = {}
+        self.unapplied: _Written | None = None  # durable, its state not written yet (disk full)
 
     def assign(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         """Recover dead peers' intents, load states; returns where to resume each partition."""
@@ -126,12 +152,26 @@ class Sink:
         before anything was written) is checked afresh: the batch is planned again and its
         records go to quarantine.
         """
+        earlier = self.apply_pending()  # {} unless a durable batch's state is still to write
         try:
-            return self._write(batch)
+            offsets = self._write(batch)
         except UnsafePathError as exc:
             log.error("%s: planning the batch again with fresh path checks", exc)
             self.router.guard.forget()
-            return self._write(batch)
+            offsets = self._write(batch)
+        return {**earlier, **offsets}
+
+    def apply_pending(self) -> dict[TopicPartition, int]:
+        """Write the state of the durable batch a full disk held back; returns its offsets.
+
+        Raises StateNotApplied while the disk is still full. {} when nothing is pending.
+        """
+        done = self.unapplied
+        if done is None:
+            return {}
+        self._finish(done.states)
+        self.unapplied = None
+        return self._apply(done)
 
     def _write(self, batch: Mapping[TopicPartition, Sequence[RecordLike]]) -> dict[TopicPartition, int]:
         now_ms = int(time.time() * 1000)
@@ -185,22 +225,32 @@ class Sink:
             self.metrics.add(plan.counts, plan.quarantine_reasons)  # e.g. unowned_records
             self.write_reports()
             return {}
+        done = _Written(plan, offsets, new_states, new_holds, new_consumed, new_totals)
         if plan.chunks:
-            self._append(plan, new_states)
+            try:
+                self._append(plan, new_states)
+            except StateNotApplied:
+                self.unapplied = done
+                raise
         else:  # only duplicates, empties, watermarks or drops: the state still moves on
             try:
                 self.journal.save_states(new_states)
             except OSError as exc:
                 raise _as_disk_full(exc) from exc
+        return self._apply(done)
+
+    def _apply(self, done: _Written) -> dict[TopicPartition, int]:
+        """Take a batch whose state files are written into memory: states, holds, reports, metrics."""
+        plan, offsets = done.plan, done.offsets
         for tp in offsets:
-            self.states[tp] = new_states[state_name(tp[0], tp[1])]
-            self.holds[tp] = new_holds[tp]
-            self.consumed[tp] = new_consumed[tp]
+            self.states[tp] = done.states[state_name(tp[0], tp[1])]
+            self.holds[tp] = done.holds[tp]
+            self.consumed[tp] = done.consumed[tp]
         for topic, partition, day in plan.audit_days:
             if (topic, partition) in offsets:
                 self._reports_pending.setdefault((topic, partition), set()).add(day)
-        if new_totals:
-            self.audit_totals.update(new_totals)
+        if done.totals:
+            self.audit_totals.update(done.totals)
             self.metrics.set_audit(self.audit_totals.values())
         self.metrics.gauges["held_bytes"] = sum(
             len(h.data) for hs in self.holds.values() for h in hs.values()
@@ -282,16 +332,27 @@ class Sink:
         finally:
             if locked:
                 self.journal.locks.unlock_files()
-        # Past this point the batch is committed: finishing must succeed, retry until it does.
+        self._finish(new_states)
+
+    def _finish(self, states: dict[str, PartitionState]) -> None:
+        """Write a committed batch's state files and drop its intent.
+
+        Past the commit the batch is durable: finishing must succeed. A full disk raises
+        StateNotApplied (the caller pauses and retries, seen in the disk-full metrics); any other
+        error is retried here with a doubling pause, as it may be transient (EIO, a stale NFS
+        handle) and giving up would only make recovery do the same at the next start.
+        """
         delay = 0.1
         while True:
             try:
-                self.journal.finish(new_states)
+                self.journal.finish(states)
                 return
             except OSError as exc:
+                if exc.errno in DISK_FULL_ERRNOS:
+                    raise StateNotApplied(exc.errno, exc.strerror) from exc
                 log.error("cannot apply committed state (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, _FINISH_RETRY_MAX_S)
 
     def _lock_files(self, rels: list[str]) -> None:
         """Take the batch's file locks; first undo torn appends of dead peers to these files."""
