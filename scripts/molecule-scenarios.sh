@@ -38,6 +38,9 @@ for s in "${scenarios[@]}"; do
   fi
 done
 logs=${MOLECULE_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/molecule-logs.XXXXXX")}
+# Without a terminal, molecule and the pytest it runs wrap at 80 columns: an assertion's message
+# (the agents' stats, the counts) ends up cut into pieces that the summary below cannot show whole.
+export COLUMNS=${COLUMNS:-200}
 mkdir -p "$logs"
 results=()
 failed_names=()
@@ -61,9 +64,11 @@ echo "== molecule scenarios:"
 printf '%s\n' "${results[@]}"
 for s in "${failed_names[@]}"; do
   echo "== why ${s} failed (the matching lines of $logs/$s.log):"
-  sed -E 's/\x1b\[[0-9;]*m//g' "$logs/$s.log" \
-    | grep -aE '\b(FAILED|ERROR)\b|[│|] E  |^E  |fatal: \[|short test summary|[0-9]+ (passed|failed)' \
-    | tail -n 60
+  plain=$(sed -E 's/\x1b\[[0-9;]*m//g' "$logs/$s.log")
+  # the assertions and fatal tasks first, then pytest's one line per failed test (with the
+  # first line of its message) last: a log cut to its last lines still names them
+  grep -aE '[│|] E  |^E  |fatal: \[' <<<"$plain" | tail -n 40
+  grep -aE '\b(FAILED|ERROR)\b|[0-9]+ (passed|failed)' <<<"$plain" | grep -av '[│|] E  |^E  ' | tail -n 20
 done
 echo "scenarios: $((${#scenarios[@]} - failed)) passed, ${failed} failed"
 exit $((failed > 0))

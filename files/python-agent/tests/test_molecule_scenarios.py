@@ -18,7 +18,8 @@ echo "running $3"
 for i in $(seq 1 500); do echo "  │ filler line $i"; done
 if [[ $3 == consumer ]]; then
   printf '  \033[31m│ tests/test_x.py::test_lost FAILED\033[0m\n'
-  echo "  │ E   AssertionError: lost 3 lines"
+  echo "  │ E   AssertionError: lost 3 lines (COLUMNS=$COLUMNS)"
+  echo "  │ FAILED tests/test_x.py::test_lost - AssertionError: lost 3 lines"
   echo "  │ ======== 1 failed, 5 passed in 9.1s ========"
   exit 1
 fi
@@ -46,6 +47,8 @@ def test_a_failed_scenario_is_summarised_with_its_reason_at_the_end(tmp_path):
     why = "\n".join(tail)
     assert "== why consumer failed" in why and "why image failed" not in why
     assert "tests/test_x.py::test_lost FAILED" in why  # colour codes stripped
-    assert "E   AssertionError: lost 3 lines" in why
+    assert "E   AssertionError: lost 3 lines (COLUMNS=200)" in why  # molecule does not wrap at 80
+    # pytest's line per failed test comes after the assertion lines: a log cut short keeps it
+    assert why.index("E   AssertionError") < why.index("FAILED tests/test_x.py::test_lost - ")
     assert "filler" not in why
     assert (tmp_path / "logs" / "consumer.log").read_text().count("filler line") == 500
