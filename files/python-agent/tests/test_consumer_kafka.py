@@ -203,8 +203,11 @@ def test_a_full_disk_when_the_state_is_written_pauses_and_writes_each_line_once(
 
     monkeypatch.setattr(Journal, "save_states", save_states)
     root = tmp_path / "root"
-    send(kafka, topic, [mk(0, b"l1\nl2\n"), mk(6, b"l3\n")])
-    run = Running(config(kafka, topic, root), sleep=lambda s: time.sleep(0.05))
+    # one record per batch: while the first batch's state is refused, the next batches wait
+    # (polled already, not written yet) and must be written after it, not dropped
+    send(kafka, topic, [mk(0, b"l1\n"), mk(3, b"l2\n"), mk(6, b"l3\n")])
+    cfg = config(kafka, topic, root, max_poll_records=1, batch_max_bytes=1)
+    run = Running(cfg, sleep=lambda s: time.sleep(0.05))
     paused = []
     try:
         deadline = time.monotonic() + 40
@@ -212,14 +215,15 @@ def test_a_full_disk_when_the_state_is_written_pauses_and_writes_each_line_once(
             paused.append(run.app.metrics.gauges["disk_full_paused"])
             time.sleep(0.005)
         send(kafka, topic, [mk(9, b"l4\n")])  # after the disk came back
-        run.wait(lambda c: c["records"] >= 3)
-        run.wait(lambda c: 3 in run.app._committed.values())  # committed past all four
+        run.wait(lambda c: c["records"] >= 4)
+        run.wait(lambda c: 4 in run.app._committed.values())  # committed past all four
     finally:
         run.stop()
     assert refused["seen"] == 4 and 1 in paused  # the fault happened, and it showed
     assert run.app.metrics.counts["disk_full"] == 4
     assert run.app.metrics.gauges["disk_full_paused"] == 0
     assert files_under(root) == {"shop/portal.20231114": b"l1\nl2\nl3\nl4\n"}  # once each
+    assert run.app.metrics.counts["gaps"] == 0
 
 
 def produce_raw_headers(kafka, topic, key: bytes, headers: list[bytes], value: bytes) -> None:

@@ -423,19 +423,18 @@ class ConsumerApp:
                     return
                 delay = min(delay * 2, MAX_BACKOFF_S)
             while self._pending or self.sink.unapplied is not None:
+                writing = self.sink.unapplied is None  # else its state first, then _pending
                 try:
-                    if self.sink.unapplied is not None:
-                        offsets = self.sink.apply_pending()
-                    else:
-                        offsets = self.sink.write(self._pending)
-                        self._pending = {}
+                    offsets = self.sink.write(self._pending) if writing else self.sink.apply_pending()
                 except DiskFullError as exc:
-                    if isinstance(exc, StateNotApplied):
-                        self._pending = {}  # durable: what the back-off polls is the next batch
+                    if writing and isinstance(exc, StateNotApplied):
+                        self._pending = {}  # durable now: what the back-off polls is the next batch
                     if not self._back_off(exc, delay):
                         return
                     delay = min(delay * 2, MAX_BACKOFF_S)
                     continue
+                if writing:
+                    self._pending = {}
                 self.metrics.gauges["disk_full_paused"] = 0
                 self._commit(offsets)
         finally:
