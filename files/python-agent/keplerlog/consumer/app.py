@@ -448,8 +448,12 @@ class ConsumerApp:
         self.metrics.inc("disk_full")
         self.metrics.gauges["disk_full_paused"] = 1  # 0 again once a batch is durable
         self._update_lag()
-        what = "written, its state not" if isinstance(exc, StateNotApplied) else "rolled back, not"
-        log.error("disk full (%s): batch %s committed; retry in %.0fs", exc.strerror, what, delay)
+        what = (
+            "written, its state not saved"
+            if isinstance(exc, StateNotApplied)
+            else "rolled back, not committed"
+        )
+        log.error("disk full (%s): batch %s; retry in %.0fs", exc.strerror, what, delay)
         if self._stop.is_set():
             return False
         self.consumer.pause(*self.consumer.assignment())
