@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import threading
 from collections import Counter, namedtuple
 from zoneinfo import ZoneInfo
 
@@ -15,7 +16,7 @@ from keplerlog.consumer.journal import Journal
 from keplerlog.consumer.main import main
 from keplerlog.consumer.metrics import Metrics, bucket_quantile
 from keplerlog.consumer.route import Plan, Router
-from keplerlog.consumer.sink import Sink, StateNotApplied
+from keplerlog.consumer.sink import Sink, StateNotApplied, recover_waiting
 from keplerlog.layout import Layout, LayoutError
 from keplerlog.names import name_problem
 from keplerlog.paths import PathGuard, UnsafePathError
@@ -471,8 +472,9 @@ def test_a_full_disk_after_the_commit_holds_the_state_back_and_never_writes_the_
     for _ in range(3):  # past the first refusal: it stays pending as long as the disk is full
         with pytest.raises(StateNotApplied):
             sink.apply_pending()
-    with pytest.raises(StateNotApplied):  # a next batch waits for it, and is not written yet
+    with pytest.raises(DiskFullError) as refused_next:  # a next batch waits, not written yet
         sink.write({TP: [rec(2, batch(12, third), third)]})
+    assert not isinstance(refused_next.value, StateNotApplied)  # it is not durable: retried whole
     assert refused["n"] == 5 and path.read_bytes() == first + second
 
     monkeypatch.setattr(sink.journal, "save_states", real)
@@ -503,6 +505,76 @@ def test_a_write_first_applies_a_state_held_back_and_returns_both_offsets(tmp_pa
     b = batch(0, second, file_id="f9")
     assert sink.write({other: [Rec("t", 1, 0, DAY1, b.headers(), second)]}) == {TP: 1, other: 1}
     assert (tmp_path / "shop" / "portal.20231114").read_bytes() == first + second
+
+
+def full_when_saving_state(sink, monkeypatch):
+    """Make the sink's state files fail with ENOSPC; returns a function that frees the disk."""
+    real = sink.journal.save_states
+
+    def full(states):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sink.journal, "save_states", full)
+    return lambda: monkeypatch.setattr(sink.journal, "save_states", real)
+
+
+def test_a_partition_whose_state_waits_stays_locked_and_its_next_owner_rolls_it_forward(
+    tmp_path, monkeypatch
+):
+    """Stopping on a full disk with a written batch's state not saved: the partition is given up
+    (revoke) but its lock is kept until the process exits, and the next owner, which waits for
+    that lock, recovers the committed intent before reading the state: it resumes after the batch
+    instead of appending it again. A next owner that recovered before taking the lock found the
+    old owner alive, left its intent alone and resumed from the stale state."""
+    old = make_sink(tmp_path, cid="old")
+    first, second = b"a\n", b"b\n"
+    old.write({TP: [rec(0, batch(0, first), first)], ("t", 1): []})
+    full_when_saving_state(old, monkeypatch)
+    with pytest.raises(StateNotApplied):
+        old.write({TP: [rec(1, batch(2, second), second)]})
+    other = ("t", 1)
+    assert old.journal.locks.try_partition(*other)
+    old.revoke([TP, other])
+    new = make_sink(tmp_path, cid="new")
+    assert not new.journal.locks.try_partition(*TP)  # kept: its state still waits
+    assert new.journal.locks.try_partition(*other)  # released as usual
+    new.journal.locks.release_partition(*other)
+
+    resumed = {}
+    taker = threading.Thread(target=lambda: resumed.update(new.assign([TP])))
+    taker.start()
+    taker.join(0.5)
+    assert taker.is_alive()  # waits for the old owner
+    old.journal.close()  # the old process exits
+    taker.join(10)
+    assert resumed == {TP: 2}  # after the written batch: rolled forward, not read again
+    assert new.metrics.counts["recovered_intents"] == 1
+    assert (tmp_path / "shop" / "portal.20231114").read_bytes() == first + second
+
+
+def test_recovery_waits_out_a_full_disk_instead_of_crashing(monkeypatch):
+    """At start (and in assign), rolling a dead consumer's intent forward writes state files."""
+    metrics = Metrics()
+    calls = {"n": 0}
+
+    class Journal:
+        def recover(self):
+            calls["n"] += 1
+            if calls["n"] <= 2:
+                assert calls["n"] == 1 or metrics.gauges["disk_full_paused"] == 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return ["rolled forward"]
+
+    monkeypatch.setattr("keplerlog.consumer.sink.time.sleep", lambda s: None)
+    assert recover_waiting(Journal(), metrics) == ["rolled forward"]
+    assert metrics.counts["disk_full"] == 2 and metrics.gauges["disk_full_paused"] == 0
+
+    class Broken:
+        def recover(self):
+            raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(OSError, match="I/O error"):  # anything else is not waited out
+        recover_waiting(Broken(), metrics)
 
 
 @pytest.mark.parametrize("target", ["outside", "inside"])

@@ -38,13 +38,14 @@ from .files import DiskFullError, FileCache, FileOps
 from .journal import Journal
 from .metrics import Metrics, PeriodicLog, start_server
 from .route import Router, TsWindow
-from .sink import Sink, StateNotApplied
+from .sink import Sink, StateNotApplied, recover_waiting
 
 log = logging.getLogger(__name__)
 
 CONNECT_BACKOFF_S = (5.0, 60.0)  # first and longest wait between two attempts to reach Kafka
 
 MAX_BACKOFF_S = 30.0
+REBALANCE_BACKOFF_S = 10.0  # the longest wait inside a rebalance callback (no poll possible)
 
 
 def new_consumer_id() -> str:
@@ -133,6 +134,8 @@ class ConsumerApp:
             try:
                 offsets = self.sink.write(pending)
                 self._commit(offsets, sync=False)
+            except StateNotApplied:  # written: its state goes with the partitions
+                self._apply_before_rebalance()
             except OSError as exc:
                 log.warning("dropping %d unwritten partitions on revoke (%s)", len(pending), exc)
             for tp in pending:
@@ -205,14 +208,14 @@ class ConsumerApp:
 
     def run(self, consumer: KafkaConsumer | None = None) -> None:
         """Consume until stopped; returns after a clean shutdown."""
-        recovered = self.journal.recover()
-        if recovered:
-            self.metrics.inc("recovered_intents", len(recovered))
         server = (
             start_server(self.metrics, self.config.metrics_host, self.config.metrics_port)
             if self.config.metrics_port > 0
             else None
         )
+        recovered = recover_waiting(self.journal, self.metrics)  # after the server: a wait shows
+        if recovered:
+            self.metrics.inc("recovered_intents", len(recovered))
         self.consumer = consumer or self._connect()
         if self.consumer is None:  # stopped before Kafka answered: nothing was read
             self._writer.shutdown(wait=True)
@@ -240,14 +243,22 @@ class ConsumerApp:
                 elif batch or self.sink.has_expired_holds() or self.sink.reports_due():
                     self._submit(batch)  # an empty batch writes held line ends, reports that are due
         finally:
+            error: DiskFullError | None = None
             try:
                 error = self._settle()[1]
-                if isinstance(error, StateNotApplied) or self.sink.unapplied is not None:
-                    log.warning("last batch written, its state not (disk full): applied at the next start")
-                elif error is not None:
-                    log.warning("last batch not written (disk full): not committed, read again later")
+                if self.sink.unapplied is not None:  # one more try: its partitions wait for it
+                    self._commit(self.sink.apply_pending())
+            except DiskFullError:
+                pass  # the state still waits: said below
             except Exception:  # still release Kafka and the files below
                 log.exception("writer failed at shutdown")
+            if self.sink.unapplied is not None:
+                log.warning(
+                    "last batch written, its state not saved (disk full): its partitions stay locked "
+                    "until this process exits, then their next owner applies it"
+                )
+            elif error is not None and not isinstance(error, StateNotApplied):
+                log.warning("last batch not written (disk full): not committed, read again later")
             self._writer.shutdown(wait=True)
             self.sink.write_reports(force=True)  # the audit reports of the last batches
             self._send_commits(sync=True)
@@ -389,7 +400,8 @@ class ConsumerApp:
 
         The next owner resumes from the state files: moving on without them would make it read
         (and append) the batch again. So this blocks, as the rebalance callback must, unless
-        the consumer is stopping (then the journal applies it at the next start).
+        the consumer is stopping: then Sink.revoke keeps those partitions locked until the
+        process exits, and their next owner rolls the committed intent forward first.
         """
         delay = 0.1
         while self.sink.unapplied is not None and not self._stop.is_set():
@@ -402,7 +414,7 @@ class ConsumerApp:
                     "disk full (%s) in a rebalance: state not written; retry in %.1fs", exc.strerror, delay
                 )
                 self._sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF_S)
+                delay = min(delay * 2, REBALANCE_BACKOFF_S)  # a SIGTERM waits at most this
                 continue
             self.metrics.gauges["disk_full_paused"] = 0
 
@@ -437,6 +449,8 @@ class ConsumerApp:
                     self._pending = {}
                 self.metrics.gauges["disk_full_paused"] = 0
                 self._commit(offsets)
+            # done (a rebalance during the back-off may have taken what was pending)
+            self.metrics.gauges["disk_full_paused"] = 0
         finally:
             self._pending = {}
             if self.consumer.paused():

@@ -99,12 +99,17 @@ class Journal:
         self.locks = Locks(root)
 
     def close(self) -> None:
-        """Release the liveness lock; the intent stays for recovery unless it is `done`."""
-        self.locks.close()
+        """Release the liveness lock, then the partitions; the intent stays unless it is `done`.
+
+        In that order: a next owner waits for a partition's lock and then recovers the intents
+        of dead consumers (Sink.assign). Were the partitions released first, it could find
+        this process still alive, leave a committed intent alone and load a stale state.
+        """
         self.intents.close(remove=self.pending() is None)
         with contextlib.suppress(OSError):
             os.unlink(self.dir / f"{self.consumer_id}.lock")
         os.close(self._lock_fd)
+        self.locks.close()
 
     def pending(self) -> str | None:
         """Return the phase of this process's unfinished intent (`write` or `commit`), None if none."""

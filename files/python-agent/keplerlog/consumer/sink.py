@@ -95,14 +95,21 @@ class Sink:
         self.unapplied: _Written | None = None  # durable, its state not written yet (disk full)
 
     def assign(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        """Recover dead peers' intents, load states; returns where to resume each partition."""
-        recovered = self.journal.recover()
+        """Take the partitions' locks, recover dead peers' intents, load states.
+
+        Returns where to resume each partition. Recovery comes after the locks: an old owner
+        lets a partition go when it exits (or has nothing left to apply), and only then is
+        its committed intent a dead one that recovery rolls forward before the state is read.
+        """
+        partitions = list(partitions)
+        for tp in partitions:
+            self.journal.locks.wait_partition(tp[0], tp[1])  # a stalled old owner lets go first
+        recovered = recover_waiting(self.journal, self.metrics)
         if recovered:
             self.metrics.inc("recovered_intents", len(recovered))
         resume: dict[TopicPartition, int] = {}
         for tp in partitions:
             topic, partition = tp[0], tp[1]
-            self.journal.locks.wait_partition(topic, partition)  # a stalled old owner lets go first
             state = self.journal.load(topic, partition)
             self.states[tp] = state
             self.holds.pop(tp, None)  # read again from next_offset: held lines come back
@@ -130,8 +137,14 @@ class Sink:
         return any(lines.expired(holds, self.router.lines) for holds in self.holds.values())
 
     def revoke(self, partitions: Iterable[TopicPartition]) -> None:
-        """Forget partitions given up (everything written is already durable)."""
+        """Forget partitions given up (everything written is already durable).
+
+        A partition whose written batch still waits for its state (only when stopping on a
+        full disk) keeps its lock until the process exits: its next owner then recovers the
+        committed intent before it reads the state.
+        """
         partitions = list(partitions)
+        waiting = set(self.unapplied.offsets) if self.unapplied is not None else set()
         self.write_reports(force=True, only=partitions)  # the next owner continues them
         for tp in partitions:
             self._reports_pending.pop(tp, None)
@@ -140,7 +153,8 @@ class Sink:
             self.holds.pop(tp, None)
             self.consumed.pop(tp, None)
             self.audit_totals.pop(tp, None)
-            self.journal.locks.release_partition(tp[0], tp[1])
+            if tp not in waiting:
+                self.journal.locks.release_partition(tp[0], tp[1])
         self.metrics.set_audit(self.audit_totals.values())
 
     def write(self, batch: Mapping[TopicPartition, Sequence[RecordLike]]) -> dict[TopicPartition, int]:
@@ -152,7 +166,10 @@ class Sink:
         before anything was written) is checked afresh: the batch is planned again and its
         records go to quarantine.
         """
-        earlier = self.apply_pending()  # {} unless a durable batch's state is still to write
+        try:
+            earlier = self.apply_pending()  # {} unless a durable batch's state is still to write
+        except StateNotApplied as exc:  # this batch was not touched: an ordinary full disk for it
+            raise DiskFullError(exc.errno, exc.strerror) from exc
         try:
             offsets = self._write(batch)
         except UnsafePathError as exc:
@@ -411,6 +428,33 @@ class Sink:
             self.max_sources,
             len(by_age) - keep,
         )
+
+
+def recover_waiting(
+    journal: Journal, metrics: Metrics, max_delay_s: float = _FINISH_RETRY_MAX_S
+) -> list[str]:
+    """Recover dead consumers' intents, waiting out a full disk (rolling forward writes state).
+
+    A crash loop would not help, and it would export no metrics: this waits, counts each try
+    as a full disk and shows the pause, as a batch does.
+    """
+    delay = 0.1
+    while True:
+        try:
+            recovered = journal.recover()
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            metrics.inc("disk_full")
+            metrics.gauges["disk_full_paused"] = 1
+            log.error(
+                "disk full (%s) recovering a dead consumer's batch; retry in %.1fs", exc.strerror, delay
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+            continue
+        metrics.gauges["disk_full_paused"] = 0
+        return recovered
 
 
 def _as_disk_full(exc: OSError) -> OSError:
