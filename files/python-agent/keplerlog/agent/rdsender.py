@@ -232,8 +232,28 @@ class RdSender:
         return True
 
     def _poll_loop(self, producer: Any) -> None:
+        """Serve delivery reports and errors until stopped; an exception never ends the thread.
+
+        confluent-kafka can raise a fatal error out of poll() instead of calling error_cb (seen:
+        OUT_OF_ORDER_SEQUENCE_NUMBER against a cluster rebuilt from empty disks). The thread
+        died of it, no report was served again, and the producer was never marked broken, so
+        it was never renewed: every send failed with _FATAL for as long as the agent ran.
+        """
+        from confluent_kafka import KafkaException
+
         while not self._stop.is_set():
-            producer.poll(POLL_S)
+            try:
+                producer.poll(POLL_S)
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if error is not None and error.fatal():
+                    self._problem(error)  # broken: the ledger renews the producer
+                else:
+                    log.warning("Kafka producer: %s", exc)
+                self._stop.wait(POLL_S)  # not a tight loop should it raise again at once
+            except Exception:  # a bug in a callback: keep serving the reports
+                log.exception("Kafka producer: poll failed")
+                self._stop.wait(POLL_S)
 
     def send(self, value: bytes, key: bytes, headers: list[tuple[str, bytes]], token: object) -> None:
         """Hand one record to librdkafka; the outcome arrives later on `results`.

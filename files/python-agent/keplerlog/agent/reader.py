@@ -208,7 +208,10 @@ class Reader:
                     busy.discard(key)  # done until inotify names it again (or a sweep)
                 else:
                     busy.add(key)
-                if time.monotonic() >= ledger.send_backoff_until > mono:
+                if ledger.send_backoff_until > mono:
+                    # A send was refused (or the producer renewed) in this pass: reading waits
+                    # for the backoff. Going on re-read the refused record at once, in a tight
+                    # loop that also kept the backoff, and so a fatal producer's renewal, away.
                     self.sweep = True
                     return
             if dirty - named:

@@ -232,7 +232,17 @@ def test_broker_replaced_by_an_empty_one(setup, scenario, client):
         def shipped_to_the_end() -> bool:
             return max(o + len(v) for o, v in _records(reader, log)[1]) == len(data)
 
-        reader.wait_for(shipped_to_the_end, timeout=60)
+        try:
+            reader.wait_for(shipped_to_the_end, timeout=60)
+        except AssertionError as exc:  # say where the agent stands: stalled, paused, or sending
+            m = metrics(port)
+            state = {
+                k: v for k, v in m.items() if "lag" in k or "inflight" in k or "paused" in k or "total" in k
+            }
+            out = agent.output().splitlines()
+            said = [line for line in out if "send failed at offset" not in line][-40:]  # not the retries
+            tail = "\n".join(said + out[-3:])
+            raise AssertionError(f"{exc}; {len(data)} B written; agent {state}\n{tail}") from None
         fid, recs = _records(reader, log)
     finally:
         reader.close()

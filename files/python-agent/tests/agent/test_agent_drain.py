@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_support import AgentProcess, append, in_process, lines, write_config
+from agent_support import AgentProcess, FakeSender, append, in_process, lines, write_config
 
+from keplerlog.agent.ledger import SEND_BACKOFF_S
 from keplerlog.agent.main import Agent
+from keplerlog.record import is_watermark
 
 
 def _state_offsets(tmp_path: Path) -> list[int]:
@@ -275,3 +277,44 @@ def test_a_line_is_not_cut_where_reading_paused_at_the_memory_cap(tmp_path, logd
     assert not thread.is_alive()
     assert b"".join(v for v, _ in sender.sent) == data
     assert all(v.endswith(b"\n") for v, _ in sender.sent)
+
+
+class _RefusingSender(FakeSender):
+    """A producer that refuses data records synchronously, as librdkafka's produce() does once
+    its producer is fatal (KafkaError _FATAL), the first `refusals` times."""
+
+    def __init__(self, wake, refusals: int) -> None:
+        super().__init__(wake, auto_ack=True)
+        self.refusals = refusals
+        self.refused_at: list[float] = []
+
+    def send(self, value: bytes, key: bytes, headers: list, token: tuple) -> None:
+        if self.refusals and not is_watermark(headers):
+            self.refusals -= 1
+            self.refused_at.append(time.monotonic())
+            raise RuntimeError("Unable to produce message: Local: Fatal error")
+        super().send(value, key, headers, token)
+
+
+def test_a_send_refused_at_once_pauses_the_read_pass_instead_of_spinning_on_it(tmp_path, logdir):
+    """A synchronous refusal re-reads from the record's offset after SEND_BACKOFF_S. The read pass
+    went on at once instead: read, refused, rewound, read... in one tight loop that starved the
+    main loop (and, with the producer fatal, its renewal). Seen with librdkafka in
+    test_broker_replaced_by_an_empty_one: 1.6 million refusals in 60 s, nothing shipped."""
+    log = logdir / "app.log"
+    data = lines("r", 100)
+    append(log, data)
+    agent, _ = in_process(tmp_path, logdir, auto_ack=True)
+    sender = _RefusingSender(agent.waker.wake, refusals=3)
+    agent.sender = sender  # type: ignore[assignment]
+    thread = threading.Thread(target=agent.run)
+    thread.start()
+    try:
+        _wait(lambda: sum(len(v) for v, _ in sender.sent) == len(data), timeout=20)
+    finally:
+        agent.request_stop()
+        thread.join(10)
+    assert len(sender.refused_at) == 3 and agent.counters.send_errors == 3  # the fault happened
+    gaps = [b - a for a, b in zip(sender.refused_at, sender.refused_at[1:], strict=False)]
+    assert min(gaps) >= 0.9 * SEND_BACKOFF_S, f"refusals {gaps} s apart: no backoff"
+    assert b"".join(v for v, _ in sender.sent) == data  # sent once, after the refusals

@@ -97,6 +97,31 @@ def test_a_replaced_cluster_in_librdkafkas_log_breaks_the_producer_and_wakes_the
     assert any("CLUSTERID" in r.getMessage() for r in caplog.records)  # still in librdkafka's log
 
 
+def test_a_fatal_error_raised_out_of_poll_breaks_the_producer_and_the_poll_thread_goes_on():
+    """confluent-kafka raised OUT_OF_ORDER_SEQUENCE_NUMBER (fatal) out of poll(): the poll thread
+    died, the producer was never marked broken and so never renewed (every send _FATAL)."""
+    import confluent_kafka as ck  # installed with the librdkafka extra, as in CI
+    wakes = []
+    sender = rdsender.RdSender(_cfg(client="librdkafka"), lambda: wakes.append(1))
+    polls = []
+
+    class Producer:
+        def poll(self, timeout):
+            polls.append(timeout)
+            if len(polls) == 1:
+                raise ck.KafkaException(
+                    ck.KafkaError(ck.KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "desync", fatal=True)
+                )
+            if len(polls) == 2:
+                raise ck.KafkaException(ck.KafkaError(ck.KafkaError._TRANSPORT, "a hiccup"))
+            if len(polls) >= 4:
+                sender._stop.set()
+
+    sender._poll_loop(Producer())
+    assert len(polls) == 4  # went on polling after both
+    assert sender.broken and "OUT_OF_ORDER_SEQUENCE_NUMBER" in sender.broken_reason and wakes
+
+
 def test_broker_connected_reads_the_brokers_state_from_the_statistics():
     sender = rdsender.RdSender(_cfg(client="librdkafka"), lambda: None)
     assert not sender.broker_connected  # no producer
