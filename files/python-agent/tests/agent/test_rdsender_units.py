@@ -101,6 +101,7 @@ def test_a_fatal_error_raised_out_of_poll_breaks_the_producer_and_the_poll_threa
     """confluent-kafka raised OUT_OF_ORDER_SEQUENCE_NUMBER (fatal) out of poll(): the poll thread
     died, the producer was never marked broken and so never renewed (every send _FATAL)."""
     import confluent_kafka as ck  # installed with the librdkafka extra, as in CI
+
     wakes = []
     sender = rdsender.RdSender(_cfg(client="librdkafka"), lambda: wakes.append(1))
     polls = []
