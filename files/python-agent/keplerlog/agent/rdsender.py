@@ -16,8 +16,9 @@ How librdkafka's behaviour is mapped onto the agent's rules:
 - librdkafka's own queue is capped a little above what the agent may have in flight, so it
   never holds more than the agent's budget; a full queue raises BufferError from `produce`,
   which the ledger treats like any failed send (backoff, re-read).
-- An idempotence error librdkafka cannot recover from is *fatal* (error_cb): every message
-  then fails and only a new producer ships again, the same `broken` / `renew` as kafka-python.
+- An idempotence error librdkafka cannot recover from is *fatal* (error_cb, or raised out of
+  `poll()`, which the poll thread survives): every message then fails and only a new producer
+  ships again, the same `broken` / `renew` as kafka-python.
 - A producer that finds a *different cluster* at its addresses (a cluster rebuilt from empty
   disks) refuses to talk to it and would wait for ever, records in flight: librdkafka only logs
   that (CLUSTERID), so the log is read for it and the producer counts as broken (renewed: a new
