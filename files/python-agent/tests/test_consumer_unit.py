@@ -11,12 +11,13 @@ import pytest
 from consumer_support import ANY_TIME
 
 from keplerlog.consumer.config import ConfigError, load_config
+from keplerlog.consumer.diskwait import wait_out_full_disk
 from keplerlog.consumer.files import DiskFullError, FileCache, FileOps
 from keplerlog.consumer.journal import Journal
 from keplerlog.consumer.main import main
 from keplerlog.consumer.metrics import Metrics, bucket_quantile
 from keplerlog.consumer.route import Plan, Router
-from keplerlog.consumer.sink import Sink, StateNotApplied, recover_waiting
+from keplerlog.consumer.sink import Sink, StateNotApplied
 from keplerlog.layout import Layout, LayoutError
 from keplerlog.names import name_problem
 from keplerlog.paths import PathGuard, UnsafePathError
@@ -552,29 +553,48 @@ def test_a_partition_whose_state_waits_stays_locked_and_its_next_owner_rolls_it_
     assert (tmp_path / "shop" / "portal.20231114").read_bytes() == first + second
 
 
-def test_recovery_waits_out_a_full_disk_instead_of_crashing(monkeypatch):
+def test_recovery_waits_out_a_full_disk_instead_of_crashing():
     """At start (and in assign), rolling a dead consumer's intent forward writes state files."""
     metrics = Metrics()
     calls = {"n": 0}
+    slept: list[float] = []
 
-    class Journal:
-        def recover(self):
-            calls["n"] += 1
-            if calls["n"] <= 2:
-                assert calls["n"] == 1 or metrics.gauges["disk_full_paused"] == 1
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return ["rolled forward"]
+    def recover():
+        calls["n"] += 1
+        if calls["n"] <= 8:
+            assert calls["n"] == 1 or metrics.gauges["disk_full_paused"] == 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return ["rolled forward"]
 
-    monkeypatch.setattr("keplerlog.consumer.sink.time.sleep", lambda s: None)
-    assert recover_waiting(Journal(), metrics) == ["rolled forward"]
-    assert metrics.counts["disk_full"] == 2 and metrics.gauges["disk_full_paused"] == 0
+    assert wait_out_full_disk(recover, metrics, "recovering", 1.0, sleep=slept.append) == ["rolled forward"]
+    assert metrics.counts["disk_full"] == 8 and metrics.gauges["disk_full_paused"] == 0
+    # doubling from 0.1 s, then held at the cap: past it the waits never grow
+    assert slept == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0])
 
-    class Broken:
-        def recover(self):
-            raise OSError(errno.EIO, "I/O error")
+    def broken():
+        raise OSError(errno.EIO, "I/O error")
 
     with pytest.raises(OSError, match="I/O error"):  # anything else is not waited out
-        recover_waiting(Broken(), metrics)
+        wait_out_full_disk(broken, metrics, "recovering", 1.0, sleep=slept.append)
+
+
+def test_a_stop_ends_the_wait_for_disk_space():
+    """A rebalance callback waits for the disk; a SIGTERM must end that wait (None: not done)."""
+    metrics = Metrics()
+    tries: list[int] = []
+    stop = {"now": False}
+
+    def refused():
+        tries.append(1)
+        stop["now"] = len(tries) == 3
+        raise DiskFullError(errno.ENOSPC, "No space left on device")
+
+    assert (
+        wait_out_full_disk(refused, metrics, "x", 10.0, sleep=lambda s: None, stopping=lambda: stop["now"])
+        is None
+    )
+    assert len(tries) == 3 and metrics.counts["disk_full"] == 3
+    assert metrics.gauges["disk_full_paused"] == 1  # still full: the gauge keeps saying so
 
 
 @pytest.mark.parametrize("target", ["outside", "inside"])

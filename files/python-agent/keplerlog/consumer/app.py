@@ -34,11 +34,12 @@ from keplerlog.paths import PathGuard
 
 from . import headerfix, netfix
 from .config import ConsumerConfig
+from .diskwait import wait_out_full_disk
 from .files import DiskFullError, FileCache, FileOps
 from .journal import Journal
 from .metrics import Metrics, PeriodicLog, start_server
 from .route import Router, TsWindow
-from .sink import Sink, StateNotApplied, recover_waiting
+from .sink import Sink, StateNotApplied
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +214,7 @@ class ConsumerApp:
             if self.config.metrics_port > 0
             else None
         )
-        recovered = recover_waiting(self.journal, self.metrics)  # after the server: a wait shows
-        if recovered:
-            self.metrics.inc("recovered_intents", len(recovered))
+        self.sink.recover_dead()  # after the server: a wait for disk space shows
         self.consumer = consumer or self._connect()
         if self.consumer is None:  # stopped before Kafka answered: nothing was read
             self._writer.shutdown(wait=True)
@@ -403,20 +402,18 @@ class ConsumerApp:
         the consumer is stopping: then Sink.revoke keeps those partitions locked until the
         process exits, and their next owner rolls the committed intent forward first.
         """
-        delay = 0.1
-        while self.sink.unapplied is not None and not self._stop.is_set():
-            try:
-                self._commit(self.sink.apply_pending(), sync=False)
-            except DiskFullError as exc:
-                self.metrics.inc("disk_full")
-                self.metrics.gauges["disk_full_paused"] = 1
-                log.error(
-                    "disk full (%s) in a rebalance: state not written; retry in %.1fs", exc.strerror, delay
-                )
-                self._sleep(delay)
-                delay = min(delay * 2, REBALANCE_BACKOFF_S)  # a SIGTERM waits at most this
-                continue
-            self.metrics.gauges["disk_full_paused"] = 0
+        if self.sink.unapplied is None:
+            return
+        offsets = wait_out_full_disk(
+            self.sink.apply_pending,
+            self.metrics,
+            "in a rebalance: state not written",
+            REBALANCE_BACKOFF_S,  # a SIGTERM waits at most this
+            sleep=self._sleep,
+            stopping=self._stop.is_set,
+        )
+        if offsets is not None:
+            self._commit(offsets, sync=False)
 
     def _process(self, batch: dict[TopicPartition, list], failed: DiskFullError | None = None) -> None:
         """Write one batch, pausing consumption and backing off while the disk is full.

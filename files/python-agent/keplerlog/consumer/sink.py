@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from keplerlog.paths import UnsafePathError
 
 from . import coverage, lines, marks, reports
+from .diskwait import wait_out_full_disk
 from .files import DISK_FULL_ERRNOS, DiskFullError, FileCache
 from .journal import Journal, PartitionState, state_name
 from .lines import Holds
@@ -104,9 +105,7 @@ class Sink:
         partitions = list(partitions)
         for tp in partitions:
             self.journal.locks.wait_partition(tp[0], tp[1])  # a stalled old owner lets go first
-        recovered = recover_waiting(self.journal, self.metrics)
-        if recovered:
-            self.metrics.inc("recovered_intents", len(recovered))
+        self.recover_dead()
         resume: dict[TopicPartition, int] = {}
         for tp in partitions:
             topic, partition = tp[0], tp[1]
@@ -371,6 +370,18 @@ class Sink:
                 time.sleep(delay)
                 delay = min(delay * 2, _FINISH_RETRY_MAX_S)
 
+    def recover_dead(self) -> None:
+        """Roll dead consumers' intents forward or back (journal.py), waiting out a full disk.
+
+        Rolling forward writes state files, so a full disk refuses it at start and in assign;
+        this waits there (counted, paused gauge 1) rather than raising into a restart loop.
+        """
+        recovered = wait_out_full_disk(
+            self.journal.recover, self.metrics, "recovering a dead consumer's batch", _FINISH_RETRY_MAX_S
+        )
+        if recovered:
+            self.metrics.inc("recovered_intents", len(recovered))
+
     def _lock_files(self, rels: list[str]) -> None:
         """Take the batch's file locks; first undo torn appends of dead peers to these files."""
         while True:
@@ -428,33 +439,6 @@ class Sink:
             self.max_sources,
             len(by_age) - keep,
         )
-
-
-def recover_waiting(
-    journal: Journal, metrics: Metrics, max_delay_s: float = _FINISH_RETRY_MAX_S
-) -> list[str]:
-    """Recover dead consumers' intents, waiting out a full disk (rolling forward writes state).
-
-    A crash loop would not help, and it would export no metrics: this waits, counts each try
-    as a full disk and shows the pause, as a batch does.
-    """
-    delay = 0.1
-    while True:
-        try:
-            recovered = journal.recover()
-        except OSError as exc:
-            if exc.errno not in DISK_FULL_ERRNOS:
-                raise
-            metrics.inc("disk_full")
-            metrics.gauges["disk_full_paused"] = 1
-            log.error(
-                "disk full (%s) recovering a dead consumer's batch; retry in %.1fs", exc.strerror, delay
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, max_delay_s)
-            continue
-        metrics.gauges["disk_full_paused"] = 0
-        return recovered
 
 
 def _as_disk_full(exc: OSError) -> OSError:
