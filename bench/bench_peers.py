@@ -29,6 +29,7 @@ from peers.harness import (
     WORK_DIR,
     Tool,
     TopicCounter,
+    cpu_by_thread,
     create_topic,
     delete_topic,
     exit_on_sigterm,
@@ -36,6 +37,7 @@ from peers.harness import (
     kafka_cluster,
     machine_info,
     make_line,
+    thread_cpu,
     write_workload,
 )
 from peers.tools import AGENT, ALL, Peer, RunSpec
@@ -112,6 +114,7 @@ def _steady(
     total = baseline + lines
     first = start = 0.0
     c0 = cpu0 = 0.0
+    threads0: dict[str, float] = {}
     while True:
         got = count()
         now = time.monotonic()
@@ -123,8 +126,10 @@ def _steady(
                 if n >= total:
                     raise RuntimeError(f"the file ran out in the warm-up: raise the line count ({lines:,})")
                 start, c0, cpu0 = now, n, tool.sample().cpu_s
+                threads0 = thread_cpu(tool.proc.pid) if tool.proc else {}
             if start and (now >= start + args.window_s or n >= total):
                 cpu1 = tool.sample().cpu_s
+                threads1 = thread_cpu(tool.proc.pid) if tool.proc else {}
                 seconds = max(now - start, 1e-6)
                 return {
                     "pickup_s": round(first - fed_at, 3),
@@ -132,6 +137,7 @@ def _steady(
                     "window_lines": n - c0,
                     "lines_per_s": round((n - c0) / seconds),
                     "cpu_percent": round(100 * (cpu1 - cpu0) / seconds, 1),
+                    "cpu_by_thread": cpu_by_thread(threads0, threads1, seconds),
                     "end_count": n,
                 }
         if err := alive():

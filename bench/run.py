@@ -277,11 +277,12 @@ def throughput_table(merged: dict[str, Any]) -> list[str]:
             if r.get("short_runs"):
                 note += f" ({r['short_runs']} of {r.get('ok_runs')} windows cut short: the file ran out)"
             rows.append([tool, _spread_text(r), _num(r.get("mb_per_s"), 1),
-                         _num(r.get("cpu_percent"), 0), _num(r.get("peak_rss_mb"), 0), note])  # fmt: skip
+                         _num(r.get("cpu_percent"), 0), _threads_text(r.get("cpu_by_thread")),
+                         _num(r.get("peak_rss_mb"), 0), note])  # fmt: skip
         else:
-            rows.append([tool, "failed", "–", "–", "–", str(r.get("error", ""))[:160]])
+            rows.append([tool, "failed", "–", "–", "–", "–", str(r.get("error", ""))[:160]])
     if not peers.get("ok") and not rows:
-        rows.append(["peers", "failed", "–", "–", "–", str(peers.get("error", ""))[:160]])
+        rows.append(["peers", "failed", "–", "–", "–", "–", str(peers.get("error", ""))[:160]])
     agent = merged["parts"].get("agent", {})
     data = agent.get("data") or {}
     tp = data.get("throughput") if isinstance(data, dict) else None
@@ -293,22 +294,31 @@ def throughput_table(merged: dict[str, Any]) -> list[str]:
             _num(rate),
             _num(_pick(tp, "mb_per_s"), 1),
             _num(cpu, 0),
+            "–",
             _num(_pick(tp, "peak_rss_mb", "rss_mb"), 0),
             f"bench/bench_agent.py, {_num(lines)} lines, start to end, own setup (see below)"
             + ("" if agent.get("rerun") else f"; from an earlier run, measured {agent.get('measured')}"),
         ])  # fmt: skip
     if not agent.get("ok"):
-        rows.append(["keplerlog-agent (bench_agent)", "failed", "–", "–", "–",
+        rows.append(["keplerlog-agent (bench_agent)", "failed", "–", "–", "–", "–",
                      str(agent.get("error", ""))[:160]])  # fmt: skip
     header = [
         "tool (line size)",
         "lines/s: median (min–max)",
         "MB/s",
         "CPU % of a core",
+        "of which, by thread",
         "peak RSS MB",
         "notes",
     ]
     return _table(header, rows)
+
+
+def _threads_text(split: Any) -> str:
+    """`cpu_by_thread` as 'name N, name N' (the window's % of a core per thread group)."""
+    if not isinstance(split, dict) or not split:
+        return "–"  # a run from before the split was measured
+    return ", ".join(f"{name} {_num(pct, 0)}" for name, pct in split.items())
 
 
 PEER_RATIO_TARGET = 1.0  # the agent at least as fast as the best peer, on every line size
@@ -382,7 +392,9 @@ def ratio_table(part: dict[str, Any]) -> list[str]:
         f"{setup.get('rounds', '?')} rounds, the order of the tools reversed every round; each run measures "
         f"{_num(setup.get('window_s'))} s of steady shipping starting {_num(setup.get('warmup_s'))} s after "
         "its first line reached Kafka (lines/s and CPU from that window only). The ratio is taken per round, "
-        "against the best peer of that round.",
+        'against the best peer of that round. "Of which, by thread": the same window\'s CPU per thread '
+        "(/proc/PID/task, numbered threads summed: rdk:broker is librdkafka's broker threads, which "
+        "compress and send; python is every interpreter thread; the four busiest groups, then other).",
     ]
     return lines
 
@@ -421,13 +433,19 @@ def agent_checks(data: dict[str, Any]) -> list[tuple[str, Any, str, bool | None,
     ]  # fmt: skip
 
 
+CONSUMER_KCAT_TARGET = 0.8  # while fsyncing before each commit and routing into day files
+
+
 def consumer_checks(data: dict[str, Any]) -> list[tuple[str, bool | None]]:
-    """(target, met) of bench_consumer.py's figures: >= 100 MB/s and within 2x of kcat."""
+    """(target, met) of bench_consumer.py's figures: >= 100 MB/s and >= 0.8x kcat -C (issue 12)."""
     mine = (data.get("consumer") or {}).get("mb_s")
     kcat = (data.get("kcat") or {}).get("mb_s")
     return [
         (">= 100 MB/s", _ge(mine, 100)),
-        ("within 2x of kcat", None if not mine or not kcat else kcat / mine <= 2),
+        (
+            f">= {CONSUMER_KCAT_TARGET}x kcat -C to a file",
+            None if not mine or not kcat else mine / kcat >= CONSUMER_KCAT_TARGET,
+        ),
     ]
 
 
