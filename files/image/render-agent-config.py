@@ -20,7 +20,8 @@ Environment (the agent applies the KEPLERLOG_* overrides of docs/interfaces.md i
   KEPLERLOG_WATERMARK_INTERVAL_S  watermarks.interval_s (default: unset, the agent's 60 s; 0 off);
                                applied by the agent's own override, not written here
   KEPLERLOG_KAFKA_CLIENT       kafka.client: kafka-python | librdkafka (default: unset, the
-                               agent's kafka-python; the image carries both)
+                               agent's kafka-python; the image carries both, and the
+                               service_image role sets librdkafka unless told otherwise)
   KEPLERLOG_LINGER_MS          kafka.linger_ms (default: unset, the agent picks it by mode)
   KEPLERLOG_MAX_BUFFER_BYTES   limits.max_buffer_bytes (default: unset, the agent's 3 MiB)
   KEPLERLOG_DRAIN_TIMEOUT      supervisord's stop wait for the agent (s); the agent's
