@@ -318,7 +318,8 @@ def _threads_text(split: Any) -> str:
     """`cpu_by_thread` as 'name N, name N' (the window's % of a core per thread group)."""
     if not isinstance(split, dict) or not split:
         return "–"  # a run from before the split was measured
-    return ", ".join(f"{name} {_num(pct, 0)}" for name, pct in split.items())
+    shown = [f"{name} {_num(pct, 0)}" for name, pct in split.items() if pct >= 0.5]  # idle: left out
+    return ", ".join(shown) or "–"
 
 
 PEER_RATIO_TARGET = 1.0  # the agent at least as fast as the best peer, on every line size
@@ -393,8 +394,9 @@ def ratio_table(part: dict[str, Any]) -> list[str]:
         f"{_num(setup.get('window_s'))} s of steady shipping starting {_num(setup.get('warmup_s'))} s after "
         "its first line reached Kafka (lines/s and CPU from that window only). The ratio is taken per round, "
         'against the best peer of that round. "Of which, by thread": the same window\'s CPU per thread '
-        "(/proc/PID/task, numbered threads summed: rdk:broker is librdkafka's broker threads, which "
-        "compress and send; python is every interpreter thread; the four busiest groups, then other).",
+        "(/proc/PID/task, numbered threads summed, idle ones left out: rdk:broker is librdkafka's broker "
+        "threads, which compress and send; keplerlog-agent is the agent's interpreter threads, which read, "
+        "cut records and hand them to the client; the four busiest groups, then other).",
     ]
     return lines
 
