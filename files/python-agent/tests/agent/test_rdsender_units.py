@@ -51,6 +51,8 @@ def test_settings_keep_the_agents_guarantees_and_cap_librdkafkas_queue():
     assert conf["message.timeout.ms"] == 0  # never expire: an outage of any length ends delivered
     assert conf["max.in.flight.requests.per.connection"] <= 5  # idempotence keeps order up to 5
     assert conf["linger.ms"] == 7 and conf["compression.type"] == "zstd"
+    # Nagle off as kafka-python has it: else a trickle's requests wait on delayed ACKs
+    assert conf["socket.nagle.disable"] is True
     # a batch can always be sent: never larger than a request may be
     assert conf["batch.size"] <= conf["message.max.bytes"]
     assert conf["message.max.bytes"] >= cfg.kafka.max_record_bytes
