@@ -67,6 +67,8 @@ PARTS = [
             *("--rounds", "1", "--window-s", "2", "--warmup-s", "0.5"),
         ],
     ),
+    # where the agent's CPU goes at 2 KB lines: perf over every thread, kernel included
+    Part("profile", "bench_profile.py", 1200, quick=["--seconds", "3"]),
     Part("latency", "bench_latency.py", 900, quick=["--duration", "5"]),
     # the same with the agent's fixed read wait (limits.read_coalesce_lines: 0, the default
     # until 2026-12-05): what the rate-paced default saves in delay and costs in CPU
@@ -751,6 +753,24 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
     return out
 
 
+def agent_profile(part: dict[str, Any]) -> list[str]:
+    """Where the agent's CPU goes shipping 2 KB lines (bench_profile.py: perf, every thread)."""
+    prof = part.get("data") if part else None
+    if not isinstance(prof, dict):
+        return [f"profile part failed: {part.get('error', 'no data')}"[:300]] if part else []
+    if prof.get("missing"):
+        return [f"_Agent profile: not taken ({prof['missing']})._"]
+    stages = ", ".join(f"{name} {_num(share, 1)} %" for name, share in prof.get("stages", []))
+    threads = ", ".join(f"{name} {_num(share, 1)} %" for name, share in prof.get("threads", []))
+    return [
+        f"Where the agent's CPU goes shipping {_num(prof.get('line_bytes'))} B lines as fast as it can "
+        f"(kafka.client {prof.get('client')}, one core; `perf record -g` at {prof.get('rate_hz')} Hz over "
+        f"{_num(prof.get('seconds'))} s, {_num(prof.get('samples'))} samples of every thread, kernel "
+        f"included, {_num(prof.get('mb_s'), 1)} MB/s acknowledged while sampled; each sample in the first "
+        f"stage its call chain matches, bench/bench_profile.py): {stages}. By thread: {threads}.",
+    ]
+
+
 def consumer_profile(prof: dict[str, Any] | None) -> list[str]:
     """Where the consumer's CPU goes: bench_consumer.py --profile (py-spy, every thread)."""
     if not prof:
@@ -918,6 +938,10 @@ def markdown(merged: dict[str, Any]) -> str:
         *throughput_table(merged),
         "",
         *ratio_table(merged["parts"].get("peers", {})),
+        "",
+        f"**Where the agent's CPU goes (bench/bench_profile.py)**{_when(merged['parts'].get('profile', {}))}",
+        "",
+        *agent_profile(merged["parts"].get("profile", {})),
         "",
         f"**Agent (bench/bench_agent.py)**{_when(merged['parts'].get('agent', {}))}",
         "",

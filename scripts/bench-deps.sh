@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make bench` compares kepler-log with, only what is missing (idempotent):
-#   - Debian packages kcat, rsyslog, rsyslog-kafka (imfile + omkafka) — needs root;
+#   - Debian packages kcat, rsyslog, rsyslog-kafka (imfile + omkafka), linux-perf (the agent's
+#     profile, bench_profile.py) — needs root;
 #   - Apache Flume NG jars from Maven Central into dist/peers/flume/lib (never committed),
 #     resolved from bench/peers/flume/pom.xml and refreshed when that pom changes;
 #   - matplotlib into .venv (plots only; not a runtime dependency, so not in requirements.txt).
@@ -14,11 +15,11 @@ rc=0
 
 # --- Debian packages -------------------------------------------------------------------------
 missing=()
-for pkg in kcat rsyslog rsyslog-kafka; do
+for pkg in kcat rsyslog rsyslog-kafka linux-perf; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]} == 0)); then
-  echo "bench-deps: Debian packages present (kcat rsyslog rsyslog-kafka)"
+  echo "bench-deps: Debian packages present (kcat rsyslog rsyslog-kafka linux-perf)"
 elif [[ $(id -u) -ne 0 ]]; then
   echo "bench-deps: missing ${missing[*]}; as root: apt-get install ${missing[*]}" >&2
   rc=1
