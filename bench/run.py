@@ -1,7 +1,8 @@
 """`make bench`: run every benchmark, merge the figures, write tables, charts and the README.
 
-Order: agent bench, consumer bench, peers, the agent's profile, latency and the rest (PARTS). Each runs as its own subprocess with a
-time limit, so one broken or hung part is reported and the rest still runs. Outputs:
+Order: agent bench, consumer bench, peers, the agent's profile, latency and the rest (PARTS).
+Each runs as its own subprocess with a time limit, so one broken or hung part is reported and
+the rest still runs. Outputs:
 bench/results/{results.json,results.md,throughput.png,latency.png} and the block between
 `<!-- bench:start -->` and `<!-- bench:end -->` in README.md (nothing else there is touched).
 
