@@ -1,11 +1,13 @@
 """End-to-end latency of kepler-log: a line written to a log file until it is in a day file.
 
-For each fixed rate (default 1k, 10k, 50k lines/s, ~15 s each) a writer process appends
+For each fixed rate (default 1k, 10k, 50k lines/s, ~15 s each, `--rounds` times: the rates'
+order flips every round, and a fresh agent and consumer serve each run) a writer process appends
 200-byte lines that carry their write time (time.time_ns(), the wall clock every process
 shares) to a log file; the agent ships them to a 3-node local Kafka (RF 2, acks=all) and the
 consumer writes day files; a reader tails the day files and records read time - write time
-per line. Reported: p50/p90/p99/p99.9/max, lines lost, and the agent's and consumer's CPU
-and peak RSS. And where the time goes: the topic keeps the broker's append time
+per line. Reported per rate: the median over the rounds of each run's p50/p90/p99/p99.9/max,
+with the min-max of p50 and p99 (is it steady across runs?), lines lost and duplicated over all
+rounds, and the agent's and consumer's CPU and peak RSS; every run's own figures under `runs`. And where the time goes: the topic keeps the broker's append time
 (LogAppendTime), and a tap reads the topic alongside the consumer (the first line of each
 record is enough: a record is consecutive lines of one file), so each line's delay splits into
   * write -> agent read (`kl.ts`): inotify, then the agent's read wait (about
@@ -32,6 +34,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -228,6 +231,41 @@ def breakdown(write_ns: array, day_ns: array, tap: Tap) -> dict[str, dict[str, f
     return out
 
 
+SUMMED = ("written", "received", "missing", "duplicates")
+MEDIAN = ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "agent_cpu_s", "consumer_cpu_s",
+          "agent_rss_mb", "consumer_rss_mb", "ready_s")  # fmt: skip
+
+
+def summarize(rate: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One rate over its rounds: medians (p50, p99 also min-max), lost and duplicated summed.
+
+    A failed run counts: `ok` only if every round delivered every line once, its error is kept.
+    """
+    out: dict[str, Any] = {"rate": rate, "rounds": len(runs), "ok": all(r.get("ok") for r in runs)}
+    out["error"] = "; ".join(f"round {r['round']}: {r['error']}" for r in runs if r.get("error"))[:600]
+    for key in SUMMED:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = sum(values) if values else None
+    for key in MEDIAN:
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        out[key] = round(statistics.median(values), 2) if values else None
+        if key in ("p50_ms", "p99_ms") and values:
+            out[key.replace("_ms", "_spread_ms")] = [min(values), max(values)]
+    stages: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        for stage, figures in (r.get("breakdown") or {}).items():
+            for key, value in figures.items():
+                if value is not None:
+                    stages.setdefault(stage, {}).setdefault(key, []).append(value)
+    if stages:  # each stage's p50 / p99: the median over the rounds
+        out["breakdown"] = {
+            stage: {key: round(statistics.median(v), 1) for key, v in figures.items()}
+            for stage, figures in stages.items()
+        }
+    out["runs"] = runs
+    return out
+
+
 def percentile(values: list[int], q: float) -> float:
     """The q-quantile (0..1) of sorted `values`, nearest rank."""
     if not values:
@@ -411,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "latency.json")
     ap.add_argument("--rates", default="1000,10000,50000", help="lines/s, comma-separated")
     ap.add_argument("--duration", type=float, default=15, help="seconds per rate")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per rate (the order flips each round)")
     ap.add_argument("--cpu", type=int, default=1, help="core the agent is pinned to (-1: none)")
     ap.add_argument("--startup-timeout", type=float, default=120)
     ap.add_argument("--drain-timeout", type=float, default=30)
@@ -440,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             "replication": 2,
             "line_bytes": LINE_BYTES,
             "duration_s": args.duration,
+            "rounds": args.rounds,
             "pinned_cpu": args.cpu,
             "agent_client": args.agent_client,
             "read_coalesce_lines": args.read_coalesce_lines,  # None: the agent's default
@@ -462,18 +502,29 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     def measure(bootstrap: str) -> None:
-        for rate in rates:
-            res = run_rate(args, bootstrap, rate)
-            out["results"].append(res)
-            if res.get("p50_ms") is not None:
-                print(
-                    f"{rate:>7,} lines/s  p50 {res['p50_ms']:8.2f} ms  p99 {res['p99_ms']:8.2f} ms"
-                    f"  max {res['max_ms']:8.2f} ms  {res['received']}/{res['written']} lines"
-                    + (f"  ERROR {res['error']}" if res["error"] else ""),
-                    flush=True,
-                )
-            else:
-                print(f"{rate:>7,} lines/s  FAILED: {res['error']}", flush=True)
+        runs: dict[int, list[dict[str, Any]]] = {rate: [] for rate in rates}
+        for n in range(args.rounds):
+            for rate in rates if n % 2 == 0 else rates[::-1]:
+                res = run_rate(args, bootstrap, rate) | {"round": n + 1}
+                runs[rate].append(res)
+                if res.get("p50_ms") is not None:
+                    print(
+                        f"round {n + 1}  {rate:>7,} lines/s  p50 {res['p50_ms']:8.2f} ms"
+                        f"  p99 {res['p99_ms']:8.2f} ms  max {res['max_ms']:8.2f} ms"
+                        f"  {res['received']}/{res['written']} lines"
+                        + (f"  ERROR {res['error']}" if res["error"] else ""),
+                        flush=True,
+                    )
+                else:
+                    print(f"round {n + 1}  {rate:>7,} lines/s  FAILED: {res['error']}", flush=True)
+        out["results"] = [summarize(rate, runs[rate]) for rate in rates]
+        for r in out["results"]:
+            print(
+                f"{r['rate']:>7,} lines/s over {r['rounds']} rounds: p50 {r['p50_ms']} ms "
+                f"{r.get('p50_spread_ms')}, p99 {r['p99_ms']} ms {r.get('p99_spread_ms')}, "
+                f"{r['missing']} missing, {r['duplicates']} duplicated",
+                flush=True,
+            )
 
     if args.pipeline == "passthrough":
         measure("")

@@ -70,15 +70,15 @@ PARTS = [
     ),
     # where the agent's CPU goes at 2 KB lines: perf over every thread, kernel included
     Part("profile", "bench_profile.py", 1200, quick=["--seconds", "3"]),
-    Part("latency", "bench_latency.py", 900, quick=["--duration", "5"]),
+    Part("latency", "bench_latency.py", 2400, quick=["--duration", "5", "--rounds", "1"]),
     # the same with the agent's fixed read wait (limits.read_coalesce_lines: 0, the default
     # until 2026-12-05): what the rate-paced default saves in delay and costs in CPU
     Part(
         "latency-fixed",
         "bench_latency.py",
-        900,
+        2400,
         args=["--read-coalesce-lines", "0"],
-        quick=["--duration", "5"],
+        quick=["--duration", "5", "--rounds", "1"],
     ),
     Part("files", "bench_files.py", 1200, quick=["--sizes", "100,1000", "--seconds", "5"]),
     # TLS + SCRAM against plaintext on the same broker, alternating: the ratio is what matters
@@ -488,9 +488,10 @@ def missed_targets(merged: dict[str, Any]) -> list[str]:
         elif name == "latency":  # at defaults (latency-fixed is the comparison)
             for r in data.get("results", []):
                 for key, target in (("p50_ms", LATENCY_P50_TARGET_MS), ("p99_ms", LATENCY_P99_TARGET_MS)):
-                    if _le(r.get(key), target) is False:
+                    if _le(_worst(r, key), target) is False:
                         out.append(
-                            f"latency: {key[:3]} <= {target} ms at {_num(r.get('rate'))} lines/s{stale}"
+                            f"latency: {key[:3]} <= {target} ms at {_num(r.get('rate'))} lines/s"
+                            f" in every round{stale}"
                         )
     return out
 
@@ -885,28 +886,50 @@ def security_table(part: dict[str, Any]) -> list[str]:
     return out
 
 
+def _worst(r: dict[str, Any], key: str) -> Any:
+    """The largest of a latency figure over the rounds (`key`_spread's max), else the figure."""
+    spread = r.get(key.replace("_ms", "_spread_ms"))
+    return spread[1] if spread else r.get(key)
+
+
+def _over_rounds(r: dict[str, Any], key: str) -> str:
+    """A latency figure as 'median (min–max)' over the rounds, or the lone figure."""
+    spread = r.get(key.replace("_ms", "_spread_ms"))
+    if not spread or (r.get("rounds") or 1) < 2:
+        return _num(r.get(key), 1)
+    return f"{_num(r.get(key), 1)} ({_num(spread[0], 1)}–{_num(spread[1], 1)})"
+
+
 def latency_table(part: dict[str, Any], note: bool = True) -> list[str]:
     """Rate | p50 | p90 | p99 | max | lines | agent and consumer CPU | stages; `note`: what they hold."""
     data = part.get("data") or {}
     if not part.get("ok") and not data.get("results"):
         return [f"_latency: failed — {data.get('error') or part.get('error', '')}_"]
-    header = ["lines/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "received/written",
+    header = ["lines/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "received/written (duplicated)",
               "agent CPU s", "consumer CPU s", "p50 ms: write → agent read", "agent read → broker",
               "broker → fetched", "fetched → day file", "notes"]  # fmt: skip
     rows = []
     for r in data.get("results", []):
         stages = r.get("breakdown") or {}
         rows.append([
-            _num(r.get("rate")), _num(r.get("p50_ms"), 1), _num(r.get("p90_ms"), 1),
-            _num(r.get("p99_ms"), 1), _num(r.get("max_ms"), 1),
-            f"{_num(r.get('received'))}/{_num(r.get('written'))}",
+            _num(r.get("rate")), _over_rounds(r, "p50_ms"), _num(r.get("p90_ms"), 1),
+            _over_rounds(r, "p99_ms"), _num(r.get("max_ms"), 1),
+            f"{_num(r.get('received'))}/{_num(r.get('written'))} ({_num(r.get('duplicates'))})",
             _num(r.get("agent_cpu_s"), 2), _num(r.get("consumer_cpu_s"), 2),
             *(_num((stages.get(k) or {}).get("p50_ms"), 0)
               for k in ("write_to_read", "read_to_broker", "broker_to_fetched", "fetched_to_day_file")),
             str(r.get("error", ""))[:160],
         ])  # fmt: skip
-    client = (data.get("setup") or {}).get("agent_client")
-    said = [f"The agent's Kafka client: {client}.", ""] if client else []
+    setup = data.get("setup") or {}
+    client, rounds = setup.get("agent_client"), setup.get("rounds") or 1
+    said = [f"The agent's Kafka client: {client}." if client else ""]
+    if rounds > 1:
+        said[0] += (
+            f" {rounds} rounds per rate (a fresh agent and consumer each, the rates' order flipped"
+            " every round): p50 and p99 are the median of the rounds' figures with their min–max,"
+            " the other figures medians, lines summed over the rounds."
+        )
+    said = [said[0].strip(), ""] if said[0].strip() else []
     if not note:
         return [*said, *_table(header, rows)]
     return [
