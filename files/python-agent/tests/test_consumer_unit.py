@@ -12,7 +12,7 @@ from consumer_support import ANY_TIME
 
 from keplerlog.consumer.config import ConfigError, load_config
 from keplerlog.consumer.diskwait import wait_out_full_disk
-from keplerlog.consumer.files import DiskFullError, FileCache, FileOps
+from keplerlog.consumer.files import WRITE_PIECE, DiskFullError, FileCache, FileOps, pieces
 from keplerlog.consumer.journal import Journal
 from keplerlog.consumer.main import main
 from keplerlog.consumer.metrics import Metrics, bucket_quantile
@@ -183,6 +183,53 @@ def test_sink_disk_full_rolls_back_and_retries(tmp_path):
         assert sink.journal.pending() is None
     assert sink.write({TP: [rec(1, batch(20, second), second)]}) == {TP: 2}
     assert path.read_bytes() == first + second
+
+
+def test_pieces_keep_the_order_and_write_big_chunks_without_a_copy():
+    big = [bytes([65 + i]) * (WRITE_PIECE + i) for i in range(3)]
+    small = [b"%d\n" % i for i in range(40_000)]  # 40,000 one-line records: ~229 KB
+    chunks = [small[0], big[0], big[1], *small[1:20_000], big[2], *small[20_000:]]
+    out = list(pieces(chunks))
+    assert b"".join(out) == b"".join(chunks)
+    assert [p for p in out if any(p is b for b in big)] == big  # the same objects: not copied
+    is_big = [any(p is b for b in big) for p in out]
+    # the small ones are joined into pieces of at least WRITE_PIECE, except where a big chunk or
+    # the end cuts a run short: 1 alone before big[0], 2 + 2 pieces of the two runs after it
+    assert len(out) == 3 + 5
+    for i in range(len(out) - 1):
+        if not is_big[i] and not is_big[i + 1]:
+            assert len(out[i]) >= WRITE_PIECE
+    assert list(pieces([])) == [] and list(pieces([b"x\n"])) == [b"x\n"]
+
+
+def test_sink_disk_full_after_some_pieces_rolls_the_whole_append_back(tmp_path):
+    """A batch of several big records to one file: the disk fills after the first piece."""
+    calls = {"n": 0, "fail_at": 2}
+
+    def write(fd, data):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            os.write(fd, bytes(data[:1000]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)
+
+    sink = make_sink(tmp_path, FileOps(write=write))
+    line = b"y" * 1023 + b"\n"
+    values = [line * 80 for _ in range(3)]  # 80 KB records: each one piece, over WRITE_PIECE
+    assert all(len(v) > WRITE_PIECE for v in values)
+    recs, off = [], 0
+    for i, value in enumerate(values):
+        recs.append(rec(i, batch(off, value), value))
+        off += len(value)
+    with pytest.raises(DiskFullError):
+        sink.write({TP: recs})
+    assert calls["n"] == 2  # the fault came in the second piece, after a whole first one
+    path = tmp_path / "shop" / "portal.20231114"
+    assert path.read_bytes() == b""  # rolled back to the size before the batch
+    assert sink.states[TP].next_offset is None  # nothing of the batch counts as written
+    calls["fail_at"] = 0
+    assert sink.write({TP: recs}) == {TP: 3}
+    assert path.read_bytes() == b"".join(values)
 
 
 def test_sink_fsync_enospc_rolls_back(tmp_path):

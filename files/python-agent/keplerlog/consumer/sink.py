@@ -319,23 +319,21 @@ class Sink:
             self._reports_at[tp] = now
 
     def _append(self, plan: Plan, new_states: dict[str, PartitionState]) -> None:
-        data = {
-            rel: b"".join(chunks) if len(chunks) > 1 else chunks[0] for rel, chunks in plan.chunks.items()
-        }
+        data = plan.chunks  # each file's chunks, in order: FileCache.append writes them unjoined
         self._lock_files(list(data))
         locked = True
         sizes: dict[str, tuple[int, int]] = {}
         try:
             try:
-                for rel, payload in data.items():
-                    sizes[rel] = (self.files.size(rel), len(payload))
+                for rel, chunks in data.items():
+                    sizes[rel] = (self.files.size(rel), sum(map(len, chunks)))
                 self.journal.begin(sizes)
             except OSError as exc:
                 self._clear_quietly()
                 raise _as_disk_full(exc) from exc
             try:
-                for rel, payload in data.items():
-                    self.files.append(rel, payload)
+                for rel, chunks in data.items():
+                    self.files.append(rel, chunks)
                 t0 = time.monotonic()
                 self.files.sync()
                 self.metrics.fsync.observe(time.monotonic() - t0)
