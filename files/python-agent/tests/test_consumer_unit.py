@@ -396,6 +396,33 @@ def _socket_transport():
     return left, right, SimpleNamespace(_sock=right)
 
 
+def test_response_reads_copy_once_and_give_kafka_pythons_bytes():
+    """netfix: KafkaBytes.read through a memoryview returns what kafka-python's own returns,
+    moves the read position alike (past the end, nothing, negative), and is installed."""
+    import random
+
+    from kafka.protocol.frame import KafkaBytes
+
+    from keplerlog.consumer import netfix
+
+    assert netfix.apply()
+    assert KafkaBytes.read is netfix._read_once
+    theirs = netfix.REPLACED["KafkaBytes.read"]
+    assert theirs is not netfix._read_once
+    rng = random.Random(7)
+    for size in (0, 1, 4, 4096, 70_000):
+        patterns = ([None], [1, None], [3, 3, 100, None], [0, 2, None], [size + 10], [size, 1], [5, -2, 4])
+        for reads in patterns:
+            data = rng.randbytes(size)
+            a, b = KafkaBytes(size), KafkaBytes(size)
+            a[:], b[:] = data, data
+            want = [theirs(a) if n is None else theirs(a, n) for n in reads]
+            got = [netfix._read_once(b) if n is None else netfix._read_once(b, n) for n in reads]
+            assert got == want and a.tell() == b.tell(), (size, reads)
+            assert all(type(x) is bytes for x in got)
+            b.extend(b"x")  # the memoryview was released: the buffer can still be resized
+
+
 def test_large_socket_reads_same_bytes_and_errors():
     """netfix: 1 MiB recv() per call returns exactly what was sent, and reports a closed peer."""
     import threading

@@ -29,6 +29,11 @@ the bytes on). A broker that refuses a login sends its answer and closes right a
 CI run; 0, 6 and 6 in three local runs before the refusal was read). Here the bytes are delivered
 first and the end of the stream is reported by the next read (the socket stays readable at EOF).
 
+A third, on the copy of each response: kafka-python hands every record batch out of the
+response buffer with `bytes(buffer[start:end])`, which copies the bytes twice (a bytearray
+slice, then bytes of it), both with the GIL held. `_read_once` takes them through a
+memoryview: one copy, the same bytes.
+
 Applied once per process by the consumer (never by the agent). If a kafka-python version no
 longer has the method it replaces, `apply()` does nothing and says so in the log.
 """
@@ -45,6 +50,7 @@ RECV_BYTES = 1 << 20
 SWITCH_INTERVAL_S = 0.0005
 _MARK = "_keplerlog_large_recv"
 _EOF = "_keplerlog_eof"  # a transport's end of stream, reported by the read after the bytes
+REPLACED: dict[str, Any] = {}  # kafka-python's own functions this module replaced (tests compare)
 
 
 def _sock_recv(self: Any) -> tuple[bytes, BaseException | None]:
@@ -87,8 +93,37 @@ def _deliver_before_eof(original: Any) -> Any:
     return _sock_recv_then_eof
 
 
+def _read_once(self: Any, nbytes: int | None = None) -> bytes:
+    """kafka-python's KafkaBytes.read (a bytearray with a read position), with one copy."""
+    start = self._idx
+    end = min(len(self), start + (len(self) - start if nbytes is None else nbytes))
+    self._idx = end
+    with memoryview(self) as view:
+        return view[start:end].tobytes()
+
+
+setattr(_read_once, _MARK, True)
+
+
+def _copy_once() -> bool:
+    """Install `_read_once` on kafka-python's response buffer, if it still has that shape."""
+    try:
+        from kafka.protocol.frame import KafkaBytes
+    except ImportError:
+        return False
+    current = getattr(KafkaBytes, "read", None)
+    if current is None:
+        log.info("KafkaBytes.read not found: keeping kafka-python's response copies")
+        return False
+    if not getattr(current, _MARK, False):
+        REPLACED["KafkaBytes.read"] = current
+        KafkaBytes.read = _read_once
+    return True
+
+
 def apply() -> bool:
     """Install the large-chunk receive on kafka-python's plain TCP transport (idempotent)."""
+    _copy_once()
     try:
         from kafka.net import transport
     except ImportError:
