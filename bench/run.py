@@ -734,7 +734,8 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
     plain = (data.get("consumer_without_netfix") or {}).get("mb_s")
     if plain:
         rows.insert(1, [
-            "keplerlog-consumer without consumer/netfix.py (kafka-python's 4 KiB reads, default switch interval)",
+            "keplerlog-consumer without consumer/netfix.py (kafka-python's 4 KiB reads, default switch "
+            "interval, two copies of each response's record batches)",
             _num(plain, 1), _num(plain / mine, 2) if mine else "–",
             _runs_note(runs.get("consumer_without_netfix_mb_s")),
         ])  # fmt: skip
