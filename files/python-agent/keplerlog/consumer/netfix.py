@@ -122,7 +122,11 @@ def _copy_once() -> bool:
 
 
 def apply() -> bool:
-    """Install the large-chunk receive on kafka-python's plain TCP transport (idempotent)."""
+    """Install the one-copy response reads and the large-chunk receive (idempotent).
+
+    The receive goes on kafka-python's plain TCP transport, the delivery of bytes before the end
+    of the stream on both transports. Returns whether the receive is installed.
+    """
     _copy_once()
     try:
         from kafka.net import transport
