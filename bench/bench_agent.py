@@ -341,19 +341,20 @@ def scrape_cost(agent: Agent, seconds: float) -> dict[str, float]:
     return {"scrape_cpu_ms": round(1000 * busy / max(n, 1), 3), "scrapes_back_to_back": n}
 
 
-# The agent's own modules without its metrics (the one that imports the library), then the
-# library: the resident memory prometheus_client adds to the agent's process.
+# The agent's own modules without its metrics, then what its metrics import: the resident memory
+# the metrics (prometheus_client's registry and OpenMetrics writer, metrics_http's server) add.
 IMPORT_COST = """
 import re
 def rss():
     return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+from keplerlog import lazyinit
 from keplerlog.agent import memory
 memory.tune_malloc()
-memory.defer_package_init("kafka")
+lazyinit.defer_package_init("kafka")
 import kafka.producer
 from keplerlog.agent import checkpoint, config, sender, tailer, watch
 before = rss()
-import prometheus_client
+import keplerlog.metrics_http
 print(rss() - before)
 """
 

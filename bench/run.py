@@ -546,10 +546,10 @@ def metrics_ab(mc: dict[str, Any]) -> list[str]:
     return [
         "",
         f"Metrics A/B: the agent of `{mc.get('before_rev')}` (its hand-written Prometheus page) and this "
-        f"one (prometheus_client), {mc.get('runs')} runs each, alternating; median (min–max). The "
+        f"one (prometheus_client's registry and OpenMetrics writer behind `metrics_http`'s own server), {mc.get('runs')} runs each, alternating; median (min–max). The "
         "cost at a scrape interval is the CPU per scrape divided by the interval.",
         "",
-        *_table(["measure", "hand-written page", "prometheus_client"], rows),
+        *_table(["measure", "hand-written page", "prometheus_client + metrics_http"], rows),
     ]
 
 

@@ -1,20 +1,55 @@
-"""The one metrics HTTP endpoint of the agent and the consumer (prometheus_client's server).
+"""The one metrics HTTP endpoint of the agent and the consumer.
 
 Both serve a registry of their own (never the library's global one, so two components or two
 tests in one process do not collide) with the standard process collector (CPU, resident memory,
 open descriptors against their limit). A port already taken is the same for both: an error in
 the log and the component runs on without metrics. Metrics are for watching the pipeline; they
 must never be the reason it stops shipping, nor a crash loop under a supervisor.
+
+The page is prometheus_client's OpenMetrics 1.0 text (Prometheus asks for it first and parses it
+natively; the sample lines are those of the older text format). It is served by the small
+`socketserver` handler below, not by prometheus_client's `start_http_server`: that one and the
+older text format live in `prometheus_client.exposition`, which imports http.server, urllib.request,
+email and ssl (OpenSSL's libcrypto). Measured in the agent, that stack was ~8 MB of a ~36 MB
+resident set, a fifth of the agent's 40 MB budget, to answer one GET. `lazyinit` keeps the
+package's `__init__` (which imports `exposition`) from running, so only the registry, the metric
+types and the OpenMetrics writer are loaded. That only works if this module is the first to import
+prometheus_client: the components import its names from here, never from the package.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
+import threading
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import ClassVar, Protocol
 
-from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics, start_http_server
-from prometheus_client.core import Metric
+from keplerlog import lazyinit
+
+lazyinit.defer_package_init("prometheus_client")  # before its first import: see the docstring
+from prometheus_client.metrics import Histogram, disable_created_metrics  # noqa: E402
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric  # noqa: E402
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST, generate_latest  # noqa: E402
+from prometheus_client.process_collector import ProcessCollector  # noqa: E402
+from prometheus_client.registry import CollectorRegistry  # noqa: E402
+
+# What the components use of prometheus_client, imported from here only (see the docstring).
+__all__ = [
+    "CollectorRegistry",
+    "CounterMetricFamily",
+    "FunctionCollector",
+    "GaugeMetricFamily",
+    "Histogram",
+    "Metric",
+    "Server",
+    "new_registry",
+    "render",
+    "safe_label",
+    "serve",
+    "stop",
+]
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +58,7 @@ disable_created_metrics()
 
 
 class Server(Protocol):
-    """What `serve` returns: the WSGI server prometheus_client runs in a daemon thread."""
+    """What `serve` returns: the metrics server, serving from a daemon thread."""
 
     server_address: tuple[str, int]
 
@@ -32,6 +67,111 @@ class Server(Protocol):
 
     def server_close(self) -> None:
         """Release the socket."""
+
+
+REQUEST_LIMIT = 8192  # bytes of request line and headers a scrape may send (Prometheus: ~300)
+CLIENT_TIMEOUT_S = 10.0  # a client that stops sending or reading frees its thread after this
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """Return the page a scrape gets: the registry in OpenMetrics 1.0 text."""
+    return generate_latest(registry)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    """One HTTP/1.0 exchange: GET or HEAD of /metrics (or /), anything else an error status.
+
+    The connection is closed after each answer, which every scraper handles. Requests are read
+    with a bound and a timeout, so a slow or hostile client costs one thread for a while, never
+    the component.
+    """
+
+    timeout = CLIENT_TIMEOUT_S
+    STATUS: ClassVar[dict[int, str]] = {
+        200: "OK",
+        400: "Bad Request",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        431: "Request Header Fields Too Large",
+        500: "Internal Server Error",
+    }
+
+    def handle(self) -> None:
+        try:
+            status, body, head = self._answer()
+        except OSError:  # timed out or reset while reading: nobody to answer
+            return
+        ctype = CONTENT_TYPE_LATEST if status == 200 else "text/plain; charset=utf-8"
+        header = (
+            f"HTTP/1.0 {status} {self.STATUS[status]}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            self.wfile.write(header.encode("ascii") + (b"" if head else body))
+        except OSError:  # the client went away
+            return
+
+    def _answer(self) -> tuple[int, bytes, bool]:
+        """Read the request; return (status, body, whether it was a HEAD)."""
+        budget = REQUEST_LIMIT
+        request = b""
+        while True:  # the request line, then headers (read and dropped) up to the blank line
+            line = self.rfile.readline(budget)
+            budget -= len(line)
+            if not line.endswith(b"\n"):
+                if budget <= 0:
+                    return 431, b"request too large\n", False
+                break  # the client stopped sending early: answer what it asked
+            if not request:
+                request = line
+            elif line in (b"\r\n", b"\n"):
+                break
+        parts = request.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return 400, b"bad request\n", False
+        method, target = parts[0], parts[1]
+        head = method == b"HEAD"
+        if method not in (b"GET", b"HEAD"):
+            return 405, b"only GET and HEAD\n", head
+        if target.split(b"?", 1)[0] not in (b"/metrics", b"/"):
+            return 404, b"see /metrics\n", head
+        registry: CollectorRegistry = self.server.registry  # type: ignore[attr-defined]
+        try:
+            return 200, render(registry), head
+        except Exception:  # a collector's bug: an error page and a log line, never a dead server
+            log.exception("metrics: rendering the page failed")
+            return 500, b"rendering failed\n", head
+
+
+class _MetricsServer(socketserver.ThreadingTCPServer):
+    """A threaded TCP server that knows its registry; threads die with the process."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry, family: int) -> None:
+        self.address_family = family
+        self.registry = registry
+        super().__init__(address, _Handler)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int, component: str) -> Server | None:
+    """Serve /metrics on host:port from a daemon thread; None, logged, when it cannot bind."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server = _MetricsServer((host, port), registry, family)
+    except OSError as exc:
+        log.error(
+            "%s: metrics endpoint %s:%d unavailable (%s); running without metrics",
+            component,
+            host,
+            port,
+            exc.strerror or exc,
+        )
+        return None
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("%s: metrics on http://%s:%d/metrics", component, host, server.server_address[1])
+    return server
 
 
 class FunctionCollector:
@@ -54,23 +194,6 @@ def new_registry() -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=registry)
     return registry
-
-
-def serve(registry: CollectorRegistry, host: str, port: int, component: str) -> Server | None:
-    """Serve /metrics on host:port from a daemon thread; None, logged, when it cannot bind."""
-    try:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
-        log.error(
-            "%s: metrics endpoint %s:%d unavailable (%s); running without metrics",
-            component,
-            host,
-            port,
-            exc.strerror or exc,
-        )
-        return None
-    log.info("%s: metrics on http://%s:%d/metrics", component, host, server.server_address[1])
-    return server
 
 
 def stop(server: Server | None) -> None:

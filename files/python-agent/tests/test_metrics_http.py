@@ -2,11 +2,18 @@
 
 import logging
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
 
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from keplerlog import metrics_http
 from keplerlog.agent.metrics import AgentMetrics, Counters, Snapshot
 from keplerlog.consumer.metrics import Metrics, start_server
-from keplerlog.metrics_http import stop
+from keplerlog.metrics_http import REQUEST_LIMIT, stop
 
 
 def _taken_port():
@@ -47,3 +54,117 @@ def test_the_endpoint_serves_the_registry_and_releases_its_port():
     again = start_server(Metrics(), "127.0.0.1", port)  # the port is free again
     assert again is not None
     stop(again)
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, return all the server answers until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def served():
+    m = _agent_metrics()
+    port = m.start("127.0.0.1", 0)
+    assert port
+    yield port
+    m.stop()
+
+
+def test_a_scrape_gets_openmetrics_with_its_length(served):
+    with urllib.request.urlopen(f"http://127.0.0.1:{served}/metrics", timeout=5) as resp:
+        body = resp.read()
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+        assert int(resp.headers["Content-Length"]) == len(body)
+    assert body.endswith(b"# EOF\n")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["keplerlog_agent_lines_read"].samples[0].value == 3
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n", b"404"),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"405"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", b"400"),  # a TLS hello
+        (b"GET /metrics\r\n\r\n", b"400"),  # HTTP/0.9: no version
+        (b"GET /metrics HTTP/1.1\r\n" + b"X-Pad: " + b"a" * (10 * REQUEST_LIMIT) + b"\r\n\r\n", b"431"),
+        (b"GET /metrics HTTP/1.1\r\n" + b"X-Pad: abc\r\n" * (REQUEST_LIMIT // 4) + b"\r\n", b"431"),
+    ],
+)
+def test_bad_requests_get_an_error_status_and_the_next_scrape_is_served(served, request_bytes, status):
+    answer = _exchange(served, request_bytes)
+    assert answer.split(b" ", 2)[1] == status, answer[:200]
+    assert b"keplerlog_agent" not in answer
+    ok = _exchange(served, b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.0 200 OK\r\n") and ok.endswith(b"# EOF\n")
+
+
+def test_head_gets_the_headers_only(served):
+    answer = _exchange(served, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(
+        next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+    )
+    assert head.startswith(b"HTTP/1.0 200") and length > 100 and body == b""
+
+
+def test_a_client_stalled_past_the_timeout_is_dropped_and_others_are_served_meanwhile(monkeypatch):
+    monkeypatch.setattr(metrics_http._Handler, "timeout", 0.5)
+    m = _agent_metrics()
+    port = m.start("127.0.0.1", 0)
+    try:
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
+        stalled.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
+        started = time.monotonic()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert body.endswith(b"# EOF\n") and time.monotonic() - started < 0.5  # not behind it
+        assert stalled.recv(100) == b""  # closed without an answer once its 0.5 s ran out
+        assert 0.3 < time.monotonic() - started < 4
+        stalled.close()
+    finally:
+        m.stop()
+
+
+def test_a_collector_that_raises_gets_a_500_and_the_server_lives_on(caplog):
+    registry = metrics_http.new_registry()
+    broken = {"on": False}  # register() collects once to learn the names
+
+    def families():
+        if broken["on"]:
+            raise RuntimeError("collector bug")
+        return []
+
+    registry.register(metrics_http.FunctionCollector(families))
+    broken["on"] = True
+    server = metrics_http.serve(registry, "127.0.0.1", 0, "test")
+    assert server is not None
+    port = server.server_address[1]
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert _exchange(port, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 500")
+        assert any("rendering the page failed" in r.getMessage() for r in caplog.records)
+        broken["on"] = False
+        assert _exchange(port, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+    finally:
+        stop(server)
+
+
+def test_the_agent_loads_no_http_stack_for_its_metrics():
+    """The agent's imports as its entry point makes them: prometheus_client's package init stays
+    deferred and none of the HTTP stack behind `exposition` is loaded (~3 MB of the agent's
+    resident set, see metrics_http). A `from prometheus_client import X` anywhere fails this."""
+    code = (
+        "import sys\n"
+        "from keplerlog import lazyinit\n"
+        "import keplerlog.agent.main, keplerlog.agent.rdsender\n"
+        "heavy = ('http.server', 'http.client', 'email', 'wsgiref', 'urllib.request')\n"
+        "print(lazyinit.deferred('prometheus_client'), sorted(k for k in sys.modules if k in heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True []", done.stdout + done.stderr

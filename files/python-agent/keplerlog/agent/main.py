@@ -21,6 +21,7 @@ import sys
 import time
 from types import FrameType
 
+from keplerlog import lazyinit
 from keplerlog.agent import checkpoint, memory, priority
 from keplerlog.agent.config import AgentConfig, ConfigError, load
 from keplerlog.agent.fileset import RESCAN_S, FileSet
@@ -275,7 +276,7 @@ def _check_state_dir(cfg: AgentConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     memory.tune_malloc()  # first: before the big imports and threads allocate
-    memory.defer_package_init("kafka")  # the agent only needs kafka.producer (see memory.py)
+    lazyinit.defer_package_init("kafka")  # the agent only needs kafka.producer (see lazyinit.py)
     parser = argparse.ArgumentParser(prog="keplerlog-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="agent YAML file")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

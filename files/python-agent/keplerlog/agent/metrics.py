@@ -14,11 +14,21 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
 from keplerlog import __version__
-from keplerlog.metrics_http import FunctionCollector, Server, new_registry, safe_label, serve, stop
+from keplerlog.metrics_http import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    FunctionCollector,
+    GaugeMetricFamily,
+    Histogram,
+    Metric,
+    Server,
+    new_registry,
+    render,
+    safe_label,
+    serve,
+    stop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +173,8 @@ class AgentMetrics:
             yield family
 
     def render(self) -> bytes:
-        """Return the exposition a scrape gets (text format 0.0.4)."""
-        return generate_latest(self.registry)
+        """Return the page a scrape gets (OpenMetrics text)."""
+        return render(self.registry)
 
     def start(self, host: str, port: int) -> int | None:
         """Serve the registry; the bound port, or None when it is taken (logged, not fatal)."""

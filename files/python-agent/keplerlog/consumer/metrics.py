@@ -17,11 +17,18 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
 from keplerlog import __version__
-from keplerlog.metrics_http import FunctionCollector, Server, new_registry, serve
+from keplerlog.metrics_http import (
+    CounterMetricFamily,
+    FunctionCollector,
+    GaugeMetricFamily,
+    Histogram,
+    Metric,
+    Server,
+    new_registry,
+    render,
+    serve,
+)
 
 from . import route
 
@@ -251,8 +258,8 @@ class Metrics:
         yield info
 
     def render(self) -> str:
-        """Return the exposition a scrape gets (text format 0.0.4)."""
-        return generate_latest(self.registry).decode()
+        """Return the page a scrape gets (OpenMetrics text)."""
+        return render(self.registry).decode()
 
     def summary(self) -> str:
         """One log line with the main numbers; latency quantiles of the last interval only."""

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from keplerlog.agent import checkpoint, memory
+from keplerlog import lazyinit
+from keplerlog.agent import checkpoint
 from keplerlog.agent.acks import AckTracker
 from keplerlog.agent.assembler import DAY_S, Assembler
 from keplerlog.agent.config import (
@@ -110,17 +111,22 @@ def test_defer_package_init_runs_init_on_first_lookup(tmp_path, monkeypatch):
     (pkg / "__init__.py").write_text("import klpkg.heavy\nVALUE = klpkg.heavy.X\n")
     (pkg / "heavy.py").write_text("X = 42\n")
     (pkg / "light.py").write_text("Y = 1\n")
+    (pkg / "deep.py").write_text("W = 5\n")
+    (pkg / "other.py").write_text("from . import deep\nZ = deep.W + 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("klpkg", "klpkg.heavy", "klpkg.light"):
+    for name in ("klpkg", "klpkg.heavy", "klpkg.light", "klpkg.deep", "klpkg.other"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    assert memory.defer_package_init("klpkg")
-    assert not memory.defer_package_init("klpkg")  # already registered: left alone
+    assert lazyinit.defer_package_init("klpkg")
+    assert not lazyinit.defer_package_init("klpkg")  # already registered: left alone
     from klpkg.light import Y
 
-    assert Y == 1 and memory.deferred("klpkg") and "klpkg.heavy" not in sys.modules
+    assert Y == 1 and lazyinit.deferred("klpkg") and "klpkg.heavy" not in sys.modules
+    from klpkg import other  # a submodule asked of the package (`from . import` inside it too)
+
+    assert other.Z == 6 and lazyinit.deferred("klpkg") and "klpkg.heavy" not in sys.modules
     from klpkg import VALUE  # a name of the package itself: __init__ runs now
 
-    assert VALUE == 42 and not memory.deferred("klpkg")
+    assert VALUE == 42 and not lazyinit.deferred("klpkg")
     import klpkg
 
     with pytest.raises(AttributeError):
