@@ -603,3 +603,9 @@ def test_the_assembler_counts_every_newline_fed_once(mode):
     assert fed == len(lines)
     shipped += a.flush()
     assert b"".join(c.data for c in shipped) == data
+    # every record as the producer takes it: bytes (not a view of a read), its kl.lines exact,
+    # within max_record, each starting where the one before ended
+    for c in shipped:  # a piece of an over-long line, or the held end, counts as one line
+        assert type(c.data) is bytes and c.lines == c.data.count(b"\n") + (not c.data.endswith(b"\n"))
+    assert all(len(c.data) <= 300 for c in shipped)
+    assert [c.offset for c in shipped] == [0, *(c.end for c in shipped[:-1])]
