@@ -15,10 +15,17 @@ lines for replays.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
+
+try:
+    # hashlib.blake2b *is* this, CPython's own BLAKE2; but importing hashlib loads OpenSSL's
+    # libcrypto for its other algorithms, ~3.7 MB of the agent's resident set (nothing else in
+    # the librdkafka agent loads it). An interpreter built without _blake2 gets hashlib's.
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover
+    from hashlib import blake2b
 
 FINGERPRINT_BYTES = 1024
 
@@ -27,7 +34,7 @@ FileKey = tuple[int, int]  # (st_dev, st_ino): how the agent keys the files it f
 
 def fingerprint_of(data: bytes) -> str:
     """Hash of a file prefix (short: it is stored in the state file for every file)."""
-    return hashlib.blake2b(data, digest_size=12).hexdigest()
+    return blake2b(data, digest_size=12).hexdigest()
 
 
 def read_prefix(fd: int, length: int) -> bytes:

@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     memory.tune_malloc()  # first: before the big imports and threads allocate
     lazyinit.defer_package_init("kafka")  # the agent only needs kafka.producer (see lazyinit.py)
+    lazyinit.defer_package_init("confluent_kafka")  # and librdkafka's binding, .cimpl (rdsender.py)
     parser = argparse.ArgumentParser(prog="keplerlog-agent", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="agent YAML file")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

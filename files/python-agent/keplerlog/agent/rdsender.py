@@ -138,6 +138,21 @@ class _LogBridge:
         self._logger.log(level, fmt, facility, client, message)
 
 
+def ask_cluster(producer: Any, timeout_s: float) -> None:
+    """Return once the cluster answered a metadata request; KafkaException when none did in time.
+
+    `cluster_id` (confluent-kafka 2.16+) answers with a string. `list_topics`, the fallback for
+    older releases, wraps its answer in `confluent_kafka.admin` classes: importing that module
+    runs confluent-kafka's package `__init__` (its asyncio client, ssl, serializers), ~5 MB of
+    the agent's resident set that nothing else needs (see lazyinit.py).
+    """
+    ask = getattr(producer, "cluster_id", None)
+    if ask is not None:
+        ask(timeout=timeout_s)
+    else:
+        producer.list_topics(timeout=timeout_s)
+
+
 class RdSender:
     """Owns the librdkafka producer and the thread that serves its delivery reports."""
 
@@ -206,7 +221,7 @@ class RdSender:
 
     def connect(self, bootstrap_timeout_ms: int = 5000) -> bool:
         """Create the producer and see the cluster answer; False (logged) while none does."""
-        from confluent_kafka import KafkaException, Producer
+        from confluent_kafka.cimpl import KafkaException, Producer
 
         k = self.cfg.kafka
         conf = client_config(self.cfg, self._problem)
@@ -221,7 +236,7 @@ class RdSender:
             log.warning("Kafka at %s: %s", k.bootstrap_servers, exc)
             return False
         try:
-            producer.list_topics(timeout=bootstrap_timeout_ms / 1000)
+            ask_cluster(producer, bootstrap_timeout_ms / 1000)
         except KafkaException as exc:
             producer.poll(0)  # serve the error_cb events that say why (no poll thread yet)
             reason = self._last_problem or str(exc)
@@ -244,7 +259,7 @@ class RdSender:
         died of it, no report was served again, and the producer was never marked broken, so
         it was never renewed: every send failed with _FATAL for as long as the agent ran.
         """
-        from confluent_kafka import KafkaException
+        from confluent_kafka.cimpl import KafkaException
 
         while not self._stop.is_set():
             try:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from agent_support import AgentProcess, append, lines, write_config
@@ -195,3 +196,24 @@ def test_both_clients_put_a_key_on_the_same_partition(kafka, topic):
     expected = {key: (murmur2(key) & 0x7FFFFFFF) % 4 for key in keys}
     assert len(set(expected.values())) == 4  # the keys cover every partition: a wrong hash shows
     assert landed == expected
+
+
+def test_the_librdkafka_agent_ships_without_tls_asyncio_or_libcrypto_loaded(
+    tmp_path, kafka, topic, logdir, reader
+):
+    """Connected and shipping over plaintext, the agent has not loaded what only other paths
+    need: the ~9 MB of resident memory that confluent-kafka's package init (via list_topics),
+    hashlib and prometheus_client's exposition used to add (lazyinit, ask_cluster, identity)."""
+    a = logdir / "a.log"
+    a.write_bytes(lines("a", 2000))
+    agent = _agent(tmp_path, kafka, topic, logdir, "librdkafka").start()
+    try:
+        reader.wait_contents({str(a): [a.read_bytes()]})  # connected, shipped, acknowledged
+        assert agent.proc is not None
+        text = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+        maps = {line.rsplit("/", 1)[-1] for line in text.splitlines() if "/" in line}
+    finally:
+        assert agent.stop() == 0, agent.output()
+    assert any(m.startswith("librdkafka") for m in maps)  # the maps are the agent's: its client
+    loaded = sorted(m for m in maps if m.startswith(("_ssl.", "_hashlib.", "_asyncio.", "libcrypto.so")))
+    assert loaded == [], loaded

@@ -105,6 +105,14 @@ def test_linger_env_overrides_keep_mode_default():
         _cfg(kafka={"linger_ms": -1})
 
 
+def test_the_read_paths_buffers_stay_below_the_mmap_threshold():
+    """A 256 KiB read, the record joined from it with a held line, and the producer's copy of it
+    are reused from the heap only while they are under glibc's mmap threshold (memory.py)."""
+    from keplerlog.agent import memory, tailer
+
+    assert memory.MMAP_THRESHOLD >= tailer.READ_CHUNK + 64 * 1024
+
+
 def test_defer_package_init_runs_init_on_first_lookup(tmp_path, monkeypatch):
     pkg = tmp_path / "klpkg"
     pkg.mkdir()

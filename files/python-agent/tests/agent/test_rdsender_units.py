@@ -204,3 +204,52 @@ def test_past_librdkafkas_queue_cap_a_send_fails_at_once_and_every_accepted_reco
         outcomes.append(sender.results.get_nowait())
     assert sorted(o.token for o in outcomes) == list(range(accepted))
     assert all(o.error is not None for o in outcomes)
+
+
+def test_ask_cluster_uses_cluster_id_and_falls_back_to_list_topics_on_older_releases():
+    """cluster_id (confluent-kafka 2.16+) answers with a string; list_topics, on older releases,
+    imports confluent_kafka.admin (the package's whole init) for its answer's classes."""
+    import confluent_kafka as ck
+
+    asked = []
+
+    class New:
+        def cluster_id(self, timeout):
+            asked.append(("cluster_id", timeout))
+            return "abc"
+
+        def list_topics(self, timeout):  # pragma: no cover - must not be used
+            asked.append(("list_topics", timeout))
+
+    class Old:
+        def list_topics(self, timeout):
+            asked.append(("list_topics", timeout))
+            raise ck.KafkaException(ck.KafkaError(ck.KafkaError._TRANSPORT, "down"))
+
+    rdsender.ask_cluster(New(), 2.5)
+    with pytest.raises(ck.KafkaException):  # no answer: raised as before, connect() reports it
+        rdsender.ask_cluster(Old(), 1.0)
+    assert asked == [("cluster_id", 2.5), ("list_topics", 1.0)]
+
+
+def test_the_installed_confluent_kafka_asks_the_cluster_without_its_admin_module():
+    """A new enough confluent-kafka (as the image installs) has cluster_id: a timeout against no
+    broker raises the KafkaException connect() catches, and confluent_kafka.admin stays unloaded
+    in a fresh interpreter."""
+    code = (
+        "import sys\n"
+        "from keplerlog import lazyinit\n"
+        "lazyinit.defer_package_init('confluent_kafka')\n"
+        "from confluent_kafka.cimpl import KafkaException, Producer\n"
+        "from keplerlog.agent.rdsender import ask_cluster\n"
+        "p = Producer({'bootstrap.servers': '127.0.0.1:1', 'log_level': 0})\n"
+        "try:\n"
+        "    ask_cluster(p, 0.5)\n"
+        "except KafkaException:\n"
+        "    print('timed out', hasattr(p, 'cluster_id'), 'confluent_kafka.admin' in sys.modules)\n"
+    )
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "timed out True False", done.stdout + done.stderr
