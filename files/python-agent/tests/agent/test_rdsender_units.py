@@ -62,6 +62,25 @@ def test_settings_keep_the_agents_guarantees_and_cap_librdkafkas_queue():
     assert conf["security.protocol"] == "plaintext" and "sasl.password" not in conf
 
 
+def test_linger_0_sends_each_record_at_once_as_batches_of_one_and_only_for_records_of_many_lines():
+    """kafka.linger_ms 0 becomes one record per batch and a long linger (rdsender.IDLE_WAKEUP_MS:
+    what a blocked broker thread sleeps, not what a record waits); any other linger, and every
+    one_line_per_record config, keeps librdkafka's batching of queued records."""
+    default = rdsender.client_config(_cfg(client="librdkafka"), lambda _e: None)
+    assert default["batch.num.messages"] == 1 and default["linger.ms"] == rdsender.IDLE_WAKEUP_MS
+    zero = rdsender.client_config(_cfg(client="librdkafka", linger_ms=0), lambda _e: None)
+    assert zero["batch.num.messages"] == 1 and zero["linger.ms"] == rdsender.IDLE_WAKEUP_MS
+    some = rdsender.client_config(_cfg(client="librdkafka", linger_ms=3), lambda _e: None)
+    assert "batch.num.messages" not in some and some["linger.ms"] == 3
+    for kafka in ({"client": "librdkafka"}, {"client": "librdkafka", "linger_ms": 0}):
+        one_line = parse(
+            {**BASE, "kafka": kafka, "inputs": [{"paths": ["/app/logs/*.log"], "one_line_per_record": True}]},
+            env={},
+        )
+        conf = rdsender.client_config(one_line, lambda _e: None)
+        assert "batch.num.messages" not in conf and conf["linger.ms"] == one_line.kafka.linger_ms
+
+
 def test_tls_and_scram_settings(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("x")
