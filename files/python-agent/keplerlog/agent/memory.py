@@ -1,7 +1,7 @@
 """Keep the agent's resident memory close to what it actually holds, and its buffers cheap.
 
 The agent moves megabytes through short-lived buffers on two threads: a file read (up to
-`tailer.READ_CHUNK`, 256 KiB), the record joined from it, the producer's copy of that record
+`tailer.READ_CHUNK`, 512 KiB), the record joined from it, the producer's copy of that record
 (librdkafka copies it in the calling thread) and its compressed batch. With glibc's defaults
 that memory tends to stay resident after it is freed: each thread gets its own malloc arena, and
 the mmap threshold rises dynamically after large frees, so later large buffers come from the
@@ -12,8 +12,8 @@ heap and fragment it. Two settings keep that in check:
   batches, a record with a held long line) is mmapped and returned to the kernel on free. With
   a 64 KiB threshold every 256 KiB buffer was a fresh mapping: page faults were a third of the
   agent's CPU shipping 2 KB lines (bench_profile). 320 KiB against 64 KiB, alone, in bench_peers'
-  harness (5 alternating rounds, 2 KB lines): 1.38x the MB/s (median; 0.75-1.56), peak RSS
-  1.5-3 MB higher;
+  harness (5 alternating rounds, 2 KB lines, 256 KiB reads then): 1.38x the MB/s (median;
+  0.75-1.56), peak RSS 1.5-3 MB higher;
 * two arenas, plenty for two busy threads.
 
 No effect (and no error) on a libc without mallopt. The other large, fixed part of the resident
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-MMAP_THRESHOLD = 320 * 1024  # above a 256 KiB read plus a held line of up to 64 KiB
+MMAP_THRESHOLD = 576 * 1024  # above a 512 KiB read plus a held line of up to 64 KiB
 
 
 def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, arenas: int = 2) -> bool:
