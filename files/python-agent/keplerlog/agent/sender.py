@@ -26,9 +26,9 @@ def batch_size(max_record_bytes: int) -> int:
     The record key keeps a module on one partition, and the idempotent producer has at most ONE
     batch in flight per partition (kafka-python mutes the partition until the batch is acked),
     so a module's throughput is one batch per acks=all round trip. The agent's records (one per
-    read, <= 256 KiB) therefore queue up while a batch is in flight and go out together in the
+    read, <= 512 KiB) therefore queue up while a batch is in flight and go out together in the
     next one: a batch as large as `max_record_bytes` (which is set below the broker's
-    message.max.bytes) carries 3-4 of them per round trip instead of 1, and can never be
+    message.max.bytes) carries all those read meanwhile that fit, not 1, and can never be
     refused as too large however badly the data compresses.
 
     `make bench` checks the one-batch limit (bench/bench_clients.py, the same records through
