@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from keplerlog import newlines
 from keplerlog.agent.config import Multiline
 
 DAY_S = 86400
@@ -255,7 +256,7 @@ class Assembler:
         while i < n:
             room = self.max_record - self._cur_size
             if n - i <= room:
-                lines = buf.count(b"\n", i, n)
+                lines = newlines.count(buf, i, n)
                 self._append(_part(buf, i, n), lines)
                 return total + lines
             cut = buf.rfind(b"\n", i, i + room)
@@ -264,7 +265,7 @@ class Assembler:
                     self._close(out, ts_ms)
                     continue
                 cut = i + room - 1  # unreachable while max_line <= max_record; never stall
-            lines = buf.count(b"\n", i, cut + 1)
+            lines = newlines.count(buf, i, cut + 1)
             self._append(_part(buf, i, cut + 1), lines)
             self._close(out, ts_ms)
             total += lines

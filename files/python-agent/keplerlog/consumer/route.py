@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
+from keplerlog import newlines
 from keplerlog.layout import Layout, quarantine_path
 from keplerlog.names import name_problem
 from keplerlog.paths import PathGuard, UnsafePathError
@@ -166,7 +167,7 @@ class Router:
             nbytes, nlines = out.get(labels, (0, 0))
             for chunk in chunks:
                 nbytes += len(chunk)
-                nlines += chunk.count(b"\n")
+                nlines += newlines.count(chunk)
             out[labels] = (nbytes, nlines)
         return out
 
