@@ -59,7 +59,13 @@ log = logging.getLogger(__name__)
 # stages). A/B against linger.ms 0 in the peers harness, MB/s ratio per round: 200 B lines
 # 1.43 / 1.24 / 1.32 / 1.00, 2 KB 1.07 / 0.97 / 0.96, 20 KB 1.19 / 1.10 / 0.96, each at 5-35 %
 # less CPU. Costs nothing at a trickle, where a record never waits behind 5 requests.
-IDLE_WAKEUP_MS = 1000  # the most a broker thread blocks anyway (rd_kafka_max_block_ms)
+# The linger is librdkafka's largest: it never delays a record (a batch of one is always
+# complete), and a record that has waited longer than it brings the busy loop back. With a
+# linger of 1 s that happened whenever a record queued for over a second, as under a backlog
+# on a slow link or behind a broker paused by GC or a slow disk: a broker frozen for 4 s cost
+# the agent 2.5 s of CPU in 2.5 s (test_agent_slow_broker). The broker thread still wakes at
+# least once a second (its own poll timeout), whatever the linger.
+IDLE_WAKEUP_MS = 900_000
 STATS_INTERVAL_MS = 5000  # how fresh `broker_connected` is; JSON built by librdkafka, parsed on demand
 POLL_S = 0.5  # the poll thread's wait when nothing happens (returns at once on a report)
 QUEUE_SLACK_BYTES = 4 * 1024 * 1024  # librdkafka's queue above the agent's in-flight budget
