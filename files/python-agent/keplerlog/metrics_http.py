@@ -71,6 +71,11 @@ class Server(Protocol):
 
 REQUEST_LIMIT = 8192  # bytes of request line and headers a scrape may send (Prometheus: ~300)
 CLIENT_TIMEOUT_S = 10.0  # a client that stops sending or reading frees its thread after this
+# Connections served at once; one more is closed unanswered. Prometheus scrapes a target one
+# request at a time, so a few slots leave room for a second scraper and a person with curl,
+# while a flood of idle connections costs at most this many threads (each a stack and a
+# socket) instead of one thread per connection for CLIENT_TIMEOUT_S.
+MAX_CLIENTS = 8
 
 
 def render(registry: CollectorRegistry) -> bytes:
@@ -144,7 +149,11 @@ class _Handler(socketserver.StreamRequestHandler):
 
 
 class _MetricsServer(socketserver.ThreadingTCPServer):
-    """A threaded TCP server that knows its registry; threads die with the process."""
+    """A threaded TCP server that knows its registry, with at most MAX_CLIENTS threads serving.
+
+    Threads die with the process. A connection over the cap is closed at once and counted
+    (`refused`), never queued behind the clients holding the slots.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
@@ -152,7 +161,32 @@ class _MetricsServer(socketserver.ThreadingTCPServer):
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry, family: int) -> None:
         self.address_family = family
         self.registry = registry
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.refused = 0
         super().__init__(address, _Handler)
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:
+        """Serve from a thread of its own if a slot is free; otherwise close the connection."""
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning(
+                    "metrics: %d connections refused, %d already being served", self.refused, MAX_CLIENTS
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: the slot is not released by one
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:
+        """Serve one connection, then give its slot back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 def serve(registry: CollectorRegistry, host: str, port: int, component: str) -> Server | None:

@@ -4,6 +4,7 @@ import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -129,6 +130,47 @@ def test_a_client_stalled_past_the_timeout_is_dropped_and_others_are_served_mean
         stalled.close()
     finally:
         m.stop()
+
+
+def test_more_idle_connections_than_slots_hold_at_most_max_clients_threads_and_scrapes_resume():
+    """Six times MAX_CLIENTS connections that never send: the first MAX_CLIENTS hold a thread
+    each, every one past them is closed at once and counted; once they go, a scrape is served."""
+    server = metrics_http.serve(metrics_http.new_registry(), "127.0.0.1", 0, "test")
+    assert server is not None
+    port = server.server_address[1]
+    before = threading.active_count()
+    socks = []
+    try:
+        for _ in range(6 * metrics_http.MAX_CLIENTS):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        deadline = time.monotonic() + 5
+        while server.refused < 5 * metrics_http.MAX_CLIENTS:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, server.refused  # type: ignore[attr-defined]
+            time.sleep(0.01)
+        assert server.refused == 5 * metrics_http.MAX_CLIENTS  # type: ignore[attr-defined]
+        assert threading.active_count() - before == metrics_http.MAX_CLIENTS
+        closed, held = 0, 0
+        for sock in socks:
+            sock.settimeout(0.05)
+            try:
+                assert sock.recv(100) == b""  # refused: closed unanswered
+                closed += 1
+            except TimeoutError:  # holding a slot, waiting for its request
+                held += 1
+        assert (closed, held) == (5 * metrics_http.MAX_CLIENTS, metrics_http.MAX_CLIENTS)
+        for sock in socks:
+            sock.close()
+        socks.clear()
+        deadline = time.monotonic() + 5
+        while threading.active_count() > before:  # the held slots are given back
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert body.endswith(b"# EOF\n")
+    finally:
+        for sock in socks:
+            sock.close()
+        stop(server)
 
 
 def test_a_collector_that_raises_gets_a_500_and_the_server_lives_on(caplog):
