@@ -324,6 +324,17 @@ def bench_cpu(
     } | per_scrape
 
 
+def bench_cpu_runs(work: Path, cluster: KafkaCluster, core: int, runs: int, client: str) -> dict:
+    """`bench_cpu` `runs` times: the median run, with every run's CPU % beside it.
+
+    One 20 s run moved between 0.75 and 1.1 % of a core from one `make bench` to the next with
+    unchanged code (0.8-1.1 over four alternating runs of three versions), across the 1 % target.
+    """
+    rows = [bench_cpu(work, cluster, core, client=client) for _ in range(runs)]
+    median = sorted(rows, key=lambda r: r["cpu_percent_of_one_core"])[(len(rows) - 1) // 2]
+    return median | {"runs": runs, "cpu_percent": spread(rows, "cpu_percent_of_one_core")}
+
+
 def scrape_cost(agent: Agent, seconds: float) -> dict[str, float]:
     """CPU milliseconds one scrape costs the agent: back-to-back scrapes against the same time unscraped.
 
@@ -688,6 +699,7 @@ def main() -> int:
         action="store_true",
         help="measure only what watermarks cost (on vs off, alternating) and write that JSON",
     )
+    parser.add_argument("--cpu-runs", type=int, default=3, help="runs of the CPU at 200 lines/s (median)")
     parser.add_argument("--watermark-runs", type=int, default=2, help="rounds of on/off")
     parser.add_argument("--watermark-files", type=int, default=1000)
     parser.add_argument("--watermark-seconds", type=float, default=150.0, help="measured per run")
@@ -711,7 +723,7 @@ def main() -> int:
             "throughput_16mib_buffer": bench_throughput(
                 work, cluster, args.lines, args.core, OLD_BUFFER, client=args.client
             ),
-            "cpu_200_lines_s": bench_cpu(work, cluster, args.core, client=args.client),
+            "cpu_200_lines_s": bench_cpu_runs(work, cluster, args.core, args.cpu_runs, args.client),
             "metrics_cost_200_lines_s": bench_metrics_cost(work, cluster, args.core, args.metrics_runs),
             "client_ab": bench_client_ab(work, cluster, args.core, args.lines, args.metrics_runs),
             "latency_10k_lines_s": bench_latency(work, cluster, args.core, client=args.client),
