@@ -22,6 +22,7 @@ from keplerlog.agent.config import load
 from keplerlog.agent.main import Agent
 from keplerlog.agent.sender import Outcome
 from keplerlog.record import Watermark, decode_headers, decode_watermark, is_watermark
+from keplerlog.testing.kafka_node import free_port
 
 
 def write_config(
@@ -46,6 +47,17 @@ def write_config(
     cfg = tmp / "agent.yml"
     cfg.write_text(yaml.safe_dump(doc))
     return cfg
+
+
+def logs_and_config(tmp: Path, bootstrap: str, topic: str, client: str, **over) -> tuple[Path, int, Path]:
+    """A fresh `logs` dir, a free metrics port, and a config following `logs/*.log` that serves
+    its metrics there: (logs dir, port, config path). `over` as in `write_config`."""
+    logdir = tmp / "logs"
+    logdir.mkdir()
+    port = free_port()
+    metrics_over = {"port": port} | over.pop("metrics", {})
+    cfg = write_config(tmp, bootstrap, topic, [str(logdir / "*.log")], client, metrics=metrics_over, **over)
+    return logdir, port, cfg
 
 
 class AgentProcess:

@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_support import AgentProcess, LiveWriter, TopicReader, metrics, write_config
+from agent_support import AgentProcess, LiveWriter, TopicReader, logs_and_config, metrics
 
 from keplerlog.record import Batch
-from keplerlog.testing.kafka_node import KafkaCluster, free_port
+from keplerlog.testing.kafka_node import KafkaCluster
 
 pytestmark = pytest.mark.kafka
 
@@ -84,19 +84,14 @@ def _other_host_writes_first(bootstrap: str) -> None:
 def setup(tmp_path, client):
     cluster = KafkaCluster(tmp_path / "kafka", size=1)
     cluster.start()
-    logdir = tmp_path / "logs"
-    logdir.mkdir()
-    log = logdir / "app.log"
-    port = free_port()
-    cfg = write_config(
+    logdir, port, cfg = logs_and_config(
         tmp_path,
         cluster.bootstrap,
         TOPIC,
-        [str(logdir / "*.log")],
         client,
-        metrics={"port": port},
         kafka={"compression": "none"},  # records as large as they are (see refused-until-fixed)
     )
+    log = logdir / "app.log"
     agent = AgentProcess(cfg, tmp_path / "agent.out")
     writer = LiveWriter(log, width=WIDTH)
     try:

@@ -17,9 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from agent_support import AgentProcess, LiveWriter, TopicReader, append, lines, write_config
+from agent_support import AgentProcess, LiveWriter, TopicReader, append, lines, logs_and_config
 
-from keplerlog.testing.kafka_node import KafkaCluster, free_port
+from keplerlog.testing.kafka_node import KafkaCluster
 
 pytestmark = pytest.mark.kafka
 
@@ -61,21 +61,16 @@ def test_kafka_down_longer_than_every_client_timeout(tmp_path, client):
     writer = None
     try:
         cluster.create_topic("outage", partitions=4, replication=1)
-        logdir = tmp_path / "logs"
-        logdir.mkdir()
-        log = logdir / "app.log"
-        bulk = logdir / "bulk.log"
-        port = free_port()
-        cfg = write_config(
+        logdir, port, cfg = logs_and_config(
             tmp_path,
             cluster.bootstrap,
             "outage",
-            [str(logdir / "*.log")],
             client,
             limits={"max_buffer_bytes": CAP},
-            metrics={"port": port},
             kafka={"max_record_bytes": 100_000},
         )
+        log = logdir / "app.log"
+        bulk = logdir / "bulk.log"
         agent = AgentProcess(cfg, tmp_path / "agent.out").start()
         assert agent.proc is not None
         pid = agent.proc.pid

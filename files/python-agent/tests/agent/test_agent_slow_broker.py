@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_support import AgentProcess, TopicReader, append, lines, metrics, write_config
+from agent_support import AgentProcess, TopicReader, append, lines, logs_and_config, metrics
 
 from keplerlog.agent import rdsender
-from keplerlog.testing.kafka_node import KafkaCluster, free_port
+from keplerlog.testing.kafka_node import KafkaCluster
 
 pytestmark = pytest.mark.kafka
 
@@ -44,20 +44,15 @@ def test_broker_frozen_past_the_linger_costs_no_cpu_and_loses_nothing(tmp_path):
     node = cluster.nodes[0]
     try:
         cluster.create_topic("stall", partitions=4, replication=1)
-        logdir = tmp_path / "logs"
-        logdir.mkdir()
-        bulk = logdir / "bulk.log"
-        port = free_port()
-        cfg = write_config(
+        logdir, port, cfg = logs_and_config(
             tmp_path,
             cluster.bootstrap,
             "stall",
-            [str(logdir / "*.log")],
             "librdkafka",
             kafka={"linger_ms": 0, "max_record_bytes": 100_000},
             limits={"max_buffer_bytes": 4_000_000},
-            metrics={"port": port},
         )
+        bulk = logdir / "bulk.log"
         agent = AgentProcess(cfg, tmp_path / "agent.out").start()
         assert agent.proc is not None
         pid = agent.proc.pid
