@@ -114,6 +114,9 @@ class FileSet:
         # Files shipped to their end and closed that a glob still matches (e.g. `app.log*` over
         # rotated copies): resumed by identity when they grow, never shipped again from 0.
         self.closed: dict[FileKey, checkpoint.FileState] = {}
+        # A file was opened under a newly minted id since the agent last saved its state (see
+        # `Agent.scan`: the id must be on disk before the file's first record is sent).
+        self.minted = False
         # Of those, the ones finished after a rotation (read on for close_inactive_s past it):
         # when their path moves on, only bytes written since count. A file closed for idleness
         # is followed where it went, like a live file that rotates (see `_finish_moved`).
@@ -341,6 +344,7 @@ class FileSet:
         f = TailedFile.open(
             path, fd, st, inp, self.settings, identity=identity, offset=offset, mono=mono, first=first
         )
+        self.minted |= identity is None
         f.detached = detached
         self.files[key] = f
         self.generation += 1
