@@ -515,6 +515,10 @@ class FileSet:
             self.book.end(old.file_id, Ended(f.path, f.inp.module, old.first, max(seen, offset), 0, old))
         held = f.restart(self.settings)
         self.ledger.send(f, old, [c for _, c in held])
+        # The new id goes to disk before its first record is sent (see `Agent.scan` for a new
+        # file): a kill -9 after that record's ack would otherwise re-send the bytes under yet
+        # another id on restart, duplicates the consumer cannot drop. Truncations are rare.
+        self.ledger.checkpoint(self.closed)
         if seen > offset:
             self.counters.lost_bytes += self.book.lose(old.file_id, offset, seen, "truncated")
             log.warning(
