@@ -175,17 +175,59 @@ def write_workload(path: Path, lines: int, size: int, seed: int = 7) -> int:
 
 
 @contextmanager
-def kafka_cluster(workdir: Path, size: int = 3) -> Iterator[object]:
-    """Start a real local KRaft cluster for the benchmark and always destroy it afterwards."""
+def kafka_cluster(workdir: Path, size: int = 3, settings: tuple[str, ...] = ()) -> Iterator[object]:
+    """Start a real local KRaft cluster for the benchmark and always destroy it afterwards.
+
+    `settings`: more server.properties lines for every node.
+    """
     from keplerlog.testing.kafka_node import KafkaCluster
 
     shutil.rmtree(workdir, ignore_errors=True)
-    cluster = KafkaCluster(workdir, size=size)
+    cluster = KafkaCluster(workdir, size=size, settings=settings)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.destroy()
+
+
+def dirty_mb() -> float:
+    """Page cache not yet on disk (Dirty + Writeback in /proc/meminfo), MB."""
+    kb = 0
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith(("Dirty:", "Writeback:")):
+                kb += int(line.split()[1])
+    return kb / 1024
+
+
+def settle_writeback(limit_mb: float = 256, timeout: float = 120) -> float:
+    """Flush the page cache and wait until less than `limit_mb` is left to write; return seconds.
+
+    A run that starts while gigabytes written before it (the workload files, the previous run's
+    topic) go to disk competes with that writeback for the disk and the cores: the first runs
+    of a benchmark measured 30-50 % below the rest, every tool alike. Each run starts settled.
+    """
+    started = time.monotonic()
+    os.sync()
+    while dirty_mb() > limit_mb and time.monotonic() - started < timeout:
+        time.sleep(0.2)
+    return round(time.monotonic() - started, 2)
+
+
+def read_into_cache(path: Path, chunk: int = 1 << 20) -> float:
+    """Read `path` once so that the page cache holds it; return the seconds it took.
+
+    A tool that reads its workload from the disk measures the disk: the first run after the
+    file was written or evicted (a run writes gigabytes of topic data into the cache) shipped
+    at half the MB/s of the next, at a third of a core. Every run starts with the file cached.
+    """
+    started = time.monotonic()
+    buf = bytearray(chunk)
+    with open(path, "rb", buffering=0) as fh:
+        while fh.readinto(buf):
+            pass
+    return round(time.monotonic() - started, 2)
 
 
 def create_topic(

@@ -79,6 +79,8 @@ class KafkaNode:
     # admin client a loopback PLAINTEXT listener on `internal_port` (User:ANONYMOUS, a super user)
     pki: Pki | None = None
     internal_port: int = 0
+    # more server.properties lines ("key=value"), after the fixture's own
+    settings: tuple[str, ...] = ()
 
     @property
     def bootstrap(self) -> str:
@@ -135,6 +137,7 @@ class KafkaNode:
                     "group.initial.rebalance.delay.ms=0",
                     "num.partitions=4",
                     "auto.create.topics.enable=true",
+                    *self.settings,
                     "",
                 ]
             )
@@ -184,12 +187,19 @@ class KafkaCluster:
     """A local KRaft cluster of `size` combined nodes, each a separate JVM on loopback."""
 
     def __init__(
-        self, workdir: Path, size: int = 1, dist: Path | None = None, *, secure: bool = False
+        self,
+        workdir: Path,
+        size: int = 1,
+        dist: Path | None = None,
+        *,
+        secure: bool = False,
+        settings: tuple[str, ...] = (),
     ) -> None:
         """Unpack Kafka and plan `size` nodes; nothing runs before `start()`.
 
         `secure`: clients must speak SASL_SSL with SCRAM-SHA-512 and the StandardAuthorizer
         denies what no ACL allows (see `add_user`, `allow`, `client_kwargs`), as in production.
+        `settings`: more server.properties lines for every node (a benchmark's broker tuning).
         """
         self.workdir = workdir
         self.size = size
@@ -206,6 +216,7 @@ class KafkaCluster:
                 free_port(),
                 pki=self.pki,
                 internal_port=free_port() if secure else 0,
+                settings=settings,
             )
             for i in range(1, size + 1)
         ]
