@@ -389,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     with kafka_cluster(WORK_DIR / "kafka-peers", size=3, settings=("file.delete.delay.ms=0",)) as cluster:
         bootstrap = cluster.bootstrap  # type: ignore[attr-defined]
         for lines, size in variants:
-            # The first runs on a fresh cluster, or after another line size, shipped 30-50 % below
-            # the later ones, every tool alike (the brokers' JIT and caches): not measured.
+            # The first runs on a fresh cluster shipped 30-50 % below the later ones, every tool
+            # alike, with the workload cached and nothing to write back (the brokers warming up):
+            # not measured.
             for n in range(args.warmup_runs):
                 res = run_one(ALL[names[n % len(names)]], bootstrap, files[size], lines, size, args, -1 - n)
                 out.setdefault("warmup", []).append(res)

@@ -205,8 +205,8 @@ def settle_writeback(limit_mb: float = 256, timeout: float = 120) -> float:
     """Flush the page cache and wait until less than `limit_mb` is left to write; return seconds.
 
     A run that starts while gigabytes written before it (the workload files, the previous run's
-    topic) go to disk competes with that writeback for the disk and the cores: the first runs
-    of a benchmark measured 30-50 % below the rest, every tool alike. Each run starts settled.
+    topic) go to disk would compete with that writeback for the disk and the cores, and the
+    tool that runs after a large one would pay for it. Each run starts settled.
     """
     started = time.monotonic()
     os.sync()
@@ -218,9 +218,9 @@ def settle_writeback(limit_mb: float = 256, timeout: float = 120) -> float:
 def read_into_cache(path: Path, chunk: int = 1 << 20) -> float:
     """Read `path` once so that the page cache holds it; return the seconds it took.
 
-    A tool that reads its workload from the disk measures the disk: the first run after the
-    file was written or evicted (a run writes gigabytes of topic data into the cache) shipped
-    at half the MB/s of the next, at a third of a core. Every run starts with the file cached.
+    A tool that reads its workload from the disk measures the disk, and the three workloads
+    (15 GB) and each run's topic data (gigabytes) do not all stay cached on a 24 GB machine:
+    which tool found its file cached would depend on the order. Every run starts with it cached.
     """
     started = time.monotonic()
     buf = bytearray(chunk)
