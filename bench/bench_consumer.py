@@ -189,14 +189,18 @@ def run_consumer(
     security: dict[str, str] | None = None,
     netfix: bool = True,
     attach: list[str] | None = None,
+    processes: int = 1,
 ) -> dict:
-    """Time one consumer process (a fresh group, a fresh root) until all bytes are on disk.
+    """Time consumer processes (a fresh group, a fresh root) until all bytes are on disk.
 
     `security`: a kafka.security section (bench_security.py: the same broker over SASL_SSL).
     `netfix` False: the consumer with kafka-python's own socket reads and the interpreter's
     default switch interval (consumer/netfix.py's two changes undone), for the A/B.
     `attach`: a profiler command, given `--pid <consumer>`, started with the consumer and
-    stopped with SIGINT (so it writes its file) before the consumer is.
+    stopped with SIGINT (so it writes its file) before the consumer is (one process only).
+    `processes` > 1: that many consumer processes in the one group, sharing the one root (as
+    several consumer hosts may, README): the partitions are split between them, and each runs
+    its own interpreter, so a host's second core works too.
     """
     root = work / "root"
     shutil.rmtree(root, ignore_errors=True)
@@ -219,13 +223,16 @@ def run_consumer(
     if os.environ.get("KL_BENCH_PROFILE"):
         profile = ["-m", "cProfile", "-o", str(work / "consumer.prof")]
     entry = ["-m", "keplerlog.consumer.main"] if netfix else ["-c", WITHOUT_NETFIX]
-    proc = subprocess.Popen(
-        [sys.executable, *profile, *entry, "--config", str(cfg)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *(profile if n == 0 else []), *entry, "--config", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        for n in range(processes)
+    ]
     spy = (
-        subprocess.Popen([*attach, "--pid", str(proc.pid)], stdout=log, stderr=subprocess.STDOUT)
+        subprocess.Popen([*attach, "--pid", str(procs[0].pid)], stdout=log, stderr=subprocess.STDOUT)
         if attach
         else None
     )
@@ -244,18 +251,21 @@ def run_consumer(
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
     first = first or done
     return {
         "bytes": size,
         "complete": size == expected,
-        "exit_code": proc.returncode,
+        "exit_code": max((proc.returncode for proc in procs), key=abs),
+        "processes": processes,
         "seconds_total": done - start,
         "seconds_data": done - first,
         "mb_s": size / (done - first) / 1e6 if done > first else 0.0,
@@ -354,6 +364,11 @@ def main() -> int:
         action="store_true",
         help="also run the consumer without consumer/netfix.py in every round (A/B)",
     )
+    parser.add_argument(
+        "--two-processes",
+        action="store_true",
+        help="also run two consumer processes in one group sharing the root, in every round",
+    )
     args = parser.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kl-bench-"))
@@ -374,29 +389,38 @@ def main() -> int:
             args.compression,
         )
         expected = result["preload"]["bytes"]
-        consumer_runs, kcat_runs, plain_runs = [], [], []
+        # Every member runs once per round, the order reversed every round: A B C, C B A, ...
+        members = ["consumer"]
+        if args.netfix_ab:
+            members.append("consumer_without_netfix")
+        if args.two_processes:
+            members.append("consumer_two_processes")
+        members.append("kcat")
+        runs: dict[str, list[dict]] = {m: [] for m in members}
         for i in range(args.runs):
-            # with and without netfix in alternating order: A B, B A, ...
-            for netfix in (True, False) if i % 2 == 0 else (False, True):
-                if not netfix and not args.netfix_ab:
+            for member in members if i % 2 == 0 else members[::-1]:
+                if member == "kcat":
+                    runs[member].append(run_kcat(cluster.bootstrap, topic, work))
                     continue
-                run = run_consumer(
-                    cluster.bootstrap, topic, work, expected, 600, f"bench-{i}-{netfix}", netfix=netfix
+                runs[member].append(
+                    run_consumer(
+                        cluster.bootstrap,
+                        topic,
+                        work,
+                        expected,
+                        600,
+                        f"bench-{i}-{member}",
+                        netfix=member != "consumer_without_netfix",
+                        processes=2 if member == "consumer_two_processes" else 1,
+                    )
                 )
-                (consumer_runs if netfix else plain_runs).append(run)
                 shutil.rmtree(work / "root", ignore_errors=True)
-            kcat_runs.append(run_kcat(cluster.bootstrap, topic, work))
-        result["consumer"] = _median(consumer_runs)
-        result["kcat"] = _median(kcat_runs)
-        if plain_runs:
-            result["consumer_without_netfix"] = _median(plain_runs)
+        for member, member_runs in runs.items():
+            result[member] = _median(member_runs)
         if args.runs > 1:
             result["runs"] = {
-                "consumer_mb_s": [round(r["mb_s"], 1) for r in consumer_runs],
-                "kcat_mb_s": [round(r.get("mb_s", 0.0), 1) for r in kcat_runs],
+                f"{m}_mb_s": [round(r.get("mb_s", 0.0), 1) for r in rs] for m, rs in runs.items()
             }
-            if plain_runs:
-                result["runs"]["consumer_without_netfix_mb_s"] = [round(r["mb_s"], 1) for r in plain_runs]
         result["dd"] = run_dd(work, min(args.mb, 1024))
         if args.profile:
             result["profile"] = profile_run(cluster.bootstrap, topic, work, expected)
@@ -430,7 +454,7 @@ def main() -> int:
     print(f"complete={c['complete']} exit={c['exit_code']} targets={result['targets']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if c["complete"] else 1
+    return 0 if all(result[m]["complete"] for m in runs if m != "kcat") else 1
 
 
 if __name__ == "__main__":

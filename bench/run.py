@@ -56,7 +56,7 @@ PARTS = [
         "consumer",
         "bench_consumer.py",
         2400,
-        args=["--runs", "3", "--netfix-ab", "--profile"],
+        args=["--runs", "3", "--netfix-ab", "--two-processes", "--profile"],
         quick=["--runs", "1", "--mb", "100"],
     ),
     Part(
@@ -752,6 +752,14 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
             "interval, two copies of each response's record batches)",
             _num(plain, 1), _num(plain / mine, 2) if mine else "–",
             _runs_note(runs.get("consumer_without_netfix_mb_s")),
+        ])  # fmt: skip
+    two = (data.get("consumer_two_processes") or {}).get("mb_s")
+    if two:
+        rows.insert(-2, [
+            "keplerlog-consumer, two processes in one group sharing the data root (the partitions "
+            "split between them, one interpreter each: a second process, or host, for the consumer)",
+            _num(two, 1), _num(two / mine, 2) if mine else "–",
+            _runs_note(runs.get("consumer_two_processes_mb_s")),
         ])  # fmt: skip
     params = data.get("params") or {}
     out = _table(["writer", "MB/s", "× consumer", "notes"], rows)
