@@ -23,6 +23,7 @@ import logging
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import ClassVar, Protocol
 
@@ -70,7 +71,10 @@ class Server(Protocol):
 
 
 REQUEST_LIMIT = 8192  # bytes of request line and headers a scrape may send (Prometheus: ~300)
-CLIENT_TIMEOUT_S = 10.0  # a client that stops sending or reading frees its thread after this
+# A client frees its thread this long after it connected if its request is not complete by then:
+# a deadline for the whole request, not a timeout per read, so sending a byte now and then
+# does not hold a slot for longer (see _Handler._read_head).
+CLIENT_TIMEOUT_S = 10.0
 # Connections served at once; one more is closed unanswered. Prometheus scrapes a target one
 # request at a time, so a few slots leave room for a second scraper and a person with curl,
 # while a flood of idle connections costs at most this many threads (each a stack and a
@@ -116,21 +120,37 @@ class _Handler(socketserver.StreamRequestHandler):
         except OSError:  # the client went away
             return
 
+    def _read_head(self) -> bytes | None:
+        """Return the request line and headers (up to the blank line); None if over REQUEST_LIMIT.
+
+        Read straight from the socket with what is left of `timeout` as each read's timeout, so
+        the timeout bounds the whole request: with a timeout per read (the buffered reader's
+        readline), a client sending one byte every few seconds held its slot for hours, and
+        MAX_CLIENTS of them shut every scrape out. Raises TimeoutError at the deadline. A client
+        that stops sending early (end of stream) gets an answer to what it sent.
+        """
+        deadline = time.monotonic() + self.timeout
+        head = b""
+        while b"\n\r\n" not in head and b"\n\n" not in head:
+            if len(head) >= REQUEST_LIMIT:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request not complete by its deadline")
+            self.connection.settimeout(left)
+            chunk = self.connection.recv(REQUEST_LIMIT - len(head))
+            if not chunk:
+                break
+            head += chunk
+        self.connection.settimeout(self.timeout)  # for the answer: a client that does not read
+        return head
+
     def _answer(self) -> tuple[int, bytes, bool]:
         """Read the request; return (status, body, whether it was a HEAD)."""
-        budget = REQUEST_LIMIT
-        request = b""
-        while True:  # the request line, then headers (read and dropped) up to the blank line
-            line = self.rfile.readline(budget)
-            budget -= len(line)
-            if not line.endswith(b"\n"):
-                if budget <= 0:
-                    return 431, b"request too large\n", False
-                break  # the client stopped sending early: answer what it asked
-            if not request:
-                request = line
-            elif line in (b"\r\n", b"\n"):
-                break
+        head = self._read_head()
+        if head is None:
+            return 431, b"request too large\n", False
+        request = head.partition(b"\n")[0] if b"\n" in head else b""  # headers are not used
         parts = request.split()
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
             return 400, b"bad request\n", False

@@ -132,6 +132,46 @@ def test_a_client_stalled_past_the_timeout_is_dropped_and_others_are_served_mean
         m.stop()
 
 
+def test_a_client_dribbling_its_request_is_dropped_at_the_deadline_not_held_while_it_sends(monkeypatch):
+    """A request sent one byte at a time, each well inside the timeout: the timeout bounds the
+    whole request, so the connection goes at the deadline, however long the client would go on
+    (here up to 8x the deadline). Per read, it held a slot for as long as it sent: MAX_CLIENTS
+    such clients would have shut out every scrape for hours."""
+    monkeypatch.setattr(metrics_http._Handler, "timeout", 0.5)
+    m = _agent_metrics()
+    port = m.start("127.0.0.1", 0)
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow.sendall(b"GET /metrics HTTP/1.1\r\n")
+        started = time.monotonic()
+        sent, closed_after = 0, None
+        while time.monotonic() - started < 4:  # 8x the deadline
+            time.sleep(0.1)  # 5x faster than the timeout
+            try:
+                slow.sendall(b"X")
+                sent += 1
+            except OSError:  # reset: the server closed it
+                closed_after = time.monotonic() - started
+                break
+            slow.settimeout(0.001)
+            try:
+                answer = slow.recv(100)
+            except TimeoutError:
+                continue
+            finally:
+                slow.settimeout(5)
+            assert answer == b""  # closed, never answered
+            closed_after = time.monotonic() - started
+            break
+        assert sent >= 3  # it did dribble, inside the per-read timeout, before it was dropped
+        assert closed_after is not None and 0.4 < closed_after < 1.5, closed_after
+        slow.close()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert body.endswith(b"# EOF\n")
+    finally:
+        m.stop()
+
+
 def test_more_idle_connections_than_slots_hold_at_most_max_clients_threads_and_scrapes_resume():
     """Six times MAX_CLIENTS connections that never send: the first MAX_CLIENTS hold a thread
     each, every one past them is closed at once and counted; once they go, a scrape is served."""
