@@ -19,6 +19,7 @@ prometheus_client: the components import its names from here, never from the pac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
@@ -75,11 +76,14 @@ REQUEST_LIMIT = 8192  # bytes of request line and headers a scrape may send (Pro
 # a deadline for the whole request, not a timeout per read, so sending a byte now and then
 # does not hold a slot for longer (see _Handler._read_head).
 CLIENT_TIMEOUT_S = 10.0
-# Connections served at once; one more is closed unanswered. Prometheus scrapes a target one
-# request at a time, so a few slots leave room for a second scraper and a person with curl,
-# while a flood of idle connections costs at most this many threads (each a stack and a
-# socket) instead of one thread per connection for CLIENT_TIMEOUT_S.
+# Connections served at once. Prometheus scrapes a target one request at a time, so a few slots
+# leave room for a second scraper and a person with curl, while a flood of idle connections
+# costs at most this many threads (each a stack and a socket) instead of one thread per
+# connection for CLIENT_TIMEOUT_S. With every slot taken, a new connection takes the slot of the
+# one that has waited longest for its request to arrive (a scraper sends it at once): idle
+# connections cannot shut scrapes out. Only when every slot is answering is it closed unanswered.
 MAX_CLIENTS = 8
+EVICT_WAIT_S = 1.0  # how long a new connection waits for the slot of the one it closed
 
 
 def render(registry: CollectorRegistry) -> bytes:
@@ -129,20 +133,28 @@ class _Handler(socketserver.StreamRequestHandler):
         MAX_CLIENTS of them shut every scrape out. Raises TimeoutError at the deadline. A client
         that stops sending early (end of stream) gets an answer to what it sent.
         """
+        server: _MetricsServer = self.server  # type: ignore[assignment]
+        conn = self.connection
         deadline = time.monotonic() + self.timeout
         head = b""
-        while b"\n\r\n" not in head and b"\n\n" not in head:
-            if len(head) >= REQUEST_LIMIT:
-                return None
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("request not complete by its deadline")
-            self.connection.settimeout(left)
-            chunk = self.connection.recv(REQUEST_LIMIT - len(head))
-            if not chunk:
-                break
-            head += chunk
-        self.connection.settimeout(self.timeout)  # for the answer: a client that does not read
+        server.waiting(conn, True)
+        try:
+            while b"\n\r\n" not in head and b"\n\n" not in head:
+                if len(head) >= REQUEST_LIMIT:
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("request not complete by its deadline")
+                conn.settimeout(left)
+                chunk = conn.recv(REQUEST_LIMIT - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        finally:
+            still_mine = server.waiting(conn, False)
+        if not still_mine:
+            raise ConnectionAbortedError("closed to make room for a new connection")
+        conn.settimeout(self.timeout)  # for the answer: a client that does not read
         return head
 
     def _answer(self) -> tuple[int, bytes, bool]:
@@ -171,8 +183,9 @@ class _Handler(socketserver.StreamRequestHandler):
 class _MetricsServer(socketserver.ThreadingTCPServer):
     """A threaded TCP server that knows its registry, with at most MAX_CLIENTS threads serving.
 
-    Threads die with the process. A connection over the cap is closed at once and counted
-    (`refused`), never queued behind the clients holding the slots.
+    Threads die with the process. A connection over the cap closes the one that has waited
+    longest for its request and takes its slot (`evicted`); if every slot is answering a
+    request, it is closed at once (`refused`), never queued behind them.
     """
 
     daemon_threads = True
@@ -183,11 +196,34 @@ class _MetricsServer(socketserver.ThreadingTCPServer):
         self.registry = registry
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.refused = 0
+        self.evicted = 0
+        self._waiting: dict[socket.socket, float] = {}  # no complete request yet: since when
+        self._lock = threading.Lock()
         super().__init__(address, _Handler)
 
+    def waiting(self, conn: socket.socket, waits: bool) -> bool:
+        """Note that `conn` waits for its request, or no longer; False if it was closed meanwhile."""
+        with self._lock:
+            if waits:
+                self._waiting[conn] = time.monotonic()
+                return True
+            return self._waiting.pop(conn, None) is not None
+
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest for its request; True once its slot is free."""
+        with self._lock:
+            if not self._waiting:
+                return False
+            oldest = min(self._waiting, key=self._waiting.__getitem__)
+            del self._waiting[oldest]
+        with contextlib.suppress(OSError):  # its handler's read returns at once, and it ends
+            oldest.shutdown(socket.SHUT_RDWR)
+        self.evicted += 1
+        return self.slots.acquire(timeout=EVICT_WAIT_S)
+
     def process_request(self, request: socket.socket, client_address: object) -> None:
-        """Serve from a thread of its own if a slot is free; otherwise close the connection."""
-        if not self.slots.acquire(blocking=False):
+        """Serve from a thread of its own if a slot is free or made free; otherwise close it."""
+        if not self.slots.acquire(blocking=False) and not self._make_room():
             self.refused += 1
             if self.refused == 1 or self.refused % 1000 == 0:
                 log.warning(

@@ -172,9 +172,17 @@ def test_a_client_dribbling_its_request_is_dropped_at_the_deadline_not_held_whil
         m.stop()
 
 
-def test_more_idle_connections_than_slots_hold_at_most_max_clients_threads_and_scrapes_resume():
-    """Six times MAX_CLIENTS connections that never send: the first MAX_CLIENTS hold a thread
-    each, every one past them is closed at once and counted; once they go, a scrape is served."""
+def _wait_for(predicate, what, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_idle_connections_past_the_slots_hold_at_most_max_clients_threads_and_never_shut_out_a_scrape():
+    """Six times MAX_CLIENTS connections that never send: at most MAX_CLIENTS threads exist, each
+    new one closes the one that waited longest (the newest MAX_CLIENTS are held); a scrape made
+    while they hold every slot is answered at once, not after their timeout (10 s)."""
     server = metrics_http.serve(metrics_http.new_registry(), "127.0.0.1", 0, "test")
     assert server is not None
     port = server.server_address[1]
@@ -183,31 +191,69 @@ def test_more_idle_connections_than_slots_hold_at_most_max_clients_threads_and_s
     try:
         for _ in range(6 * metrics_http.MAX_CLIENTS):
             socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        deadline = time.monotonic() + 5
-        while server.refused < 5 * metrics_http.MAX_CLIENTS:  # type: ignore[attr-defined]
-            assert time.monotonic() < deadline, server.refused  # type: ignore[attr-defined]
-            time.sleep(0.01)
-        assert server.refused == 5 * metrics_http.MAX_CLIENTS  # type: ignore[attr-defined]
-        assert threading.active_count() - before == metrics_http.MAX_CLIENTS
-        closed, held = 0, 0
+            assert threading.active_count() - before <= metrics_http.MAX_CLIENTS
+        evict = 5 * metrics_http.MAX_CLIENTS
+        _wait_for(lambda: server.evicted == evict, f"{server.evicted} evicted")  # type: ignore[attr-defined]
+        _wait_for(lambda: threading.active_count() - before == metrics_http.MAX_CLIENTS, "threads")
+        assert server.refused == 0  # type: ignore[attr-defined]
+        states = []
         for sock in socks:
             sock.settimeout(0.05)
             try:
-                assert sock.recv(100) == b""  # refused: closed unanswered
-                closed += 1
+                states.append("closed" if sock.recv(100) == b"" else "answered")
             except TimeoutError:  # holding a slot, waiting for its request
-                held += 1
-        assert (closed, held) == (5 * metrics_http.MAX_CLIENTS, metrics_http.MAX_CLIENTS)
+                states.append("held")
+        held = ["held"] * metrics_http.MAX_CLIENTS
+        assert states == ["closed"] * evict + held  # the oldest went first, unanswered
+        started = time.monotonic()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert body.endswith(b"# EOF\n") and time.monotonic() - started < metrics_http.EVICT_WAIT_S
+        assert server.evicted == evict + 1  # type: ignore[attr-defined]
         for sock in socks:
             sock.close()
         socks.clear()
-        deadline = time.monotonic() + 5
-        while threading.active_count() > before:  # the held slots are given back
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        assert body.endswith(b"# EOF\n")
+        _wait_for(lambda: threading.active_count() == before, "the held slots are given back")
     finally:
+        for sock in socks:
+            sock.close()
+        stop(server)
+
+
+def test_a_connection_is_refused_only_when_every_slot_is_answering(monkeypatch):
+    """Every slot busy answering (a page that takes a while to render): a new connection is
+    closed unanswered and counted, none of the answering ones is cut short."""
+    gate = threading.Event()
+    rendering = threading.Semaphore(0)
+
+    def slow_render(registry):
+        rendering.release()
+        gate.wait(5)
+        return b"# EOF\n"
+
+    monkeypatch.setattr(metrics_http, "render", slow_render)
+    server = metrics_http.serve(metrics_http.new_registry(), "127.0.0.1", 0, "test")
+    assert server is not None
+    port = server.server_address[1]
+    socks = []
+    try:
+        for _ in range(metrics_http.MAX_CLIENTS):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            socks.append(sock)
+        for _ in range(metrics_http.MAX_CLIENTS):
+            assert rendering.acquire(timeout=5)  # every slot is answering
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert extra.recv(100) == b""  # closed unanswered
+        extra.close()
+        assert (server.refused, server.evicted) == (1, 0)  # type: ignore[attr-defined]
+        gate.set()
+        for sock in socks:
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.0 200 OK") and answer.endswith(b"# EOF\n")
+    finally:
+        gate.set()
         for sock in socks:
             sock.close()
         stop(server)
