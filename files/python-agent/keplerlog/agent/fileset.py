@@ -115,7 +115,7 @@ class FileSet:
         # rotated copies): resumed by identity when they grow, never shipped again from 0.
         self.closed: dict[FileKey, checkpoint.FileState] = {}
         # A file was opened under a newly minted id since the agent last saved its state (see
-        # `Agent.scan`: the id must be on disk before the file's first record is sent).
+        # `scan`: the id must be on disk before the file's first record is sent).
         self.minted = False
         # Of those, the ones finished after a rotation (read on for close_inactive_s past it):
         # when their path moves on, only bytes written since count. A file closed for idleness
@@ -144,7 +144,23 @@ class FileSet:
         self.generation = 0
 
     def scan(self, mono: float) -> None:
-        """Match the globs; open new files; mark files whose path moved on as detached."""
+        """Match the globs; open new files; mark files whose path moved on as detached.
+
+        Saves the state at once if a file got a new `kl.file` id. A new file's id is minted when
+        it is first opened (identity.new_file_id: it includes the time). Saved only at the next
+        checkpoint, a kill -9 before it lost the id: the restart read the file again from 0 under
+        another id, and the consumer, which drops re-sent bytes per id, wrote them twice (molecule
+        image: a rotation, then a kill within a second; or the scan of the drain on stop, cut
+        short by a supervisor's SIGKILL). Saved before any of its records is sent, a restart
+        re-sends under the same id. One save per scan that opened new files, however many; a
+        file truncated in place saves its new id the same way (`truncated`).
+        """
+        self._match(mono)
+        if self.minted:
+            self.ledger.checkpoint(self.closed)
+            self.minted = False
+
+    def _match(self, mono: float) -> None:
         self.next_scan = mono + RESCAN_S
         self.generation += 1
         self._close_idle(mono)
@@ -515,7 +531,7 @@ class FileSet:
             self.book.end(old.file_id, Ended(f.path, f.inp.module, old.first, max(seen, offset), 0, old))
         held = f.restart(self.settings)
         self.ledger.send(f, old, [c for _, c in held])
-        # The new id goes to disk before its first record is sent (see `Agent.scan` for a new
+        # The new id goes to disk before its first record is sent (see `scan` for a new
         # file): a kill -9 after that record's ack would otherwise re-send the bytes under yet
         # another id on restart, duplicates the consumer cannot drop. Truncations are rare.
         self.ledger.checkpoint(self.closed)

@@ -98,7 +98,7 @@ class Agent:
             while not self.stopping and not self.ledger.sender.connect():
                 self.watcher.wait(2.0)
             if not self.stopping:
-                self.scan(time.monotonic())
+                self.fileset.scan(time.monotonic())
             while not self.stopping:
                 self._step()
             self._shutdown()
@@ -110,28 +110,13 @@ class Agent:
             self.metrics.stop()
         return 0
 
-    def scan(self, mono: float) -> None:
-        """Look for files; save the state at once if one got a new `kl.file` id.
-
-        A new file's id is minted when it is first opened (identity.new_file_id: it includes the
-        time). Saved only at the next checkpoint, a kill -9 before it lost the id: the restart
-        read the file again from 0 under another id, and the consumer, which drops re-sent bytes
-        per id, wrote them twice (molecule image: a rotation, then a kill within a second). Saved
-        before any of its records is sent, a restart re-sends under the same id. One save per
-        scan that opened new files, however many.
-        """
-        self.fileset.scan(mono)
-        if self.fileset.minted:
-            self.ledger.checkpoint(self.fileset.closed)
-            self.fileset.minted = False
-
     def _step(self) -> None:
         ledger, fileset, reader = self.ledger, self.fileset, self.reader
         mono, wall = time.monotonic(), time.time()
         ledger.reconnect(mono)
         ledger.results()
         if mono >= fileset.next_scan:
-            self.scan(mono)
+            self.fileset.scan(mono)
         counters = self.counters
         bytes_before, lines_before = counters.bytes_read, counters.lines_read
         reader.read_all(wall, mono)

@@ -12,6 +12,9 @@ from agent_support import append, first_pass, in_process, lines
 
 
 def test_a_new_file_acked_before_its_first_checkpoint_keeps_its_id_after_a_kill(tmp_path):
+    """Found by a scan: the agent's loop, or the drain on stop (SIGTERM), which a supervisor
+    follows with SIGKILL once its stop timeout runs out. The drain's scan did not save new ids
+    (the save was in the loop's scan only)."""
     logdir = tmp_path / "logs"
     logdir.mkdir()
     (logdir / "old.log").write_bytes(lines("o", 10))
@@ -20,7 +23,8 @@ def test_a_new_file_acked_before_its_first_checkpoint_keeps_its_id_after_a_kill(
     agent.ledger.checkpoint({}, final=False)  # the state file exists and knows old.log
     new = logdir / "new.log"  # a rotation creates it
     append(new, lines("n", 50))
-    agent.scan(time.monotonic())  # as the agent's loop does: finds new.log
+    agent.fileset.scan(time.monotonic())  # as the agent's loop and its drain on stop do
+    assert any(f.path == str(new) for f in agent.fileset.files.values())  # found, not yet read
     agent.reader.read_all(time.time(), time.monotonic())
     agent.ledger.results()
     ids = {tok[1].identity.file_id for _, tok in sender.sent if tok[0].path == str(new)}
