@@ -137,8 +137,7 @@ class _Handler(socketserver.StreamRequestHandler):
         conn = self.connection
         deadline = time.monotonic() + self.timeout
         head = b""
-        server.waiting(conn, True)
-        try:
+        try:  # waiting for its request since it was accepted (`process_request`)
             while b"\n\r\n" not in head and b"\n\n" not in head:
                 if len(head) >= REQUEST_LIMIT:
                     return None
@@ -190,6 +189,10 @@ class _MetricsServer(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # Connections not accepted yet. The default 5 overflowed in a burst of connects (each over
+    # the slots costs an eviction): the kernel dropped the rest, and their clients, a scrape
+    # among them, retried only after 1 s.
+    request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry, family: int) -> None:
         self.address_family = family
@@ -202,7 +205,11 @@ class _MetricsServer(socketserver.ThreadingTCPServer):
         super().__init__(address, _Handler)
 
     def waiting(self, conn: socket.socket, waits: bool) -> bool:
-        """Note that `conn` waits for its request, or no longer; False if it was closed meanwhile."""
+        """Note that `conn` waits for its request, or no longer; False if it was closed meanwhile.
+
+        Noted when it gets its slot, in the order connections are accepted, so the oldest is
+        the first to give way, whether or not its thread has started yet.
+        """
         with self._lock:
             if waits:
                 self._waiting[conn] = time.monotonic()
@@ -218,8 +225,10 @@ class _MetricsServer(socketserver.ThreadingTCPServer):
             del self._waiting[oldest]
         with contextlib.suppress(OSError):  # its handler's read returns at once, and it ends
             oldest.shutdown(socket.SHUT_RDWR)
+        if not self.slots.acquire(timeout=EVICT_WAIT_S):
+            return False
         self.evicted += 1
-        return self.slots.acquire(timeout=EVICT_WAIT_S)
+        return True
 
     def process_request(self, request: socket.socket, client_address: object) -> None:
         """Serve from a thread of its own if a slot is free or made free; otherwise close it."""
@@ -231,9 +240,11 @@ class _MetricsServer(socketserver.ThreadingTCPServer):
                 )
             self.shutdown_request(request)
             return
+        self.waiting(request, True)
         try:
             super().process_request(request, client_address)
         except BaseException:  # no thread started: the slot is not released by one
+            self.waiting(request, False)
             self.slots.release()
             raise
 
@@ -242,6 +253,7 @@ class _MetricsServer(socketserver.ThreadingTCPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.waiting(request, False)  # if its handler never read (failed before it)
             self.slots.release()
 
 

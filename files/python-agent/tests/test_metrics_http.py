@@ -135,9 +135,9 @@ def test_a_client_stalled_past_the_timeout_is_dropped_and_others_are_served_mean
 def test_a_client_dribbling_its_request_is_dropped_at_the_deadline_not_held_while_it_sends(monkeypatch):
     """A request sent one byte at a time, each well inside the timeout: the timeout bounds the
     whole request, so the connection goes at the deadline, however long the client would go on
-    (here up to 8x the deadline). Per read, it held a slot for as long as it sent: MAX_CLIENTS
+    (here up to 5x the deadline). Per read, it held a slot for as long as it sent: MAX_CLIENTS
     such clients would have shut out every scrape for hours."""
-    monkeypatch.setattr(metrics_http._Handler, "timeout", 0.5)
+    monkeypatch.setattr(metrics_http._Handler, "timeout", 1.0)
     m = _agent_metrics()
     port = m.start("127.0.0.1", 0)
     try:
@@ -145,8 +145,8 @@ def test_a_client_dribbling_its_request_is_dropped_at_the_deadline_not_held_whil
         slow.sendall(b"GET /metrics HTTP/1.1\r\n")
         started = time.monotonic()
         sent, closed_after = 0, None
-        while time.monotonic() - started < 4:  # 8x the deadline
-            time.sleep(0.1)  # 5x faster than the timeout
+        while time.monotonic() - started < 5:  # 5x the deadline
+            time.sleep(0.1)  # 10x faster than the timeout
             try:
                 slow.sendall(b"X")
                 sent += 1
@@ -164,7 +164,7 @@ def test_a_client_dribbling_its_request_is_dropped_at_the_deadline_not_held_whil
             closed_after = time.monotonic() - started
             break
         assert sent >= 3  # it did dribble, inside the per-read timeout, before it was dropped
-        assert closed_after is not None and 0.4 < closed_after < 1.5, closed_after
+        assert closed_after is not None and 0.9 < closed_after < 2.5, closed_after
         slow.close()
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         assert body.endswith(b"# EOF\n")
@@ -191,7 +191,8 @@ def test_idle_connections_past_the_slots_hold_at_most_max_clients_threads_and_ne
     try:
         for _ in range(6 * metrics_http.MAX_CLIENTS):
             socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-            assert threading.active_count() - before <= metrics_http.MAX_CLIENTS
+            # + 1: an evicted thread gives its slot back just before it ends
+            assert threading.active_count() - before <= metrics_http.MAX_CLIENTS + 1
         evict = 5 * metrics_http.MAX_CLIENTS
         _wait_for(lambda: server.evicted == evict, f"{server.evicted} evicted")  # type: ignore[attr-defined]
         _wait_for(lambda: threading.active_count() - before == metrics_http.MAX_CLIENTS, "threads")
