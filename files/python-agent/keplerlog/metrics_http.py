@@ -200,28 +200,31 @@ class _MetricsServer(socketserver.ThreadingTCPServer):
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.refused = 0
         self.evicted = 0
-        self._waiting: dict[socket.socket, float] = {}  # no complete request yet: since when
+        self._waiting: dict[socket.socket, None] = {}  # no complete request yet, oldest first
         self._lock = threading.Lock()
         super().__init__(address, _Handler)
 
     def waiting(self, conn: socket.socket, waits: bool) -> bool:
         """Note that `conn` waits for its request, or no longer; False if it was closed meanwhile.
 
-        Noted when it gets its slot, in the order connections are accepted, so the oldest is
-        the first to give way, whether or not its thread has started yet.
+        Noted when it gets its slot, in the order connections are accepted (the dict keeps it),
+        so the oldest is the first to give way, whether or not its thread has started yet.
         """
         with self._lock:
             if waits:
-                self._waiting[conn] = time.monotonic()
+                self._waiting[conn] = None
                 return True
-            return self._waiting.pop(conn, None) is not None
+            if conn not in self._waiting:
+                return False
+            del self._waiting[conn]
+            return True
 
     def _make_room(self) -> bool:
         """Close the connection that has waited longest for its request; True once its slot is free."""
         with self._lock:
             if not self._waiting:
                 return False
-            oldest = min(self._waiting, key=self._waiting.__getitem__)
+            oldest = next(iter(self._waiting))
             del self._waiting[oldest]
         with contextlib.suppress(OSError):  # its handler's read returns at once, and it ends
             oldest.shutdown(socket.SHUT_RDWR)

@@ -180,20 +180,23 @@ def _wait_for(predicate, what, timeout=5.0):
 
 
 def test_idle_connections_past_the_slots_hold_at_most_max_clients_threads_and_never_shut_out_a_scrape():
-    """Six times MAX_CLIENTS connections that never send: at most MAX_CLIENTS threads exist, each
-    new one closes the one that waited longest (the newest MAX_CLIENTS are held); a scrape made
-    while they hold every slot is answered at once, not after their timeout (10 s)."""
+    """More connections that never send than the slots and the listen queue together: at most
+    MAX_CLIENTS threads exist, each new one closes the one that waited longest (the newest
+    MAX_CLIENTS are held), every one is accepted (past the listen queue some wait for the
+    client's 1 s retry); a scrape made while they hold every slot is answered at once, not after
+    their timeout (10 s)."""
     server = metrics_http.serve(metrics_http.new_registry(), "127.0.0.1", 0, "test")
     assert server is not None
     port = server.server_address[1]
     before = threading.active_count()
     socks = []
+    count = metrics_http._MetricsServer.request_queue_size + 2 * metrics_http.MAX_CLIENTS
     try:
-        for _ in range(6 * metrics_http.MAX_CLIENTS):
+        for _ in range(count):
             socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
             # + 1: an evicted thread gives its slot back just before it ends
             assert threading.active_count() - before <= metrics_http.MAX_CLIENTS + 1
-        evict = 5 * metrics_http.MAX_CLIENTS
+        evict = count - metrics_http.MAX_CLIENTS
         _wait_for(lambda: server.evicted == evict, f"{server.evicted} evicted")  # type: ignore[attr-defined]
         _wait_for(lambda: threading.active_count() - before == metrics_http.MAX_CLIENTS, "threads")
         assert server.refused == 0  # type: ignore[attr-defined]
