@@ -190,6 +190,7 @@ def run_consumer(
     netfix: bool = True,
     attach: list[str] | None = None,
     processes: int = 1,
+    client: str = "kafka-python",
 ) -> dict:
     """Time consumer processes (a fresh group, a fresh root) until all bytes are on disk.
 
@@ -201,11 +202,12 @@ def run_consumer(
     `processes` > 1: that many consumer processes in the one group, sharing the one root (as
     several consumer hosts may, README): the partitions are split between them, and each runs
     its own interpreter, so a host's second core works too.
+    `client`: the consumer's kafka.client (kafka-python or librdkafka, consumer/rdclient.py).
     """
     root = work / "root"
     shutil.rmtree(root, ignore_errors=True)
     cfg = work / "consumer.yml"
-    kafka = {"bootstrap_servers": bootstrap, "topic": topic, "group_id": group}
+    kafka = {"bootstrap_servers": bootstrap, "topic": topic, "group_id": group, "client": client}
     if security:
         kafka["security"] = security
     cfg.write_text(
@@ -365,6 +367,11 @@ def main() -> int:
         help="also run the consumer without consumer/netfix.py in every round (A/B)",
     )
     parser.add_argument(
+        "--librdkafka",
+        action="store_true",
+        help="also run the consumer with kafka.client librdkafka in every round",
+    )
+    parser.add_argument(
         "--two-processes",
         action="store_true",
         help="also run two consumer processes in one group sharing the root, in every round",
@@ -393,6 +400,8 @@ def main() -> int:
         members = ["consumer"]
         if args.netfix_ab:
             members.append("consumer_without_netfix")
+        if args.librdkafka:
+            members.append("consumer_librdkafka")
         if args.two_processes:
             members.append("consumer_two_processes")
         members.append("kcat")
@@ -412,6 +421,7 @@ def main() -> int:
                         f"bench-{i}-{member}",
                         netfix=member != "consumer_without_netfix",
                         processes=2 if member == "consumer_two_processes" else 1,
+                        client="librdkafka" if member == "consumer_librdkafka" else "kafka-python",
                     )
                 )
                 shutil.rmtree(work / "root", ignore_errors=True)

@@ -13,6 +13,7 @@ shows it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import stat
@@ -72,6 +73,40 @@ class KafkaSecurity:
             out["sasl_plain_username"] = self.username
             out["sasl_plain_password"] = self.password
         return out
+
+    def rdkafka_conf(self) -> dict[str, Any]:
+        """Return the settings for librdkafka (confluent-kafka): the agent's producer, the consumer."""
+        conf: dict[str, Any] = {"security.protocol": self.protocol}
+        if self.tls:
+            conf["ssl.endpoint.identification.algorithm"] = "https" if self.check_hostname else "none"
+            for key, name in (
+                ("cafile", "ssl.ca.location"),
+                ("certfile", "ssl.certificate.location"),
+                ("keyfile", "ssl.key.location"),
+            ):
+                if getattr(self, key):
+                    conf[name] = getattr(self, key)
+        if self.sasl:
+            conf["sasl.mechanism"] = self.sasl_mechanism.upper()
+            conf["sasl.username"] = self.username
+            conf["sasl.password"] = self.password
+        return conf
+
+
+# The Kafka client (kafka.client) of the agent and of the consumer: kafka-python (pure Python, the
+# default) or librdkafka through confluent-kafka (an optional compiled dependency,
+# keplerlog[librdkafka]); see agent/rdsender.py and consumer/rdclient.py.
+CLIENTS = ("kafka-python", "librdkafka")
+
+
+def parse_client(raw: Any, where: str = "kafka.client") -> str:
+    """Validate the client choice; librdkafka only when confluent-kafka is installed."""
+    client = choice(raw, where, CLIENTS)
+    if client == "librdkafka" and importlib.util.find_spec("confluent_kafka") is None:
+        raise ConfigError(
+            f"{where}: librdkafka needs the confluent-kafka package (pip install 'keplerlog[librdkafka]')"
+        )
+    return client
 
 
 def _readable_file(value: Any, where: str) -> str:

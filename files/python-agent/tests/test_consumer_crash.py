@@ -12,6 +12,7 @@ import pytest
 import yaml
 from kafka import KafkaProducer
 
+from keplerlog.kafkaauth import CLIENTS
 from keplerlog.record import Batch
 
 pytestmark = pytest.mark.kafka
@@ -63,9 +64,10 @@ class Source:
         return sum(len(v) for v in self.expected.values())
 
 
-def write_config(tmp_path, kafka, topic, root, name="c.yml", instance=None):
+def write_config(tmp_path, kafka, topic, root, name="c.yml", instance=None, client="kafka-python"):
     cfg = {
         "kafka": {
+            "client": client,
             "bootstrap_servers": kafka.bootstrap,
             "topic": topic,
             "group_id": f"g-{topic}",
@@ -142,11 +144,12 @@ def assert_exact(root, source, log_path):
         )
 
 
-def test_kill9_restart_no_loss_no_duplicates(kafka, topic, tmp_path):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_kill9_restart_no_loss_no_duplicates(kafka, topic, tmp_path, client):
     root = tmp_path / "root"
     # Static membership: the restarted process takes its predecessor's place without waiting
     # for the session timeout, which keeps this test short.
-    cfg = write_config(tmp_path, kafka, topic, root, instance="c1")
+    cfg = write_config(tmp_path, kafka, topic, root, instance="c1", client=client)
     log_path = tmp_path / "consumer.log"
     source = Source(kafka, topic, records_per_module=400, seed=1)
     source.thread.start()
@@ -171,9 +174,10 @@ def test_kill9_restart_no_loss_no_duplicates(kafka, topic, tmp_path):
     assert "stopping:" in log_path.read_text()
 
 
-def test_rebalance_two_consumers_exactly_once(kafka, topic, tmp_path):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_rebalance_two_consumers_exactly_once(kafka, topic, tmp_path, client):
     root = tmp_path / "root"
-    cfg = write_config(tmp_path, kafka, topic, root)
+    cfg = write_config(tmp_path, kafka, topic, root, client=client)
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
     source = Source(kafka, topic, records_per_module=300, seed=2)
     source.thread.start()

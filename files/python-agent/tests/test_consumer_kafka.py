@@ -14,6 +14,7 @@ from kafka import KafkaProducer
 from keplerlog.consumer.app import ConsumerApp
 from keplerlog.consumer.files import FileOps
 from keplerlog.consumer.journal import Journal
+from keplerlog.kafkaauth import CLIENTS
 from keplerlog.layout import Layout
 from keplerlog.record import Batch
 from keplerlog.testing.consumer import consumer_config
@@ -24,9 +25,21 @@ DAY1 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC, 2023-11-15 in Tokyo
 DAY2 = DAY1 + 86_400_000
 
 
+@pytest.fixture(autouse=True, params=CLIENTS)
+def client(request, monkeypatch):
+    """Every test here runs with both Kafka clients the consumer offers (consumer/rdclient.py)."""
+    monkeypatch.setattr(request.module, "CLIENT", request.param)
+    return request.param
+
+
+CLIENT = "kafka-python"
+
+
 def config(kafka, topic, root, **kw):
     # The fixed 2023 timestamps are years old: a wide window keeps them on their own days.
-    return consumer_config(kafka.bootstrap, topic, root, **{"ts_max_age_days": 100_000, **kw})
+    return consumer_config(
+        kafka.bootstrap, topic, root, **{"ts_max_age_days": 100_000, "client": CLIENT, **kw}
+    )
 
 
 def send(kafka, topic, items):
@@ -246,7 +259,8 @@ def produce_raw_headers(kafka, topic, key: bytes, headers: list[bytes], value: b
 
 
 def test_header_key_that_is_not_utf8_is_no_poison_pill(kafka, topic, tmp_path):
-    """Such a key made poll() raise CorruptRecordError, then hang; a restart read it again."""
+    """Such a key made poll() raise CorruptRecordError, then hang; a restart read it again.
+    With librdkafka it left an error pending that surfaced as a SystemError out of poll()."""
     root = tmp_path / "root"
     first, after = mk(0, b"before\n"), mk(7, b"after\n")
     send(kafka, topic, [first])
@@ -264,9 +278,14 @@ def test_header_key_that_is_not_utf8_is_no_poison_pill(kafka, topic, tmp_path):
         run.stop()
     files = files_under(root)
     lines = files["shop/portal.20231114"].splitlines(keepends=True)  # kcat's partitioner differs
-    assert sorted(lines) == [b"after\n", b"before\n", b"labelled\n"]
     legacy = {name: data for name, data in files.items() if name.startswith("legacy/default.")}
-    assert list(legacy.values()) == [b"bare\n"]  # dated by kcat's record time: today
+    legacy_lines = sorted(b"".join(legacy.values()).splitlines(keepends=True))  # dated today
+    if CLIENT == "kafka-python":  # the bad bytes replaced: its labels still read
+        assert sorted(lines) == [b"after\n", b"before\n", b"labelled\n"]
+        assert legacy_lines == [b"bare\n"]
+    else:  # librdkafka cannot decode any of its headers (rdclient.py): written, as a legacy line
+        assert sorted(lines) == [b"after\n", b"before\n"]
+        assert legacy_lines == [b"bare\n", b"labelled\n"]
     assert run.app.metrics.counts["replaced_header_keys"] == 2
     assert run.app.metrics.counts["quarantined"] == 0
 

@@ -8,7 +8,6 @@ otherwise shows up weeks later as missing logs. Every problem is reported as one
 from __future__ import annotations
 
 import glob
-import importlib.util
 import ipaddress
 import os
 import re
@@ -29,12 +28,9 @@ from keplerlog.confkit import integer as _int
 from keplerlog.confkit import number as _float
 from keplerlog.confkit import section as _section
 from keplerlog.confkit import string as _str
-from keplerlog.kafkaauth import KafkaSecurity, parse_security
+from keplerlog.kafkaauth import KafkaSecurity, parse_client, parse_security
 
 COMPRESSIONS = ("lz4", "zstd", "gzip", "none")
-# The producer client (kafka.client): kafka-python (pure Python, the default) or librdkafka
-# through confluent-kafka (an optional compiled dependency: keplerlog[librdkafka]); see rdsender.py.
-CLIENTS = ("kafka-python", "librdkafka")
 IONICE_CLASSES = ("none", "best-effort", "idle")
 START_AT = ("beginning", "end")
 
@@ -342,12 +338,8 @@ def parse(raw: Any, env: Mapping[str, str] | None = None) -> AgentConfig:
         max_record_bytes=_int(
             ksec.get("max_record_bytes", 900_000), "kafka.max_record_bytes", 1024, 64 * 1024 * 1024
         ),
-        client=_choice(ksec.get("client", "kafka-python"), "kafka.client", CLIENTS),
+        client=parse_client(ksec.get("client", "kafka-python")),
     )
-    if kafka.client == "librdkafka" and importlib.util.find_spec("confluent_kafka") is None:
-        raise ConfigError(
-            "kafka.client: librdkafka needs the confluent-kafka package (pip install 'keplerlog[librdkafka]')"
-        )
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", kafka.topic):
         raise ConfigError(f"kafka.topic: invalid topic name {kafka.topic!r}")
 

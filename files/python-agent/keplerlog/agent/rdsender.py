@@ -44,6 +44,7 @@ from typing import Any
 from keplerlog.agent.config import AgentConfig
 from keplerlog.agent.sender import Outcome, batch_size
 from keplerlog.kafkaauth import watch_connection_problems
+from keplerlog.rdkit import ask_cluster, explain, is_generic
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +107,8 @@ def client_config(cfg: AgentConfig, problems: Callable[[Any], None]) -> dict[str
         // 1024,
         "statistics.interval.ms": STATS_INTERVAL_MS,
         "error_cb": problems,
+        **k.security.rdkafka_conf(),
     }
-    sec = k.security
-    conf["security.protocol"] = sec.protocol
-    if sec.tls:
-        conf["ssl.endpoint.identification.algorithm"] = "https" if sec.check_hostname else "none"
-        for key, name in (("cafile", "ssl.ca.location"), ("certfile", "ssl.certificate.location")):
-            if getattr(sec, key):
-                conf[name] = getattr(sec, key)
-        if sec.keyfile:
-            conf["ssl.key.location"] = sec.keyfile
-    if sec.sasl:
-        conf["sasl.mechanism"] = sec.sasl_mechanism.upper()
-        conf["sasl.username"] = sec.username
-        conf["sasl.password"] = sec.password
     return conf
 
 
@@ -133,23 +122,6 @@ def send_at_once(cfg: AgentConfig) -> dict[str, Any]:
     if cfg.kafka.linger_ms or any(inp.one_line_per_record for inp in cfg.inputs):
         return {}
     return {"linger.ms": IDLE_WAKEUP_MS, "batch.num.messages": 1}
-
-
-def explain(reason: str) -> str:
-    """Put a librdkafka connection error in the words sender.py's explanations use."""
-    low = reason.lower()  # the broker's address may read sasl_ssl://...: match the words of the error
-    if "certificate verify failed" in low and ("hostname" in low or "ip address mismatch" in low):
-        return f"the broker's certificate does not name the host in bootstrap_servers [{reason}]"
-    if "certificate verify failed" in low:
-        return f"the broker's certificate is not signed by kafka.security.cafile's CA [{reason}]"
-    if "authentication" in low:
-        return f"login refused: wrong user name or password (check kafka.security) [{reason}]"
-    return f"not reachable [{reason}]"
-
-
-def _generic(reason: str) -> bool:
-    """Tell whether a cause says no more than "not reachable" (no login or certificate problem)."""
-    return explain(reason).startswith("not reachable")
 
 
 class _LogBridge:
@@ -168,21 +140,6 @@ class _LogBridge:
         if facility == "CLUSTERID":
             self._on_cluster_change(message)
         self._logger.log(level, fmt, facility, client, message)
-
-
-def ask_cluster(producer: Any, timeout_s: float) -> None:
-    """Return once the cluster answered a metadata request; KafkaException when none did in time.
-
-    `cluster_id` (confluent-kafka 2.16+) answers with a string. `list_topics`, the fallback for
-    older releases, wraps its answer in `confluent_kafka.admin` classes: importing that module
-    runs confluent-kafka's package `__init__` (its asyncio client, ssl, serializers), ~5 MB of
-    the agent's resident set that nothing else needs (see lazyinit.py).
-    """
-    ask = getattr(producer, "cluster_id", None)
-    if ask is not None:
-        ask(timeout=timeout_s)
-    else:
-        producer.list_topics(timeout=timeout_s)
 
 
 class RdSender:
@@ -239,7 +196,7 @@ class RdSender:
         else:
             # a refused login is followed by generic disconnects: those never replace it
             last = self._last_problem
-            if last is None or _generic(last) or not _generic(error.str()):
+            if last is None or is_generic(last) or not is_generic(error.str()):
                 self._last_problem = error.str()
 
     def _stats_cb(self, stats: str) -> None:

@@ -111,10 +111,12 @@ class ConsumerApp:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self._inflight: tuple[Future[dict], dict[TopicPartition, list]] | None = None
         self.consumer: KafkaConsumer | None = None
-        # The fetch path (kafka-python's I/O thread) was the bottleneck: 1 MiB socket reads and
-        # a shorter GIL switch interval so that thread is not starved by parsing (netfix.py).
-        netfix.apply()
-        netfix.favor_io_thread()
+        if config.client == "kafka-python":
+            # The fetch path (kafka-python's I/O thread) was the bottleneck: 1 MiB socket reads
+            # and a shorter GIL switch interval so that thread is not starved by parsing
+            # (netfix.py). librdkafka fetches on its own threads, in C (rdclient.py).
+            netfix.apply()
+            netfix.favor_io_thread()
         headerfix.apply()  # a non-UTF-8 header key must not be a poison pill (headerfix.py)
         self._replaced_seen = headerfix.replaced_records()
 
@@ -166,6 +168,10 @@ class ConsumerApp:
     # -- main loop ---------------------------------------------------------------------------
     def _make_consumer(self) -> KafkaConsumer:
         c = self.config
+        if c.client == "librdkafka":
+            from .rdclient import RdConsumer
+
+            return RdConsumer(c)  # type: ignore[return-value]  # the same calls (rdclient.py)
         return KafkaConsumer(
             bootstrap_servers=c.bootstrap_servers.split(","),
             group_id=c.group_id,
@@ -199,7 +205,7 @@ class ConsumerApp:
                 log.warning(
                     "Kafka at %s: %s; next try in %.0f s",
                     self.config.bootstrap_servers,
-                    problems.explain(exc),
+                    getattr(exc, "explained", None) or problems.explain(exc),
                     wait,
                 )
                 self.metrics.inc("connect_failures")
@@ -333,12 +339,15 @@ class ConsumerApp:
         return self._inflight is None or self._inflight[0].done()
 
     def _count_replaced_keys(self) -> None:
-        replaced = headerfix.replaced_records()
+        replaced = headerfix.replaced_records() + getattr(self.consumer, "unreadable_headers", 0)
         if replaced != self._replaced_seen:
             self.metrics.inc("replaced_header_keys", replaced - self._replaced_seen)
             log.warning(
-                "%d records had header keys that are not UTF-8 (read with U+FFFD)",
+                "%d records had header keys that are not UTF-8 (%s)",
                 replaced - self._replaced_seen,
+                "read with U+FFFD"
+                if self.config.client == "kafka-python"
+                else "read without headers, as legacy lines: librdkafka cannot decode them",
             )
             self._replaced_seen = replaced
 

@@ -12,7 +12,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from keplerlog.confkit import ConfigError, integer, number, overlay, read_yaml, section
-from keplerlog.kafkaauth import KafkaSecurity, parse_security
+from keplerlog.kafkaauth import KafkaSecurity, parse_client, parse_security
 from keplerlog.layout import DEFAULT_LAYOUT, Layout, LayoutError
 from keplerlog.names import name_problem
 
@@ -39,6 +39,7 @@ _KAFKA_KEYS = {
     "fetch_max_wait_ms",
     "auto_offset_reset",
     "security",
+    "client",
 }
 _TOP_KEYS = {
     "kafka",
@@ -77,6 +78,7 @@ class ConsumerConfig:
     client_id: str = "keplerlog-consumer"
     group_instance_id: str | None = None
     security: KafkaSecurity = field(default_factory=KafkaSecurity)  # TLS / SASL (keplerlog.kafkaauth)
+    client: str = "kafka-python"  # or librdkafka (rdclient.py)
     session_timeout_ms: int = 10000
     max_poll_records: int = 100000
     fetch_max_bytes: int = 64 * 1024 * 1024
@@ -182,6 +184,7 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> Consumer
         client_id=kafka.get("client_id", "keplerlog-consumer"),
         group_instance_id=str(kafka["group_instance_id"]) if kafka.get("group_instance_id") else None,
         security=parse_security(kafka.get("security")),
+        client=parse_client(kafka.get("client", "kafka-python")),
         session_timeout_ms=integer(kafka.get("session_timeout_ms", 10000), "kafka.session_timeout_ms", 1000),
         max_poll_records=integer(kafka.get("max_poll_records", 100000), "kafka.max_poll_records", 1),
         fetch_max_bytes=integer(kafka.get("fetch_max_bytes", 64 << 20), "kafka.fetch_max_bytes", 1024),

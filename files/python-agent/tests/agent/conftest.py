@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from agent_support import TopicReader
 
-from keplerlog.agent.config import CLIENTS
+from keplerlog.kafkaauth import CLIENTS
 
 
 @pytest.fixture(params=CLIENTS)

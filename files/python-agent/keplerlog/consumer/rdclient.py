@@ -1,0 +1,300 @@
+"""The consumer's Kafka client through librdkafka (confluent-kafka): `kafka.client: librdkafka`.
+
+Why: `make bench` (bench_consumer.py's profile) found 40 % of the consumer's one core in
+kafka-python's fetch and protocol code and 13 % in its LZ4 decompression, both on the Python
+side of the GIL. librdkafka fetches and decompresses on its own threads, in C, while the main
+thread routes and writes. Opt-in, like the agent's (agent/rdsender.py): confluent-kafka is a
+compiled wheel (`pip install keplerlog[librdkafka]`).
+
+`RdConsumer` offers the few calls of kafka-python's `KafkaConsumer` that `ConsumerApp` makes,
+with the same types in and out (kafka-python's TopicPartition, records with `.topic`,
+`.partition`, `.offset`, `.value`, `.headers`, `.timestamp`, `KafkaError` raised), so the app,
+the Sink and the router cannot tell the clients apart. How the semantics are mapped:
+- Rebalance callbacks run inside `poll()` on the main thread, as kafka-python's do (theirs run
+  with the main thread blocked): the app's listener is called from librdkafka's
+  on_assign/on_revoke/on_lost. A `seek()` made while partitions are being assigned is given to
+  librdkafka as the start offset of `assign()` (a partition cannot be seeked before it is).
+- Commit callbacks (the app keeps one asynchronous commit in flight) come from librdkafka's
+  `on_commit`, served by `poll()` as kafka-python serves its own; they are matched to the
+  requests in the order they were sent.
+- `highwater()` is librdkafka's cached high watermark, updated by each fetch (no request), as
+  kafka-python's is.
+- A header key that is not UTF-8 cannot be read by confluent-kafka 2.16: `headers()` returns
+  with a UnicodeDecodeError left pending, which surfaces as a SystemError at some later call.
+  Headers are read through `operator.methodcaller`, whose call checks for that at once, and
+  such a record is given with no headers (kafka-python's headerfix.py replaces the bad bytes
+  instead, which needs the raw keys): its lines are written as a legacy record's, never lost,
+  and counted in `unreadable_headers` (the app's replaced_header_keys).
+- The fetched-but-unread queue (`queued.max.messages.kbytes`) is capped at one of the app's
+  batches or one fetch, whichever is larger (librdkafka's default is 64 MB whatever the app's
+  settings): what kafka-python holds at most in a fetch response.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kafka import TopicPartition
+from kafka.errors import KafkaError
+
+from keplerlog.rdkit import ask_cluster, explain, is_generic
+
+from .config import ConsumerConfig
+
+log = logging.getLogger(__name__)
+
+OFFSET_INVALID = -1001  # librdkafka: "no offset given", resume from the group's commit
+_headers = operator.methodcaller("headers")  # a checked call: see the module docstring
+
+
+class RdRecord:
+    """One consumed record, with kafka-python's attribute names (what route.py reads)."""
+
+    __slots__ = ("headers", "offset", "partition", "timestamp", "topic", "value")
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        value: bytes | None,
+        headers: list,
+        timestamp: int | None,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.value = value
+        self.headers = headers
+        self.timestamp = timestamp
+
+
+class _Done:
+    """The answer of an asynchronous commit, with kafka-python's Future's `is_done`."""
+
+    __slots__ = ("is_done",)
+
+    def __init__(self) -> None:
+        self.is_done = False
+
+
+def rdkafka_conf(c: ConsumerConfig, on_commit: Callable, on_error: Callable) -> dict[str, Any]:
+    """Map the consumer's configuration onto librdkafka's names (the same values as kafka-python's)."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": ",".join(s.strip() for s in c.bootstrap_servers.split(",") if s.strip()),
+        "group.id": c.group_id,
+        "client.id": c.client_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": c.auto_offset_reset,
+        "fetch.max.bytes": c.fetch_max_bytes,
+        "max.partition.fetch.bytes": c.max_partition_fetch_bytes,
+        "fetch.wait.max.ms": c.fetch_max_wait_ms,
+        "receive.message.max.bytes": c.fetch_max_bytes + 1024 * 1024,
+        "socket.receive.buffer.bytes": 4 * 1024 * 1024,
+        "session.timeout.ms": c.session_timeout_ms,
+        "heartbeat.interval.ms": max(500, c.session_timeout_ms // 4),
+        # eager, like kafka-python's default: a group may mix both clients while hosts move
+        "partition.assignment.strategy": "range,roundrobin",
+        "queued.max.messages.kbytes": max(1024, c.batch_max_bytes // 1024, c.fetch_max_bytes // 1024),
+        "on_commit": on_commit,
+        "error_cb": on_error,
+        **c.security.rdkafka_conf(),
+    }
+    if c.group_instance_id:
+        conf["group.instance.id"] = c.group_instance_id
+    return conf
+
+
+class ConnectError(KafkaError):
+    """The cluster did not answer; `explained` says why in the words of the agent's client."""
+
+    def __init__(self, explained: str) -> None:
+        super().__init__(explained)
+        self.explained = explained
+
+
+class RdConsumer:
+    """The subset of kafka-python's KafkaConsumer that ConsumerApp uses, over librdkafka."""
+
+    def __init__(self, config: ConsumerConfig, bootstrap_timeout_s: float = 5.0) -> None:
+        """Make the consumer; ConnectError when the cluster does not answer in time.
+
+        librdkafka itself never fails to be made, it retries in the background: asking for the
+        cluster's metadata makes a wrong address, password or CA an error with a reason, as
+        kafka-python's "Unable to bootstrap" is, for the app's connect loop.
+        """
+        from confluent_kafka.cimpl import Consumer, KafkaException
+
+        self._exc = KafkaException
+        self._problem: str | None = None
+        self._commits: deque[tuple[dict, Callable | None, _Done]] = deque()
+        self._assigned: set[TopicPartition] = set()
+        self._paused: set[TopicPartition] = set()
+        self._seeks: dict[TopicPartition, int] | None = None  # collected while assigning
+        self._listener: Any = None
+        self._max_records = config.max_poll_records
+        self.unreadable_headers = 0  # records whose header keys are not UTF-8
+        self._c = Consumer(rdkafka_conf(config, self._on_commit, self._on_error))
+        try:
+            ask_cluster(self._c, bootstrap_timeout_s)
+        except KafkaException as exc:
+            self._c.close()
+            raise ConnectError(explain(self._problem or str(exc))) from exc
+
+    # -- callbacks (all run inside poll()/consume() on the calling thread) ---------------------
+    def _on_error(self, err: Any) -> None:
+        """error_cb: say a new problem once (librdkafka repeats them while it retries)."""
+        self._note(err.str())
+
+    def _note(self, problem: str) -> None:
+        last = self._problem
+        if last is None or is_generic(last) or not is_generic(problem):  # a refused login stays the reason
+            if problem != last:
+                log.warning("Kafka: %s", explain(problem))
+            self._problem = problem
+
+    def _on_commit(self, err: Any, partitions: list) -> None:
+        if not self._commits:
+            return
+        offsets, callback, done = self._commits.popleft()
+        done.is_done = True
+        failed = err or next((p.error for p in partitions if p.error), None)
+        if callback is not None:
+            callback(offsets, KafkaError(str(failed)) if failed else None)
+
+    def _on_assign(self, _consumer: Any, partitions: list) -> None:
+        from confluent_kafka.cimpl import TopicPartition as RdTP
+
+        tps = [TopicPartition(p.topic, p.partition) for p in partitions]
+        self._assigned = set(tps)
+        self._paused.clear()
+        self._seeks = {}
+        try:
+            if self._listener is not None:
+                self._listener.on_partitions_assigned(tps)
+            seeks = self._seeks
+        finally:
+            self._seeks = None
+        self._c.assign([RdTP(tp.topic, tp.partition, seeks.get(tp, OFFSET_INVALID)) for tp in tps])
+
+    def _on_revoke(self, _consumer: Any, partitions: list) -> None:
+        tps = [TopicPartition(p.topic, p.partition) for p in partitions]
+        try:
+            if self._listener is not None:
+                self._listener.on_partitions_revoked(tps)
+        finally:
+            self._assigned -= set(tps)
+            self._paused -= set(tps)
+            self._c.unassign()
+
+    # -- KafkaConsumer's calls ------------------------------------------------------------------
+    def subscribe(self, topics: list[str], listener: Any = None) -> None:
+        """Join the group for `topics`; `listener` gets kafka-python's two rebalance calls."""
+        self._listener = listener
+        self._c.subscribe(
+            topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+
+    def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[RdRecord]]:
+        """Wait up to `timeout_ms` for records; return them per partition, as kafka-python does."""
+        try:
+            msgs = self._c.consume(self._max_records, timeout_ms / 1000)
+        except self._exc as exc:
+            raise KafkaError(str(exc)) from exc
+        out: dict[TopicPartition, list[RdRecord]] = {}
+        last: TopicPartition | None = None
+        recs: list[RdRecord] = []
+        for m in msgs:
+            if m.error() is not None:
+                self._note(str(m.error()))
+                continue
+            topic, partition = m.topic(), m.partition()
+            if last is None or last.partition != partition or last.topic != topic:
+                last = TopicPartition(topic, partition)
+                recs = out.setdefault(last, [])
+            try:
+                headers = _headers(m) or []
+            except (ValueError, SystemError):  # a header key that is not UTF-8
+                headers = []
+                self.unreadable_headers += 1
+            ts_type, ts = m.timestamp()
+            recs.append(RdRecord(topic, partition, m.offset(), m.value(), headers, ts if ts_type else None))
+        return out
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read `tp` from `offset` next (during an assignment: where it starts)."""
+        if self._seeks is not None:
+            self._seeks[tp] = offset
+            return
+        from confluent_kafka.cimpl import TopicPartition as RdTP
+
+        try:
+            self._c.seek(RdTP(tp.topic, tp.partition, offset))
+        except self._exc as exc:
+            raise KafkaError(str(exc)) from exc
+
+    def assignment(self) -> set[TopicPartition]:
+        """Return the partitions this member owns now."""
+        return set(self._assigned)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        """Stop fetching `tps` (kept assigned; the group still sees this member alive)."""
+        self._c.pause(self._rd(tps))
+        self._paused |= set(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        """Fetch `tps` again."""
+        self._c.resume(self._rd(tps))
+        self._paused -= set(tps)
+
+    def paused(self) -> set[TopicPartition]:
+        """Return the partitions paused by pause()."""
+        return set(self._paused)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        """Return the partition's high watermark as of the last fetch (None before one)."""
+        from confluent_kafka.cimpl import TopicPartition as RdTP
+
+        try:
+            _low, high = self._c.get_watermark_offsets(RdTP(tp.topic, tp.partition), cached=True)
+        except self._exc as exc:
+            raise KafkaError(str(exc)) from exc
+        return high if high is not None and high >= 0 else None
+
+    def commit(self, offsets: dict) -> None:
+        """Commit `offsets` ({TopicPartition: OffsetAndMetadata}) and wait for the answer."""
+        try:
+            self._c.commit(offsets=self._rd(offsets, offsets), asynchronous=False)
+        except self._exc as exc:
+            raise KafkaError(str(exc)) from exc
+
+    def commit_async(self, offsets: dict, callback: Callable | None = None) -> _Done:
+        """Send a commit; `callback(offsets, None or error)` runs in a later poll()."""
+        done = _Done()
+        try:
+            self._c.commit(offsets=self._rd(offsets, offsets), asynchronous=True)
+        except self._exc as exc:
+            raise KafkaError(str(exc)) from exc
+        self._commits.append((offsets, callback, done))
+        return done
+
+    def close(self, autocommit: bool = False) -> None:
+        """Leave the group (offsets are never committed here: enable.auto.commit is off)."""
+        del autocommit
+        try:
+            self._c.close()
+        except self._exc as exc:
+            raise KafkaError(str(exc)) from exc
+
+    @staticmethod
+    def _rd(tps: Iterable[TopicPartition], offsets: dict | None = None) -> list:
+        from confluent_kafka.cimpl import TopicPartition as RdTP
+
+        if offsets is None:
+            return [RdTP(tp.topic, tp.partition) for tp in tps]
+        return [RdTP(tp.topic, tp.partition, offsets[tp].offset) for tp in tps]
