@@ -51,12 +51,13 @@ class Part:
 
 PARTS = [
     Part("agent", "bench_agent.py", 1800, quick=["--lines", "100000"]),
-    # three alternating consumer / kcat runs: medians and their spread, not one sample
+    # three alternating consumer / kcat runs: medians and their spread, not one sample; 4 GB so
+    # that each run is about 10 s of steady work, not a second or two
     Part(
         "consumer",
         "bench_consumer.py",
         2400,
-        args=["--runs", "3", "--netfix-ab", "--two-processes", "--profile"],
+        args=["--runs", "3", "--mb", "4096", "--netfix-ab", "--librdkafka", "--two-processes", "--profile"],
         quick=["--runs", "1", "--mb", "100"],
     ),
     Part(
@@ -459,13 +460,20 @@ def consumer_checks(data: dict[str, Any]) -> list[tuple[str, bool | None]]:
     """(target, met) of bench_consumer.py's figures: >= 100 MB/s and >= 0.8x kcat -C (issue 12)."""
     mine = (data.get("consumer") or {}).get("mb_s")
     kcat = (data.get("kcat") or {}).get("mb_s")
-    return [
+    out = [
         (">= 100 MB/s", _ge(mine, 100)),
         (
             f">= {CONSUMER_KCAT_TARGET}x kcat -C to a file",
             None if not mine or not kcat else mine / kcat >= CONSUMER_KCAT_TARGET,
         ),
     ]
+    rd = (data.get("consumer_librdkafka") or {}).get("mb_s")
+    if rd:
+        out.append((
+            f">= {CONSUMER_KCAT_TARGET}x kcat -C with kafka.client librdkafka",
+            None if not kcat else rd / kcat >= CONSUMER_KCAT_TARGET,
+        ))  # fmt: skip
+    return out
 
 
 def missed_targets(merged: dict[str, Any]) -> list[str]:
@@ -752,6 +760,14 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
             "interval, two copies of each response's record batches)",
             _num(plain, 1), _num(plain / mine, 2) if mine else "–",
             _runs_note(runs.get("consumer_without_netfix_mb_s")),
+        ])  # fmt: skip
+    rd = (data.get("consumer_librdkafka") or {}).get("mb_s")
+    if rd:
+        rows.insert(1, [
+            "keplerlog-consumer with kafka.client librdkafka (consumer/rdclient.py: fetch and LZ4 in "
+            "librdkafka's threads, in C), one process",
+            _num(rd, 1), _num(rd / mine, 2) if mine else "–",
+            _runs_note(runs.get("consumer_librdkafka_mb_s")),
         ])  # fmt: skip
     two = (data.get("consumer_two_processes") or {}).get("mb_s")
     if two:

@@ -72,6 +72,8 @@ def test_package_installed(host):
     assert host.file(f"{VENV}/bin/keplerlog-consumer").is_file
     assert host.file(f"{VENV}/bin/keplerlog-prune").is_file
     assert host.run(f"{VENV}/bin/python -c 'import keplerlog.record, kafka'").rc == 0
+    # log_consumer_kafka_client: librdkafka installs confluent-kafka from the wheelhouse
+    assert host.run(f"{VENV}/bin/python -c 'import confluent_kafka.cimpl'").rc == 0
 
 
 def test_user_and_root(host):
@@ -100,6 +102,7 @@ def test_config(host):
             "bootstrap_servers": "kl-consumer-kafka:9092",
             "topic": "keplerlog",
             "group_id": "keplerlog-consumer",
+            "client": "librdkafka",
             "security": {
                 "protocol": "sasl_ssl",
                 "cafile": "/etc/keplerlog/kafka-ca.crt",
