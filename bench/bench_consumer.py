@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -125,6 +126,7 @@ STAGES = (
         ("kafka/", "conn.py", "selectors.py", "netfix", "fetcher", "socket"),
     ),
     ("writes to day files", ("files.py", "os.write", "writev")),
+    ("librdkafka client: consume, message objects", ("rdclient.py",)),
     (
         "routing, dedup, whole lines, state",
         ("keplerlog/", "sink.py", "route.py", "spans.py", "lines.py", "journal.py"),
@@ -191,6 +193,7 @@ def run_consumer(
     attach: list[str] | None = None,
     processes: int = 1,
     client: str = "kafka-python",
+    brokers: list[int] | None = None,
 ) -> dict:
     """Time consumer processes (a fresh group, a fresh root) until all bytes are on disk.
 
@@ -203,6 +206,7 @@ def run_consumer(
     several consumer hosts may, README): the partitions are split between them, and each runs
     its own interpreter, so a host's second core works too.
     `client`: the consumer's kafka.client (kafka-python or librdkafka, consumer/rdclient.py).
+    `brokers`: the brokers' process groups, whose CPU is counted with the consumer's.
     """
     root = work / "root"
     shutil.rmtree(root, ignore_errors=True)
@@ -239,15 +243,19 @@ def run_consumer(
         else None
     )
     first = None
+    cpu_first: dict[str, float] = {}
+    cpu_done: dict[str, float] = {}
     try:
         while time.monotonic() - start < timeout:
             size = data_bytes(root) if root.exists() else 0
             if size and first is None:
                 first = time.monotonic()
+                cpu_first = _cpu(procs, brokers)
             if size >= expected:
                 break
             time.sleep(0.05)
         done = time.monotonic()
+        cpu_done = _cpu(procs, brokers)
         size = data_bytes(root)
     finally:
         if spy is not None:
@@ -264,6 +272,9 @@ def run_consumer(
         log.close()
     first = first or done
     return {
+        # CPU seconds per GB written, from the first data byte on: the consumer's threads by
+        # kind (thread_cpu) and the broker's JVMs, which share the host's cores with it
+        "cpu_s_per_gb": _cpu_per_gb(cpu_first, cpu_done, size) if size and cpu_first else {},
         "bytes": size,
         "complete": size == expected,
         "exit_code": max((proc.returncode for proc in procs), key=abs),
@@ -275,13 +286,66 @@ def run_consumer(
     }
 
 
-def run_kcat(bootstrap: str, topic: str, work: Path) -> dict:
-    """Time kcat reading the whole topic into one file."""
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) per thread name of a live process, from /proc.
+
+    librdkafka names its threads `rdk:main`, `rdk:broker...`; the interpreter's threads keep
+    the process's name: the split says how much of the consumer's CPU is the C client's.
+    """
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        group = "librdkafka" if name.startswith("rdk:") else "interpreter"
+        out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds of every live process of a process group (a broker's script and its JVM)."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def _cpu_per_gb(before: dict[str, float], after: dict[str, float], size: int) -> dict[str, float]:
+    return {k: round((after.get(k, 0.0) - before.get(k, 0.0)) / (size / 1e9), 2) for k in after}
+
+
+def _cpu(procs: list[subprocess.Popen], brokers: list[int] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for proc in procs:
+        for group, seconds in thread_cpu(proc.pid).items():
+            out[group] = out.get(group, 0.0) + seconds
+    out["broker"] = sum(group_cpu(pgid) for pgid in brokers or [])
+    return out
+
+
+def run_kcat(bootstrap: str, topic: str, work: Path, brokers: list[int] | None = None) -> dict:
+    """Time kcat reading the whole topic into one file; its and the brokers' CPU per GB."""
     kcat = shutil.which("kcat") or shutil.which("kafkacat")
     if not kcat:
         return {"missing": True}
     out = work / "kcat.out"
     start = time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    broker_before = sum(group_cpu(pgid) for pgid in brokers or [])
     with out.open("wb") as f:
         subprocess.run(
             [kcat, "-C", "-b", bootstrap, "-t", topic, "-e", "-o", "beginning", "-q"],
@@ -290,9 +354,20 @@ def run_kcat(bootstrap: str, topic: str, work: Path) -> dict:
         )
         os.fsync(f.fileno())
     seconds = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    broker = sum(group_cpu(pgid) for pgid in brokers or []) - broker_before
     size = out.stat().st_size
     out.unlink()
-    return {"bytes": size, "seconds": seconds, "mb_s": size / seconds / 1e6}
+    kcat_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {
+        "bytes": size,
+        "seconds": seconds,
+        "mb_s": size / seconds / 1e6,
+        "cpu_s_per_gb": {
+            "kcat": round(kcat_cpu / (size / 1e9), 2),
+            "broker": round(broker / (size / 1e9), 2),
+        },
+    }
 
 
 def run_dd(work: Path, mb: int) -> dict:
@@ -327,14 +402,20 @@ def _median(runs: list[dict]) -> dict:
     }
 
 
-def profile_run(bootstrap: str, topic: str, work: Path, expected: int) -> dict:
-    """One consumer run under py-spy (all threads, CPU samples only); its MB/s and stage shares."""
+def profile_run(bootstrap: str, topic: str, work: Path, expected: int, client: str = "kafka-python") -> dict:
+    """One consumer run under py-spy (all threads, CPU samples only); its MB/s and stage shares.
+
+    py-spy sees the interpreter's threads: librdkafka's own (fetch, decompression) are not in
+    it, their CPU is in the runs' `cpu_s_per_gb` instead.
+    """
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         return {"missing": "py-spy (scripts/bench-deps.sh installs it into .venv)"}
     raw = work / "consumer.pyspy.txt"
     attach = [spy, "record", "--format", "raw", "--output", str(raw), "--rate", "200", "--threads"]
-    run = run_consumer(bootstrap, topic, work, expected, 600, "bench-profile", attach=attach)
+    run = run_consumer(
+        bootstrap, topic, work, expected, 600, f"bench-profile-{client}", attach=attach, client=client
+    )
     shutil.rmtree(work / "root", ignore_errors=True)
     if not raw.exists():
         return {"missing": "py-spy wrote no profile", "mb_s": run["mb_s"]}
@@ -396,6 +477,7 @@ def main() -> int:
             args.compression,
         )
         expected = result["preload"]["bytes"]
+        brokers = [node.process.pid for node in cluster.nodes if node.process is not None]
         # Every member runs once per round, the order reversed every round: A B C, C B A, ...
         members = ["consumer"]
         if args.netfix_ab:
@@ -409,7 +491,7 @@ def main() -> int:
         for i in range(args.runs):
             for member in members if i % 2 == 0 else members[::-1]:
                 if member == "kcat":
-                    runs[member].append(run_kcat(cluster.bootstrap, topic, work))
+                    runs[member].append(run_kcat(cluster.bootstrap, topic, work, brokers))
                     continue
                 runs[member].append(
                     run_consumer(
@@ -422,6 +504,7 @@ def main() -> int:
                         netfix=member != "consumer_without_netfix",
                         processes=2 if member == "consumer_two_processes" else 1,
                         client="librdkafka" if member == "consumer_librdkafka" else "kafka-python",
+                        brokers=brokers,
                     )
                 )
                 shutil.rmtree(work / "root", ignore_errors=True)
@@ -434,6 +517,10 @@ def main() -> int:
         result["dd"] = run_dd(work, min(args.mb, 1024))
         if args.profile:
             result["profile"] = profile_run(cluster.bootstrap, topic, work, expected)
+            if args.librdkafka:
+                result["profile_librdkafka"] = profile_run(
+                    cluster.bootstrap, topic, work, expected, client="librdkafka"
+                )
     finally:
         cluster.destroy()
         if not args.workdir:

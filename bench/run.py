@@ -744,14 +744,24 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
     kcat = data.get("kcat") or {}
     dd = data.get("dd") or {}
     mine = cons.get("mb_s")
+
+    def cpu(member: dict[str, Any]) -> str:
+        """CPU seconds per GB of the median run: the reader's own, and the brokers' meanwhile."""
+        per_gb = member.get("cpu_s_per_gb") or {}
+        if not per_gb:
+            return "–"
+        own = sum(v for k, v in per_gb.items() if k != "broker")
+        rd = f" (librdkafka threads {_num(per_gb['librdkafka'], 1)})" if per_gb.get("librdkafka") else ""
+        return f"{_num(own, 1)}{rd} + {_num(per_gb.get('broker'), 1)}"
+
     rows = [
         ["keplerlog-consumer → day files (fsync, then commit), one process", _num(mine, 1), "1.00",
-         _runs_note(runs.get("consumer_mb_s"))],
+         cpu(cons), _runs_note(runs.get("consumer_mb_s"))],
         ["kcat -C → one file (no fsync, no commit)", _num(kcat.get("mb_s"), 1),
-         _num(kcat["mb_s"] / mine, 2) if mine and kcat.get("mb_s") else "–",
+         _num(kcat["mb_s"] / mine, 2) if mine and kcat.get("mb_s") else "–", cpu(kcat),
          _runs_note(runs.get("kcat_mb_s"))],
         ["dd, sequential write with fdatasync (the disk)", _num(dd.get("mb_s"), 1),
-         _num(dd["mb_s"] / mine, 2) if mine and dd.get("mb_s") else "–", ""],
+         _num(dd["mb_s"] / mine, 2) if mine and dd.get("mb_s") else "–", "–", ""],
     ]  # fmt: skip
     plain = (data.get("consumer_without_netfix") or {}).get("mb_s")
     if plain:
@@ -759,14 +769,14 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
             "keplerlog-consumer without consumer/netfix.py (kafka-python's 4 KiB reads, default switch "
             "interval, two copies of each response's record batches)",
             _num(plain, 1), _num(plain / mine, 2) if mine else "–",
-            _runs_note(runs.get("consumer_without_netfix_mb_s")),
+            cpu(data["consumer_without_netfix"]), _runs_note(runs.get("consumer_without_netfix_mb_s")),
         ])  # fmt: skip
     rd = (data.get("consumer_librdkafka") or {}).get("mb_s")
     if rd:
         rows.insert(1, [
             "keplerlog-consumer with kafka.client librdkafka (consumer/rdclient.py: fetch and LZ4 in "
             "librdkafka's threads, in C), one process",
-            _num(rd, 1), _num(rd / mine, 2) if mine else "–",
+            _num(rd, 1), _num(rd / mine, 2) if mine else "–", cpu(data["consumer_librdkafka"]),
             _runs_note(runs.get("consumer_librdkafka_mb_s")),
         ])  # fmt: skip
     two = (data.get("consumer_two_processes") or {}).get("mb_s")
@@ -774,11 +784,11 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
         rows.insert(-2, [
             "keplerlog-consumer, two processes in one group sharing the data root (the partitions "
             "split between them, one interpreter each: a second process, or host, for the consumer)",
-            _num(two, 1), _num(two / mine, 2) if mine else "–",
+            _num(two, 1), _num(two / mine, 2) if mine else "–", cpu(data["consumer_two_processes"]),
             _runs_note(runs.get("consumer_two_processes_mb_s")),
         ])  # fmt: skip
     params = data.get("params") or {}
-    out = _table(["writer", "MB/s", "× consumer", "notes"], rows)
+    out = _table(["writer", "MB/s", "× consumer", "CPU s per GB: own + brokers'", "notes"], rows)
     out.append("")
     out.append(
         f"{params.get('mb', '?')} MB of {params.get('line_bytes', '?')}-byte lines in "
@@ -790,7 +800,16 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
         )
         + "."
     )
+    out.append("")
+    out.append(
+        "CPU s per GB: the reader's CPU seconds per GB it wrote (from its first byte on), then the "
+        "brokers' in the same time: on this host they share the same cores, so MB/s follows the "
+        "sum. kcat writes each record's value as it comes; the consumer also copies each value "
+        "into a Python object, finds its lines and source in it (dedup, whole lines, day), and "
+        "fsyncs before every commit."
+    )
     out += consumer_profile(data.get("profile"))
+    out += consumer_profile(data.get("profile_librdkafka"), "with kafka.client librdkafka")
     return out
 
 
@@ -812,7 +831,7 @@ def agent_profile(part: dict[str, Any]) -> list[str]:
     ]
 
 
-def consumer_profile(prof: dict[str, Any] | None) -> list[str]:
+def consumer_profile(prof: dict[str, Any] | None, which: str = "") -> list[str]:
     """Where the consumer's CPU goes: bench_consumer.py --profile (py-spy, every thread)."""
     if not prof:
         return []
@@ -823,9 +842,15 @@ def consumer_profile(prof: dict[str, Any] | None) -> list[str]:
     top = "; ".join(f"`{name}` {share} %" for name, share in prof.get("top_functions", [])[:6])
     return [
         "",
-        f"Where the consumer's CPU goes (one more run under py-spy at {prof.get('rate_hz')} Hz, "
+        f"Where the consumer's CPU goes{' ' + which if which else ''} (one more run under py-spy at "
+        f"{prof.get('rate_hz')} Hz, "
         f"{_num(prof.get('samples'))} CPU samples over every thread, {_num(prof.get('mb_s'), 1)} MB/s "
-        f"while sampled): {stages}. By thread: {threads}. Busiest functions: {top}.",
+        f"while sampled): {stages}. By thread: {threads}. Busiest functions: {top}."
+        + (
+            " py-spy sees the interpreter's threads only: librdkafka's are in the CPU column."
+            if which
+            else ""
+        ),
     ]
 
 

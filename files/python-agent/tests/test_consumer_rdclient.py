@@ -1,4 +1,4 @@
-"""consumer/rdclient.py without a broker: its settings, its connect error, its config key."""
+"""consumer/rdclient.py: its settings, its connect error, its config key, its poll's wait."""
 
 import time
 from dataclasses import replace
@@ -9,6 +9,8 @@ from keplerlog.confkit import ConfigError
 from keplerlog.consumer.config import load_config
 from keplerlog.consumer.rdclient import ConnectError, RdConsumer, rdkafka_conf
 from keplerlog.kafkaauth import KafkaSecurity
+from keplerlog.record import Batch
+from keplerlog.testing.consumer import consumer_config
 from keplerlog.testing.kafka_node import free_port
 
 ENV = {"KEPLERLOG_BOOTSTRAP_SERVERS": "k1:9092, k2:9092", "KEPLERLOG_ROOT": "/srv/kl"}
@@ -59,3 +61,32 @@ def test_the_client_is_chosen_in_the_config_and_a_wrong_one_is_named(tmp_path):
     path.write_text("kafka:\n  client: libkafka\n")
     with pytest.raises(ConfigError, match=r"kafka\.client"):
         load_config(str(path), ENV)
+
+
+@pytest.mark.kafka
+def test_a_poll_returns_with_the_first_record_not_at_its_timeout(kafka, topic, tmp_path):
+    """consume(n, timeout) waits for n records or the whole timeout: every poll of a batch took
+    its full time at a trickle. The poll must come back as soon as a record is there."""
+    from kafka import KafkaProducer
+
+    def send(offset: int, value: bytes) -> None:
+        b = Batch("shop", "portal", "h1", "/app/portal.log", "f1", offset, 1, int(time.time() * 1000))
+        producer.send(topic, value, key=b.key(), headers=b.headers()).get(timeout=30)
+
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    consumer = RdConsumer(replace(consumer_config(kafka.bootstrap, topic, tmp_path), client="librdkafka"))
+    try:
+        consumer.subscribe([topic])
+        send(0, b"warm\n")
+        deadline = time.monotonic() + 60
+        while not consumer.poll(timeout_ms=1000):  # joined the group, read the first record
+            assert time.monotonic() < deadline, "never got the first record"
+        send(5, b"next\n")
+        start = time.monotonic()
+        got = consumer.poll(timeout_ms=20_000)
+        took = time.monotonic() - start
+        assert [r.value for recs in got.values() for r in recs] == [b"next\n"]
+        assert took < 10, f"poll took {took:.1f} s of its 20 s timeout"
+    finally:
+        consumer.close()
+        producer.close()

@@ -202,8 +202,15 @@ class RdConsumer:
 
     def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[RdRecord]]:
         """Wait up to `timeout_ms` for records; return them per partition, as kafka-python does."""
+        # consume(n, timeout) waits until it has n messages or the timeout is over, whatever
+        # came before: each of the app's polls would last its whole timeout (500 ms for the
+        # first of a batch). poll() returns at the first message; consume(n, 0) then takes
+        # what is already fetched, without waiting.
         try:
-            msgs = self._c.consume(self._max_records, timeout_ms / 1000)
+            first = self._c.poll(timeout_ms / 1000)
+            if first is None:
+                return {}
+            msgs = [first, *self._c.consume(self._max_records - 1, 0)] if self._max_records > 1 else [first]
         except self._exc as exc:
             raise KafkaError(str(exc)) from exc
         out: dict[TopicPartition, list[RdRecord]] = {}
