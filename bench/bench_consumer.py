@@ -194,6 +194,7 @@ def run_consumer(
     processes: int = 1,
     client: str = "kafka-python",
     brokers: list[int] | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Time consumer processes (a fresh group, a fresh root) until all bytes are on disk.
 
@@ -207,6 +208,7 @@ def run_consumer(
     its own interpreter, so a host's second core works too.
     `client`: the consumer's kafka.client (kafka-python or librdkafka, consumer/rdclient.py).
     `brokers`: the brokers' process groups, whose CPU is counted with the consumer's.
+    `extra`: more top-level keys of consumer.yml (an A/B of a setting).
     """
     root = work / "root"
     shutil.rmtree(root, ignore_errors=True)
@@ -220,6 +222,7 @@ def run_consumer(
                 "kafka": kafka,
                 "root": str(root),
                 "metrics": {"port": 0, "log_interval_s": 5},
+                **(extra or {}),
             }
         )
     )
@@ -245,6 +248,7 @@ def run_consumer(
     first = None
     cpu_first: dict[str, float] = {}
     cpu_done: dict[str, float] = {}
+    peak_rss = 0.0
     try:
         while time.monotonic() - start < timeout:
             size = data_bytes(root) if root.exists() else 0
@@ -256,6 +260,7 @@ def run_consumer(
             time.sleep(0.05)
         done = time.monotonic()
         cpu_done = _cpu(procs, brokers)
+        peak_rss = max(_peak_rss_mb(proc.pid) for proc in procs)
         size = data_bytes(root)
     finally:
         if spy is not None:
@@ -275,6 +280,7 @@ def run_consumer(
         # CPU seconds per GB written, from the first data byte on: the consumer's threads by
         # kind (thread_cpu) and the broker's JVMs, which share the host's cores with it
         "cpu_s_per_gb": _cpu_per_gb(cpu_first, cpu_done, size) if size and cpu_first else {},
+        "peak_rss_mb": round(peak_rss, 1),
         "bytes": size,
         "complete": size == expected,
         "exit_code": max((proc.returncode for proc in procs), key=abs),
@@ -326,6 +332,14 @@ def group_cpu(pgid: int) -> float:
 
 def _cpu_per_gb(before: dict[str, float], after: dict[str, float], size: int) -> dict[str, float]:
     return {k: round((after.get(k, 0.0) - before.get(k, 0.0)) / (size / 1e9), 2) for k in after}
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    return 0.0
 
 
 def _cpu(procs: list[subprocess.Popen], brokers: list[int] | None) -> dict[str, float]:

@@ -754,14 +754,17 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
         rd = f" (librdkafka threads {_num(per_gb['librdkafka'], 1)})" if per_gb.get("librdkafka") else ""
         return f"{_num(own, 1)}{rd} + {_num(per_gb.get('broker'), 1)}"
 
+    def rss(member: dict[str, Any]) -> str:
+        return _num(member.get("peak_rss_mb"), 0) if member.get("peak_rss_mb") else "–"
+
     rows = [
         ["keplerlog-consumer → day files (fsync, then commit), one process", _num(mine, 1), "1.00",
-         cpu(cons), _runs_note(runs.get("consumer_mb_s"))],
+         cpu(cons), rss(cons), _runs_note(runs.get("consumer_mb_s"))],
         ["kcat -C → one file (no fsync, no commit)", _num(kcat.get("mb_s"), 1),
-         _num(kcat["mb_s"] / mine, 2) if mine and kcat.get("mb_s") else "–", cpu(kcat),
+         _num(kcat["mb_s"] / mine, 2) if mine and kcat.get("mb_s") else "–", cpu(kcat), "–",
          _runs_note(runs.get("kcat_mb_s"))],
         ["dd, sequential write with fdatasync (the disk)", _num(dd.get("mb_s"), 1),
-         _num(dd["mb_s"] / mine, 2) if mine and dd.get("mb_s") else "–", "–", ""],
+         _num(dd["mb_s"] / mine, 2) if mine and dd.get("mb_s") else "–", "–", "–", ""],
     ]  # fmt: skip
     plain = (data.get("consumer_without_netfix") or {}).get("mb_s")
     if plain:
@@ -769,7 +772,7 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
             "keplerlog-consumer without consumer/netfix.py (kafka-python's 4 KiB reads, default switch "
             "interval, two copies of each response's record batches)",
             _num(plain, 1), _num(plain / mine, 2) if mine else "–",
-            cpu(data["consumer_without_netfix"]), _runs_note(runs.get("consumer_without_netfix_mb_s")),
+            cpu(data["consumer_without_netfix"]), rss(data["consumer_without_netfix"]), _runs_note(runs.get("consumer_without_netfix_mb_s")),
         ])  # fmt: skip
     rd = (data.get("consumer_librdkafka") or {}).get("mb_s")
     if rd:
@@ -777,6 +780,7 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
             "keplerlog-consumer with kafka.client librdkafka (consumer/rdclient.py: fetch and LZ4 in "
             "librdkafka's threads, in C), one process",
             _num(rd, 1), _num(rd / mine, 2) if mine else "–", cpu(data["consumer_librdkafka"]),
+            rss(data["consumer_librdkafka"]),
             _runs_note(runs.get("consumer_librdkafka_mb_s")),
         ])  # fmt: skip
     two = (data.get("consumer_two_processes") or {}).get("mb_s")
@@ -785,10 +789,13 @@ def consumer_table(part: dict[str, Any]) -> list[str]:
             "keplerlog-consumer, two processes in one group sharing the data root (the partitions "
             "split between them, one interpreter each: a second process, or host, for the consumer)",
             _num(two, 1), _num(two / mine, 2) if mine else "–", cpu(data["consumer_two_processes"]),
+            rss(data["consumer_two_processes"]),
             _runs_note(runs.get("consumer_two_processes_mb_s")),
         ])  # fmt: skip
     params = data.get("params") or {}
-    out = _table(["writer", "MB/s", "× consumer", "CPU s per GB: own + brokers'", "notes"], rows)
+    out = _table(
+        ["writer", "MB/s", "× consumer", "CPU s per GB: own + brokers'", "peak RSS MB", "notes"], rows
+    )
     out.append("")
     out.append(
         f"{params.get('mb', '?')} MB of {params.get('line_bytes', '?')}-byte lines in "
