@@ -291,7 +291,7 @@ def _yaml_configs(run: Path, bootstrap: str, topic: str, args: argparse.Namespac
     consumer = run / "consumer.yml"
     consumer.write_text(
         f'kafka:\n  bootstrap_servers: "{bootstrap}"\n  topic: {topic}\n'
-        f"  group_id: bench-latency-{topic}\n"
+        f"  group_id: bench-latency-{topic}\n  client: {args.consumer_client}\n"
         f"root: {run / 'root'}\n"
         'layout: "{service}/{module}.{day}"\ntimezone: UTC\n'
         "metrics:\n  port: 0\n  log_interval_s: 3600\n"
@@ -461,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the agent's kafka.client (default: the service image's)",
     )
     ap.add_argument("--read-coalesce-lines", type=int, help="the agent's limits.read_coalesce_lines")
+    ap.add_argument(
+        "--consumer-client",
+        choices=("kafka-python", "librdkafka"),
+        default="kafka-python",
+        help="the consumer's kafka.client (default: the consumer role's)",
+    )
     ap.add_argument("--passthrough-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     exit_on_sigterm()
@@ -482,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "pinned_cpu": args.cpu,
             "agent_client": args.agent_client,
+            "consumer_client": args.consumer_client,
             "read_coalesce_lines": args.read_coalesce_lines,  # None: the agent's default
         },
         "results": [],

@@ -81,6 +81,14 @@ PARTS = [
         args=["--read-coalesce-lines", "0"],
         quick=["--duration", "5", "--rounds", "1"],
     ),
+    # the same with the consumer's librdkafka client (consumer/rdclient.py): what it does to delay
+    Part(
+        "latency-rdconsumer",
+        "bench_latency.py",
+        2400,
+        args=["--consumer-client", "librdkafka"],
+        quick=["--duration", "5", "--rounds", "1"],
+    ),
     Part("files", "bench_files.py", 1200, quick=["--sizes", "100,1000", "--seconds", "5"]),
     # TLS + SCRAM against plaintext on the same broker, alternating: the ratio is what matters
     Part("security", "bench_security.py", 1800, quick=["--lines", "50000", "--mb", "64", "--runs", "1"]),
@@ -994,6 +1002,8 @@ def latency_table(part: dict[str, Any], note: bool = True) -> list[str]:
     setup = data.get("setup") or {}
     client, rounds = setup.get("agent_client"), setup.get("rounds") or 1
     said = [f"The agent's Kafka client: {client}." if client else ""]
+    if setup.get("consumer_client"):
+        said[0] += f" The consumer's: {setup['consumer_client']}."
     if rounds > 1:
         said[0] += (
             f" {rounds} rounds per rate (a fresh agent and consumer each, the rates' order flipped"
@@ -1082,6 +1092,11 @@ def markdown(merged: dict[str, Any]) -> str:
         "trickle, keplerlog/agent/pacer.py)**" + _when(merged["parts"].get("latency-fixed", {})),
         "",
         *latency_table(merged["parts"].get("latency-fixed", {}), note=False),
+        "",
+        "**The same with the consumer's librdkafka client (`kafka.client: librdkafka`, "
+        "consumer/rdclient.py)**" + _when(merged["parts"].get("latency-rdconsumer", {})),
+        "",
+        *latency_table(merged["parts"].get("latency-rdconsumer", {}), note=False),
         "",
         "![throughput](bench/results/throughput.png) ![latency](bench/results/latency.png)",
         "",
