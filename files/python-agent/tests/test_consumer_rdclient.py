@@ -31,7 +31,8 @@ def test_the_settings_are_the_consumers_own_with_a_bounded_prefetch(tmp_path):
     assert conf["bootstrap.servers"] == "k1:9092,k2:9092"
     assert conf["enable.auto.commit"] is False  # offsets only after fsync, by the app
     assert conf["group.instance.id"] == "c1"
-    assert conf["queued.max.messages.kbytes"] == 4 * 96 * 1024  # four batches fetched ahead
+    assert conf["queued.max.messages.kbytes"] == 2 * 96 * 1024  # two batches fetched ahead
+    assert conf["fetch.queue.backoff.ms"] == 10  # not librdkafka's 1 s pause once it is full
     huge = rdkafka_conf(replace(cfg, batch_max_bytes=1 << 40), print, print)
     assert huge["queued.max.messages.kbytes"] == 2_097_151  # librdkafka's largest
     assert conf["fetch.wait.max.ms"] == cfg.fetch_max_wait_ms
