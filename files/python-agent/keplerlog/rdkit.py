@@ -9,6 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def bootstrap_list(servers: str) -> str:
+    """Return a comma-separated broker list as librdkafka wants it (no blanks, no empty items)."""
+    return ",".join(s.strip() for s in servers.split(",") if s.strip())
+
+
 def explain(reason: str) -> str:
     """Put a librdkafka connection error in the words sender.py's explanations use."""
     low = reason.lower()  # the broker's address may read sasl_ssl://...: match the words of the error

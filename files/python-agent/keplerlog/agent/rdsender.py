@@ -44,7 +44,7 @@ from typing import Any
 from keplerlog.agent.config import AgentConfig
 from keplerlog.agent.sender import Outcome, batch_size
 from keplerlog.kafkaauth import watch_connection_problems
-from keplerlog.rdkit import ask_cluster, explain, is_generic
+from keplerlog.rdkit import ask_cluster, bootstrap_list, explain, is_generic
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def client_config(cfg: AgentConfig, problems: Callable[[Any], None]) -> dict[str
     """Return the librdkafka settings that give the same guarantees as the kafka-python producer."""
     k = cfg.kafka
     conf: dict[str, Any] = {
-        "bootstrap.servers": ",".join(s.strip() for s in k.bootstrap_servers.split(",") if s.strip()),
+        "bootstrap.servers": bootstrap_list(k.bootstrap_servers),
         "client.id": f"keplerlog-agent-{cfg.host}",
         "acks": "all",
         "enable.idempotence": True,

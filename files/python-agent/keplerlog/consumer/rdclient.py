@@ -47,7 +47,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from keplerlog.rdkit import ask_cluster, explain, is_generic
+from keplerlog.rdkit import ask_cluster, bootstrap_list, explain, is_generic
 
 from .config import ConsumerConfig
 
@@ -94,7 +94,7 @@ class _Done:
 def rdkafka_conf(c: ConsumerConfig, on_commit: Callable, on_error: Callable) -> dict[str, Any]:
     """Map the consumer's configuration onto librdkafka's names (the same values as kafka-python's)."""
     conf: dict[str, Any] = {
-        "bootstrap.servers": ",".join(s.strip() for s in c.bootstrap_servers.split(",") if s.strip()),
+        "bootstrap.servers": bootstrap_list(c.bootstrap_servers),
         "group.id": c.group_id,
         "client.id": c.client_id,
         "enable.auto.commit": False,
