@@ -334,3 +334,41 @@ def test_a_real_full_disk_pauses_commits_nothing_and_resumes_when_freed(kafka, t
     seqs = [int(line[4:9]) for line in data.splitlines()]
     assert sorted(seqs) == list(range(1600)) and len(data) == offset  # each line once, none torn
     assert run.app.metrics.counts["disk_full"] >= 2
+
+
+def test_a_backlog_eight_times_the_prefetch_is_written_once_each(kafka, topic, tmp_path):
+    """Past the client's caps: 1 MiB fetches and batches of 256 KiB (librdkafka's queue of
+    fetched records then holds 1 MiB, rdclient.py) against 9.7 MB waiting in the topic. The
+    queue fills again and again (librdkafka pauses its fetcher each time, 10 ms); every line
+    must land once, in order per file."""
+    root = tmp_path / "root"
+    items, expected, offset = [], bytearray(), 0
+    for n in range(300):
+        value = b"".join(f"seq={n * 32 + i:06d} {'q' * 1000}\n".encode() for i in range(32))  # ~32 KB
+        items.append(mk(offset, value))
+        expected += value
+        offset += len(value)
+    send(kafka, topic, items)
+    cfg = config(
+        kafka,
+        topic,
+        root,
+        fetch_max_bytes=1 << 20,
+        max_partition_fetch_bytes=1 << 20,
+        batch_max_bytes=256 << 10,
+    )
+    if CLIENT == "librdkafka":
+        from keplerlog.consumer.rdclient import rdkafka_conf
+
+        queued = rdkafka_conf(cfg, print, print)["queued.max.messages.kbytes"] * 1024
+        assert len(expected) >= 8 * queued  # the backlog really is past the cap
+    run = Running(cfg)
+    try:
+        run.wait(lambda c: c["records"] >= 300, timeout=120)
+    finally:
+        run.stop()
+    assert files_under(root) == {"shop/portal.20231114": bytes(expected)}
+    counts = run.app.metrics.counts
+    # a batch ends past 256 KiB, so at most that plus one poll (one 1 MiB fetch): >= 9.7 / 1.31
+    assert counts["batches"] >= 7
+    assert counts["duplicate_records"] == 0 and counts["gaps"] == 0
