@@ -209,7 +209,7 @@ class FileSet:
         self.copies &= found.keys()
         unopened: dict[FileKey, tuple[str, InputConfig, int]] = {}
         waiting = 0
-        self._by_path = {f.path: f for f in self.files.values()}  # kept up to date by open()
+        self._by_path = self._live_by_path()  # kept up to date by open()
         try:
             for key, (path, inp, size, mtime) in found.items():
                 if key in self.files or key in self.copies:
@@ -364,7 +364,7 @@ class FileSet:
         f.detached = detached
         self.files[key] = f
         self.generation += 1
-        if self._by_path is not None:
+        if self._by_path is not None and not (detached and path in self._by_path):
             self._by_path[path] = f
         self.counters.files_opened += 1
         log.info("following %s (%s) from offset %d", path, f.stream.file_id, offset)
@@ -428,7 +428,7 @@ class FileSet:
         every followed file: opening thousands of files must not cost files x files.
         """
         directory, name = os.path.split(path)
-        by_path = self._by_path if self._by_path is not None else {f.path: f for f in self.files.values()}
+        by_path = self._by_path if self._by_path is not None else self._live_by_path()
         for i, char in enumerate(name):
             if char not in ROTATED_SEPARATORS or i == 0:
                 continue
@@ -439,6 +439,18 @@ class FileSet:
             if fp.length > 0 and fp.matches_fd(fd):
                 return True
         return False
+
+    def _live_by_path(self) -> dict[str, TailedFile]:
+        """Index the followed files by path, the live file where a detached one has the same path.
+
+        A copy split off after a truncation keeps the live file's path (its records carry it)
+        and stays followed until read, quiet and acknowledged: a second copytruncate in that
+        time must be checked against the live file's first bytes, not the first copy's, or the
+        second copy is shipped again from 0 under a new id.
+        """
+        by_path = {f.path: f for f in self.files.values() if f.detached}
+        by_path.update((f.path, f) for f in self.files.values() if not f.detached)
+        return by_path
 
     def _finish_moved(
         self, mono: float, states: list[checkpoint.FileState], why: str, *, follow_at_end: bool

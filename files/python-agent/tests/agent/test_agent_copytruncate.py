@@ -191,6 +191,75 @@ def test_unread_and_failed_bytes_of_a_truncated_file_come_from_the_copy(tmp_path
         agent.waker.close()
 
 
+def test_a_second_copy_seen_by_a_scan_first_is_known_while_the_first_copy_is_followed(tmp_path):
+    """Two copytruncates in a row with a glob that matches the copies (`portal.log*`).
+
+    The first copy is still followed (split off under the old id, `close_inactive_s` not over)
+    with the live file's path, when the second copy appears and a scan sees it before the
+    truncation is noticed. It must be recognised by the live file's first bytes, not checked
+    against the first copy's (CI, 2026-12-07: it was shipped again from 0 under a new id).
+    """
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "portal.log"
+    cfg = parse(
+        {
+            "service": "shop",
+            "kafka": {"bootstrap_servers": "127.0.0.1:1", "topic": "t", "max_record_bytes": 4096},
+            "state_file": str(tmp_path / "state" / "s.json"),
+            "inputs": [{"paths": [str(logs / "portal.log*")]}],
+            "limits": {"close_inactive_s": 300},
+        },
+        env={},
+    )
+    agent = Agent(cfg, use_inotify=False)
+    fake = FakeSender()
+    agent.sender = fake
+    got: dict[str, dict[int, bytes]] = defaultdict(dict)
+
+    def read_and_ship() -> None:
+        for _ in range(3):
+            agent.reader.read_all(time.time(), time.monotonic())
+            for value, token in fake.sent:
+                got[token[1].file_id].setdefault(token[2], value)
+            fake.complete()
+            agent.ledger.results()
+
+    read0, unread0, read1, unread1 = (lines(p, 100) for p in ("read0", "unread0", "read1", "unread1"))
+    try:
+        append(log, read0)
+        agent.fileset.scan(time.monotonic())
+        read_and_ship()
+        append(log, unread0)
+        shutil.copyfile(log, logs / "portal.log.1")
+        os.truncate(log, 0)
+        read_and_ship()
+        append(log, read1)
+        read_and_ship()
+        first_copy = os.stat(logs / "portal.log.1")
+        followed = {(f.path, f.detached) for f in agent.files.values()}
+        assert followed == {(str(log), False), (str(log), True)}, "the first copy is still followed"
+        # logrotate: .1 -> .2, the live file copied to .1, then truncated
+        os.rename(logs / "portal.log.1", logs / "portal.log.2")
+        append(log, unread1)
+        shutil.copyfile(log, logs / "portal.log.1")
+        os.truncate(log, 0)
+        second_copy = os.stat(logs / "portal.log.1")
+        assert (second_copy.st_dev, second_copy.st_ino) != (first_copy.st_dev, first_copy.st_ino)
+        agent.fileset.scan(time.monotonic())  # the scan sees the new copy before any read
+        assert (second_copy.st_dev, second_copy.st_ino) in agent.fileset.copies
+        read_and_ship()
+        contents = sorted(_merge(recs) for recs in got.values())
+        assert contents == sorted([read0 + unread0, read1 + unread1])
+        assert agent.counters.truncations == 2
+        assert agent.counters.lost_bytes == 0
+    finally:
+        for f in agent.files.values():
+            f.close()
+        agent.watcher.close()
+        agent.waker.close()
+
+
 def test_truncation_without_a_copy_counts_the_unread_bytes_lost(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
