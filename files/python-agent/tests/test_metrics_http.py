@@ -263,6 +263,52 @@ def test_a_connection_is_refused_only_when_every_slot_is_answering(monkeypatch):
         stop(server)
 
 
+def test_an_evicted_connection_slower_than_the_evict_wait_gets_the_new_one_refused_not_a_stall(monkeypatch):
+    """Past EVICT_WAIT_S: the connection closed to make room keeps its slot longer than the new
+    one waits for it (its thread not scheduled, say). The new connection is closed unanswered and
+    counted, after about EVICT_WAIT_S and not while the serving loop blocks; the late slot is
+    given back, not lost, and the next scrape is served."""
+    monkeypatch.setattr(metrics_http, "MAX_CLIENTS", 2)
+    monkeypatch.setattr(metrics_http, "EVICT_WAIT_S", 0.3)
+    stall, release = threading.Event(), threading.Event()
+    handle = metrics_http._Handler.handle
+
+    def slow_to_end(self):
+        handle(self)
+        if stall.is_set():  # evicted: its thread keeps the slot for longer than the wait
+            release.wait(5)
+
+    monkeypatch.setattr(metrics_http._Handler, "handle", slow_to_end)
+    server = metrics_http.serve(metrics_http.new_registry(), "127.0.0.1", 0, "test")
+    assert server is not None
+    port = server.server_address[1]
+    socks = []
+    try:
+        for _ in range(2):  # every slot held by a connection that sends nothing
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        _wait_for(lambda: len(server._waiting) == 2, "both slots held")  # type: ignore[attr-defined]
+        stall.set()
+        started = time.monotonic()
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert extra.recv(100) == b""  # closed unanswered
+        waited = time.monotonic() - started
+        extra.close()
+        assert socks[0].recv(100) == b""  # the oldest was closed to make room (the fault)
+        assert (server.refused, server.evicted) == (1, 0)  # type: ignore[attr-defined]
+        assert 0.3 <= waited < 3, waited
+        stall.clear()
+        release.set()  # the evicted thread ends and gives its slot back
+        _wait_for(lambda: server.slots._value == 1, "the late slot given back")  # type: ignore[attr-defined]
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert body.endswith(b"# EOF\n")
+        assert (server.refused, server.evicted) == (1, 0)  # type: ignore[attr-defined]  # the free slot
+    finally:
+        release.set()
+        for sock in socks:
+            sock.close()
+        stop(server)
+
+
 def test_a_collector_that_raises_gets_a_500_and_the_server_lives_on(caplog):
     registry = metrics_http.new_registry()
     broken = {"on": False}  # register() collects once to learn the names
