@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from keplerlog.agent import checkpoint
 from keplerlog.agent.config import AgentConfig, InputConfig, glob_base
-from keplerlog.agent.identity import FileIdentity, FileKey, TailMark
+from keplerlog.agent.identity import FileIdentity, FileKey, TailMark, fingerprint_of, read_prefix
 from keplerlog.agent.metrics import Counters
 from keplerlog.agent.tailer import (
     COMPRESSED_SUFFIXES,
@@ -55,8 +55,26 @@ RESCAN_S = 1.0
 # 10,000 files one rescan takes about 50 ms, most of an idle agent's CPU (1.35 % of a core with
 # one every 10 s in the files bench): every 30 s.
 RESCAN_WATCHED_S = 30.0
+# A file with a followed file's rotated name that holds the start of its first bytes, but fewer
+# than its fingerprint covers, may be a copy logrotate is still writing: judged at a rescan this
+# soon (its writes also wake one), not shipped as a new file and then once more as the copy.
+UNDECIDED_RESCAN_S = 0.2
 FD_RESERVE = 64  # descriptors left to Kafka's sockets, the state file, inotify and metrics
 NO_FDS = (errno.EMFILE, errno.ENFILE)
+
+
+def _still_holds(path: str, state: checkpoint.FileState) -> bool:
+    """Tell whether the file at `path` is still the one `state` describes (first and marked bytes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        return state.matches_fd(fd, os.fstat(fd).st_size)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def open_file_limit(configured: int) -> int:
@@ -129,7 +147,11 @@ class FileSet:
         self._closed_mtime: dict[FileKey, int] = {}
         # Copies of followed files (copytruncate's `app.log.1` matched by the glob before the
         # truncation was noticed): their bytes are the followed file's, shipped under its id.
-        self.copies: set[FileKey] = set()
+        # With each one's mtime when it was judged: a changed file is judged again (logrotate
+        # frees a copy's inode when it compresses it, and the next copy may get it).
+        self.copies: dict[FileKey, int] = {}
+        # A rescan is due soon: a file that may be a copy still being written was left for it.
+        self._undecided = False
         self.open_limit = open_file_limit(cfg.limits.max_open_files)
         self.waiting = 0  # files a glob matches that wait for a free descriptor slot
         # Those files (path, input, size at the last rescan): one deleted before it got a slot
@@ -206,14 +228,15 @@ class FileSet:
         self.finished &= self.closed.keys()
         if len(self._closed_mtime) > len(self.closed):
             self._closed_mtime = {k: m for k, m in self._closed_mtime.items() if k in self.closed}
-        self.copies &= found.keys()
+        self.copies = {k: m for k, m in self.copies.items() if found.get(k, (0, 0, 0, None))[3] == m}
+        self._undecided = False
         unopened: dict[FileKey, tuple[str, InputConfig, int]] = {}
         waiting = 0
         self._by_path = self._live_by_path()  # kept up to date by open()
         try:
             for key, (path, inp, size, mtime) in found.items():
                 if key in self.files or key in self.copies:
-                    continue
+                    continue  # (copies whose mtime changed were dropped above: judged again)
                 done = self.closed.get(key)
                 if done is not None and size == done.offset and self._closed_mtime.get(key) == mtime:
                     continue  # shipped to its end and unchanged: not even opened
@@ -238,6 +261,8 @@ class FileSet:
             # safety net's period shortens the period, or a file would stay open 30 s too long
             idle_s = self.cfg.limits.close_idle_s
             self.next_scan = mono + (min(RESCAN_WATCHED_S, idle_s) if idle_s else RESCAN_WATCHED_S)
+        if self._undecided:
+            self.next_scan = min(self.next_scan, mono + UNDECIDED_RESCAN_S)
         if self.saved:
             # Saved files a glob still matches that got no descriptor slot have not moved: they
             # wait like files closed for idleness (resumed by identity, kept in the state file),
@@ -350,11 +375,17 @@ class FileSet:
             else:
                 log.info("%s: inode reused or truncated since it was last read; reading from 0", path)
                 self._finish_from_copy(path, inp, state, mono)
-        if identity is None and self._copy_of_followed(path, fd):
-            os.close(fd)
-            self.copies.add(key)
-            log.info("%s is a copy of a followed file; not shipped again", path)
-            return True
+        if identity is None or offset == 0:  # nothing shipped under a resumed id: judged like a new file
+            judged = self._copy_of_followed(path, fd)
+            if judged is not None:
+                os.close(fd)
+                if judged:
+                    self.copies[key] = st.st_mtime_ns
+                    log.info("%s is a copy of a followed file; not shipped again", path)
+                else:
+                    self._undecided = True
+                    log.debug("%s may be a copy still being written; judged at the next rescan", path)
+                return True
         if identity is None and self.fresh_start and self.cfg.start_at == "end":
             offset = st.st_size
         f = TailedFile.open(
@@ -410,7 +441,7 @@ class FileSet:
         f.detached = True
         self.files[key] = f
         self.generation += 1
-        self.copies.discard(key)
+        self.copies.pop(key, None)
         self.counters.files_opened += 1
         log.info(
             "%s was truncated while not followed; reading the rest of %s from %s (offset %d of %d)",
@@ -421,14 +452,18 @@ class FileSet:
             st.st_size,
         )
 
-    def _copy_of_followed(self, path: str, fd: int) -> bool:
+    def _copy_of_followed(self, path: str, fd: int) -> bool | None:
         """Tell whether a new file is a rotated copy (by name and first bytes) of a followed one.
 
+        True: a copy. False: perhaps one still being written (it holds fewer bytes than the
+        followed file's fingerprint covers, and they are its first ones; an empty file too):
+        decide at a later rescan. None: not a copy.
         Looked up by the names it could be a copy of (`app.log.1` -> `app.log`), not by walking
         every followed file: opening thousands of files must not cost files x files.
         """
         directory, name = os.path.split(path)
         by_path = self._by_path if self._by_path is not None else self._live_by_path()
+        maybe = False
         for i, char in enumerate(name):
             if char not in ROTATED_SEPARATORS or i == 0:
                 continue
@@ -436,9 +471,15 @@ class FileSet:
             if f is None or not is_rotated_name(name[:i], name):
                 continue
             fp = f.stream.identity.fingerprint
-            if fp.length > 0 and fp.matches_fd(fd):
-                return True
-        return False
+            if fp.length == 0:
+                continue
+            head = read_prefix(fd, fp.length)
+            if len(head) == fp.length:
+                if fingerprint_of(head) == fp.digest:
+                    return True
+            elif f.prefix.startswith(head):
+                maybe = True
+        return False if maybe else None
 
     def _live_by_path(self) -> dict[str, TailedFile]:
         """Index the followed files by path, the live file where a detached one has the same path.
@@ -463,7 +504,9 @@ class FileSet:
         once) can come before the writer's last lines. So such a file is followed, even when
         nothing was added yet (`follow_at_end`), for close_inactive_s like any rotated file.
         A file already finished that way is only opened again when it grew. Each directory is
-        listed once.
+        listed once. An inode is only a hint: the file found must still start with the state's
+        first bytes (and hold its marked ones), and a compressed name is never followed, or a
+        `.gz` that got a known file's inode after logrotate deleted it was shipped as text.
         """
         by_dir: dict[str, list[checkpoint.FileState]] = {}
         for state in states:
@@ -482,9 +525,11 @@ class FileSet:
                 except OSError:
                     continue
                 state = wanted.get((st.st_dev, st.st_ino))
-                if state is None or st.st_size < state.offset:
+                if state is None or st.st_size < state.offset or entry.name.endswith(COMPRESSED_SUFFIXES):
                     continue
                 if st.st_size == state.offset and not follow_at_end:
+                    continue
+                if not _still_holds(entry.path, state):
                     continue
                 inp = self.input_of(state.path)
                 if inp is not None:
@@ -523,11 +568,12 @@ class FileSet:
         # the bytes before the read offset tell the copy from an older rotation with the same start
         mark = TailMark.of(f.tail, f.tail_end) if f.tail and f.tail_end == offset else None
         found = find_rotated_copy(f.path, old.identity.fingerprint, offset, frozenset(self.files), mark)
-        if found is not None and found[2].st_size == offset and f.fully_acked():
-            os.close(found[1])  # nothing left to read or to re-read: the copy is not needed
-            found = None
         if found is not None:
+            # Split off even when nothing is left to read from it: closed when finished, it is
+            # remembered as the old id's (`closed`, the state file). Closed at once instead, a
+            # glob that matches it (`app.log*`) found it as a new file, read it from 0.
             path, fd, st = found
+            self.copies.pop((st.st_dev, st.st_ino), None)
             self.files[(st.st_dev, st.st_ino)] = f.split_off(fd, st, self.settings, mono)
             log.info(
                 "%s truncated; reading the rest of %s from %s (offset %d of %d)",

@@ -189,16 +189,22 @@ class TailedFile:
 
         `first`: where shipping of a resumed identity began (default: `offset`, a new one's).
         """
+        # The fingerprint covers the bytes the file holds now, read or not (files only grow; a
+        # resumed identity's were just checked). Of the bytes read only, it was empty until the
+        # first read, and so saved by the scan (a new id goes to disk at once): that matched any
+        # content, and a file copytruncated while the agent was stopped was resumed under its
+        # old id at 0 (the consumer dropped the new first bytes as replays); its copy could not
+        # be told from a new file either.
+        prefix = read_prefix(fd, FINGERPRINT_BYTES)
         if identity is None:
-            prefix = read_prefix(fd, min(offset, FINGERPRINT_BYTES))
             identity = FileIdentity(
                 new_file_id(st.st_dev, st.st_ino),
                 st.st_dev,
                 st.st_ino,
                 Fingerprint(len(prefix), fingerprint_of(prefix)),
             )
-        else:
-            prefix = read_prefix(fd, min(offset, FINGERPRINT_BYTES, identity.fingerprint.length))
+        elif len(prefix) > identity.fingerprint.length:
+            identity.fingerprint = Fingerprint(len(prefix), fingerprint_of(prefix))
         return cls(
             path=path,
             fd=fd,
@@ -339,12 +345,17 @@ class TailedFile:
         old = self.stream
         held = [(old, c) for c in self.assembler.flush()]
         st = os.fstat(self.fd)
+        self.prefix = read_prefix(self.fd, FINGERPRINT_BYTES)  # see TailedFile.open
         self.stream = Stream(
-            FileIdentity(new_file_id(st.st_dev, st.st_ino), st.st_dev, st.st_ino, Fingerprint()),
+            FileIdentity(
+                new_file_id(st.st_dev, st.st_ino),
+                st.st_dev,
+                st.st_ino,
+                Fingerprint(len(self.prefix), fingerprint_of(self.prefix)),
+            ),
             AckTracker(0),
         )
         self.assembler = _assembler(0, self.inp, settings)
-        self.prefix = b""
         self.tail = b""
         self.tail_end = 0
         self.rewrite_due = None
@@ -364,8 +375,10 @@ class TailedFile:
         data = os.pread(self.fd, want, offset)
         if not data:
             return [], 0, 0
-        if offset < FINGERPRINT_BYTES and len(self.prefix) == offset:
-            self.prefix += data[: FINGERPRINT_BYTES - offset]
+        have = len(self.prefix)
+        if have < FINGERPRINT_BYTES and offset <= have < offset + len(data):
+            # the prefix may run ahead of the read offset (taken when the identity began)
+            self.prefix += data[have - offset : FINGERPRINT_BYTES - offset]
             self.stream.identity.fingerprint = Fingerprint(len(self.prefix), fingerprint_of(self.prefix))
         end = offset + len(data)
         if end > self.tail_end:  # offset <= tail_end: bytes before tail_end were read already
