@@ -59,6 +59,9 @@ RESCAN_WATCHED_S = 30.0
 # than its fingerprint covers, may be a copy logrotate is still writing: judged at a rescan this
 # soon (its writes also wake one), not shipped as a new file and then once more as the copy.
 UNDECIDED_RESCAN_S = 0.2
+# ... for this long at most: a file that stays a prefix (an empty stray `app.log.1`) is then
+# followed as a new file, instead of a rescan of every glob five times a second for ever.
+UNDECIDED_MAX_S = 10.0
 FD_RESERVE = 64  # descriptors left to Kafka's sockets, the state file, inotify and metrics
 NO_FDS = (errno.EMFILE, errno.ENFILE)
 
@@ -150,8 +153,9 @@ class FileSet:
         # With each one's mtime when it was judged: a changed file is judged again (logrotate
         # frees a copy's inode when it compresses it, and the next copy may get it).
         self.copies: dict[FileKey, int] = {}
-        # A rescan is due soon: a file that may be a copy still being written was left for it.
-        self._undecided = False
+        # Files that may be copies still being written, left for a rescan, and since when.
+        self._undecided: dict[FileKey, float] = {}
+        self._deferred = False  # one was left by this scan: the next one comes soon
         self.open_limit = open_file_limit(cfg.limits.max_open_files)
         self.waiting = 0  # files a glob matches that wait for a free descriptor slot
         # Those files (path, input, size at the last rescan): one deleted before it got a slot
@@ -229,7 +233,9 @@ class FileSet:
         if len(self._closed_mtime) > len(self.closed):
             self._closed_mtime = {k: m for k, m in self._closed_mtime.items() if k in self.closed}
         self.copies = {k: m for k, m in self.copies.items() if found.get(k, (0, 0, 0, None))[3] == m}
-        self._undecided = False
+        self._deferred = False
+        if self._undecided:
+            self._undecided = {k: t for k, t in self._undecided.items() if k in found}
         unopened: dict[FileKey, tuple[str, InputConfig, int]] = {}
         waiting = 0
         self._by_path = self._live_by_path()  # kept up to date by open()
@@ -261,7 +267,7 @@ class FileSet:
             # safety net's period shortens the period, or a file would stay open 30 s too long
             idle_s = self.cfg.limits.close_idle_s
             self.next_scan = mono + (min(RESCAN_WATCHED_S, idle_s) if idle_s else RESCAN_WATCHED_S)
-        if self._undecided:
+        if self._deferred:
             self.next_scan = min(self.next_scan, mono + UNDECIDED_RESCAN_S)
         if self.saved:
             # Saved files a glob still matches that got no descriptor slot have not moved: they
@@ -377,15 +383,25 @@ class FileSet:
                 self._finish_from_copy(path, inp, state, mono)
         if identity is None or offset == 0:  # nothing shipped under a resumed id: judged like a new file
             judged = self._copy_of_followed(path, fd)
-            if judged is not None:
+            if judged:
                 os.close(fd)
-                if judged:
-                    self.copies[key] = st.st_mtime_ns
-                    log.info("%s is a copy of a followed file; not shipped again", path)
-                else:
-                    self._undecided = True
-                    log.debug("%s may be a copy still being written; judged at the next rescan", path)
+                self._undecided.pop(key, None)
+                self.copies[key] = st.st_mtime_ns
+                log.info("%s is a copy of a followed file; not shipped again", path)
                 return True
+            if judged is not None:
+                since = self._undecided.setdefault(key, mono)
+                if mono - since < UNDECIDED_MAX_S:
+                    os.close(fd)
+                    self._deferred = True
+                    log.debug("%s may be a copy still being written; judged at the next rescan", path)
+                    return True
+                log.info(
+                    "%s held only a followed file's first bytes for %.0f s: a file of its own",
+                    path,
+                    mono - since,
+                )
+        self._undecided.pop(key, None)
         if identity is None and self.fresh_start and self.cfg.start_at == "end":
             offset = st.st_size
         f = TailedFile.open(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from keplerlog.agent import fileset as fileset_mod
 from keplerlog.agent.config import parse
 from keplerlog.agent.main import Agent
 from keplerlog.agent.sender import Outcome
@@ -411,3 +412,25 @@ def test_an_empty_file_closed_under_an_id_whose_inode_becomes_a_copy_is_judged_a
     assert _key(empty_copy) in rig.agent.fileset.copies
     rig.drain()
     rig.check()
+
+
+def test_a_file_that_stays_a_prefix_past_the_undecided_limit_is_followed_as_its_own(rig_factory):
+    """Past UNDECIDED_MAX_S: a stray file under a rotated name that holds the start of the live
+    file's first bytes and never grows is not left for a rescan five times a second for ever;
+    it is followed as a file of its own, and the rescans go back to their period."""
+    rig = rig_factory(pattern="portal.log*")
+    rig.write(30)
+    rig.scan()
+    rig.read()
+    rig.ack()
+    stray = rig.logs / "portal.log.1"
+    stray.write_bytes(rig.log.read_bytes()[:100])
+    start = time.monotonic()
+    fileset = rig.agent.fileset
+    for t in (0.0, fileset_mod.UNDECIDED_MAX_S / 2, fileset_mod.UNDECIDED_MAX_S - 0.5):
+        fileset.scan(start + t)
+        assert _key(stray) not in rig.agent.files
+        assert fileset.next_scan - (start + t) <= fileset_mod.UNDECIDED_RESCAN_S
+    fileset.scan(start + fileset_mod.UNDECIDED_MAX_S + 0.5)
+    assert _key(stray) in rig.agent.files
+    assert fileset.next_scan - (start + fileset_mod.UNDECIDED_MAX_S + 0.5) >= fileset_mod.RESCAN_S
