@@ -97,6 +97,7 @@ def state_of(f: TailedFile) -> FileState:
         and last.file_id == ident.file_id
         and last.first == f.stream.first
         and last.path == f.path
+        and last.fp_len == ident.fingerprint.length  # grown by a read since: written again
         and (last.mark.length or not acked)  # a mark that could not be read is tried again
     ):
         return last

@@ -547,7 +547,11 @@ class FileSet:
                     continue
                 if not _still_holds(entry.path, state):
                     continue
-                inp = self.input_of(state.path)
+                # the module's input when no glob matches the name it was last followed under
+                # (`app.log.1`, itself found here after the rename): its rest is still its own
+                inp = self.input_of(state.path) or next(
+                    (i for i in self.cfg.inputs if i.module == state.module), None
+                )
                 if inp is not None:
                     log.info("%s was rotated to %s %s; finishing it", state.path, entry.path, why)
                     self.open(entry.path, inp, mono, detached=True)
@@ -564,6 +568,14 @@ class FileSet:
                 continue
             if f.idle_for(mono) < self.cfg.limits.close_inactive_s:
                 continue
+            try:
+                # The size is the last read pass's, and none runs while Kafka is away: a rotated
+                # file its writer still appends to (`create` without a reopen) looked finished
+                # and was closed with its last lines unread.
+                if os.fstat(f.fd).st_size > f.size:
+                    continue
+            except OSError:
+                pass
             if not f.finishing:
                 f.finishing = True
                 self.ledger.send(f, f.stream, f.assembler.flush())

@@ -40,6 +40,25 @@ FINGERPRINT_CHECK_S = 1.0
 FINGERPRINT_SWEEP_WATCHED_S = 10.0
 
 
+def _first_bytes_unsaved(f: TailedFile) -> bool:
+    """Tell whether the state file still holds this id with a shorter fingerprint, nothing acked.
+
+    An id is saved when it begins (FileSet.scan), with a fingerprint of the bytes the file held
+    then: none for a file created empty. Sent before a save, its first records could reach the
+    topic, and after a kill -9 and a copytruncate while the agent was down, the empty
+    fingerprint matched the new content: resumed under the old id at 0, the new first bytes were
+    dropped by the consumer as replays. So such an id's first records wait for one state save per
+    pass (`Reader.read_all`).
+    """
+    saved = f.saved_state
+    return (
+        saved is not None
+        and saved.offset == 0
+        and saved.file_id == f.stream.file_id
+        and saved.fp_len < f.stream.identity.fingerprint.length
+    )
+
+
 def _settled(f: TailedFile, watched: bool) -> bool:
     """Tell whether a file needs no look until inotify names it (its held bytes aside)."""
     return f.at_eof and not f.detached and f.rewrite_due is None and watched
@@ -156,6 +175,16 @@ class Reader:
         watches = self.watcher.watches
         max_buffer_bytes = self.cfg.limits.max_buffer_bytes
         progress = True
+        first: list[tuple[TailedFile, list]] = []  # records held for a state save: see _first_bytes_unsaved
+        holding: set[int] = set()  # their files (by id()): later records of one wait behind them
+
+        def send_first() -> None:
+            ledger.checkpoint(fileset.closed)
+            for held_f, held_chunks in first:
+                send(held_f, held_f.stream, held_chunks)
+            first.clear()
+            holding.clear()
+
         while progress and (draining or not self._stopping()):
             progress = False
             ledger.results()
@@ -186,6 +215,8 @@ class Reader:
                 if budget <= 0:
                     self.sweep = True  # files not looked at yet may have had write events
                     self.paused_memory = True
+                    if first:
+                        send_first()
                     return
                 if not f.at_eof:
                     split_before = f.assembler.lines_split
@@ -203,7 +234,11 @@ class Reader:
                         progress = True
                         counters.bytes_read += nbytes
                         counters.lines_read += nlines
-                        send(f, f.stream, chunks)
+                        if id(f) in holding or _first_bytes_unsaved(f):
+                            holding.add(id(f))
+                            first.append((f, chunks))
+                        else:
+                            send(f, f.stream, chunks)
                 if _settled(f, watched) and not f.assembler.held:
                     busy.discard(key)  # done until inotify names it again (or a sweep)
                 else:
@@ -213,7 +248,11 @@ class Reader:
                     # for the backoff. Going on re-read the refused record at once, in a tight
                     # loop that also kept the backoff, and so a fatal producer's renewal, away.
                     self.sweep = True
+                    if first:
+                        send_first()
                     return
+            if first:
+                send_first()
             if dirty - named:
                 fileset.next_scan = 0.0
             dirty = named = set()
@@ -263,6 +302,8 @@ class Reader:
             except OSError:
                 unread = False
             if not unread:
+                if _first_bytes_unsaved(f):  # a file's first bytes as a partial line: see there
+                    self.ledger.checkpoint(self.fileset.closed)
                 send(f, f.stream, f.assembler.poll(wall, mono))
 
     def flush_all(self) -> None:

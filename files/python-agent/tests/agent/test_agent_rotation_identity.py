@@ -162,12 +162,14 @@ class Rig:
         self.ack()
 
     # -- the application and logrotate ---------------------------------------------------------
-    def write(self, n: int) -> None:
+    def write(self, n: int, path: Path | None = None) -> None:
+        """The application writes `n` lines to the log, or to `path` (a writer that kept its
+        descriptor across a rename appends to the rotated file)."""
         data = b"".join(
             f"L{self.lines + i:07d} ".ljust(59, "abcdefghij"[i % 10]).encode() + b"\n" for i in range(n)
         )
         self.lines += n
-        with self.log.open("ab") as fh:
+        with (path or self.log).open("ab") as fh:
             fh.write(data)
             ino = os.fstat(fh.fileno()).st_ino
         index = self._generation_of.setdefault(ino, len(self.generations))
@@ -434,3 +436,71 @@ def test_a_file_that_stays_a_prefix_past_the_undecided_limit_is_followed_as_its_
     fileset.scan(start + fileset_mod.UNDECIDED_MAX_S + 0.5)
     assert _key(stray) in rig.agent.files
     assert fileset.next_scan - (start + fileset_mod.UNDECIDED_MAX_S + 0.5) >= fileset_mod.RESCAN_S
+
+
+def test_a_file_created_empty_killed_with_its_first_records_in_flight_is_not_resumed_on_new_content(
+    rig_factory,
+):
+    """As the kill -9 test above, with the file empty when the scan saved its id (a log created
+    before its first line): the fingerprint on disk was empty whatever the open covered. The
+    first records of an id now wait for one state save with the fingerprint of what was read."""
+    rig = rig_factory(pattern="*.log")
+    rig.scan()
+    (state,) = rig.agent.fileset.ledger.last_state or [None]
+    assert state is not None and (state.fp_len, state.offset) == (0, 0)  # saved empty
+    rig.write(14)
+    rig.read()
+    assert rig.producer.sent  # in flight at the kill
+    rig.kill(delivered=True)
+    rig.logrotate()
+    rig.write(31)
+    rig.start()
+    rig.drain()
+    rig.check()
+
+
+def test_a_rotated_file_still_written_is_not_finished_on_a_size_no_read_pass_refreshed(rig_factory):
+    """create without a reopen: the writer appends to the renamed file. No read pass runs while
+    Kafka is away, so the file's size is the last pass's: it looked read to its end and quiet,
+    and was closed past close_inactive_s with its last lines unread."""
+    rig = rig_factory(pattern="*.log", rotate="create", close_inactive_s=0)
+    rig.scan()  # followed while empty
+    rig.write(24)
+    rotated = rig.logs / "portal.log.1"
+    os.rename(rig.log, rotated)
+    rig.log.touch()
+    rig.scan()
+    key = _key(rotated)
+    assert rig.agent.files[key].detached and rig.agent.files[key].at_eof  # the stale size
+    rig.agent.fileset.finish_detached(time.monotonic() + 1000)
+    assert key in rig.agent.files  # not finished: it grew since
+    rig.drain()
+    rig.check()
+
+
+def test_a_file_followed_under_its_rotated_name_is_resumed_when_it_grows_after_it_was_finished(rig_factory):
+    """Rotated while the agent was stopped, the file is found by inode and followed under its
+    new name (`portal.log.1`, which `*.log` does not match), read to its end and closed. Its
+    writer kept the descriptor and appends more before the next rescan: that rescan follows the
+    closed file's inode to its new size, but the glob gave no input for its name and the rest
+    was dropped."""
+    rig = rig_factory(pattern="*.log", rotate="create", close_inactive_s=0)
+    rig.write(10)
+    rig.scan()
+    rig.read()
+    rig.ack()
+    rig.stop()
+    rotated = rig.logs / "portal.log.1"
+    os.rename(rig.log, rotated)
+    rig.log.touch()
+    rig.write(3, rotated)
+    rig.start()
+    rig.scan()  # found while stopped: followed as portal.log.1
+    rig.read()
+    rig.ack()
+    rig.agent.fileset.finish_detached(time.monotonic() + 1000)
+    state = rig.agent.fileset.closed.get(_key(rotated))
+    assert state is not None and state.path == str(rotated)  # finished under its rotated name
+    rig.write(5, rotated)
+    rig.drain()
+    rig.check()
