@@ -50,12 +50,13 @@ def _first_bytes_unsaved(f: TailedFile) -> bool:
     dropped by the consumer as replays. So such an id's first records wait for one state save per
     pass (`Reader.read_all`).
     """
-    saved = f.saved_state
+    if f.stream.acks.acked:  # the state file is written again with the acknowledged offset
+        return False
+    saved = f.saved_state  # None: not saved since it was opened (resumed after a restart, say)
     return (
-        saved is not None
-        and saved.offset == 0
-        and saved.file_id == f.stream.file_id
-        and saved.fp_len < f.stream.identity.fingerprint.length
+        saved is None
+        or saved.file_id != f.stream.file_id
+        or saved.fp_len < f.stream.identity.fingerprint.length
     )
 
 
@@ -175,15 +176,20 @@ class Reader:
         watches = self.watcher.watches
         max_buffer_bytes = self.cfg.limits.max_buffer_bytes
         progress = True
-        first: list[tuple[TailedFile, list]] = []  # records held for a state save: see _first_bytes_unsaved
-        holding: set[int] = set()  # their files (by id()): later records of one wait behind them
+        # Records held for one state save per round (see _first_bytes_unsaved), their files (by
+        # id(): later records of one wait behind them) and bytes (within the memory budget).
+        first: list[tuple[TailedFile, list]] = []
+        holding: set[int] = set()
+        first_bytes = 0
 
         def send_first() -> None:
+            nonlocal first_bytes
             ledger.checkpoint(fileset.closed)
             for held_f, held_chunks in first:
                 send(held_f, held_f.stream, held_chunks)
             first.clear()
             holding.clear()
+            first_bytes = 0
 
         while progress and (draining or not self._stopping()):
             progress = False
@@ -211,7 +217,7 @@ class Reader:
                     log.error("%s: %s", f.path, exc)
                     busy.add(key)
                     continue
-                budget = max_buffer_bytes - ledger.inflight - held
+                budget = max_buffer_bytes - ledger.inflight - held - first_bytes
                 if budget <= 0:
                     self.sweep = True  # files not looked at yet may have had write events
                     self.paused_memory = True
@@ -237,6 +243,7 @@ class Reader:
                         if id(f) in holding or _first_bytes_unsaved(f):
                             holding.add(id(f))
                             first.append((f, chunks))
+                            first_bytes += nbytes
                         else:
                             send(f, f.stream, chunks)
                 if _settled(f, watched) and not f.assembler.held:
@@ -251,7 +258,7 @@ class Reader:
                     if first:
                         send_first()
                     return
-            if first:
+            if first:  # once per round: the next rounds send at once
                 send_first()
             if dirty - named:
                 fileset.next_scan = 0.0

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from keplerlog.agent import fileset as fileset_mod
+from keplerlog.agent import tailer as tailer_mod
 from keplerlog.agent.config import parse
 from keplerlog.agent.main import Agent
 from keplerlog.agent.sender import Outcome
@@ -80,7 +81,13 @@ class Rig:
     """One log file, its rotations, the agent in process, and the ground truth."""
 
     def __init__(
-        self, tmp: Path, *, pattern: str, rotate: str = COPYTRUNCATE_DC, close_inactive_s: float = 300
+        self,
+        tmp: Path,
+        *,
+        pattern: str,
+        rotate: str = COPYTRUNCATE_DC,
+        close_inactive_s: float = 300,
+        **limits: int,
     ):
         self.tmp = tmp
         self.logs = tmp / "logs"
@@ -96,7 +103,7 @@ class Rig:
                 "kafka": {"bootstrap_servers": "127.0.0.1:1", "topic": "t", "max_record_bytes": 1024},
                 "state_file": str(tmp / "state" / "s.json"),
                 "inputs": [{"paths": [str(self.logs / pattern)]}],
-                "limits": {"close_inactive_s": close_inactive_s, "close_idle_s": 300},
+                "limits": {"close_inactive_s": close_inactive_s, "close_idle_s": 300, **limits},
             },
             env={},
         )
@@ -504,3 +511,25 @@ def test_a_file_followed_under_its_rotated_name_is_resumed_when_it_grows_after_i
     rig.write(5, rotated)
     rig.drain()
     rig.check()
+
+
+def test_first_records_held_for_the_state_save_count_against_the_memory_budget(rig_factory):
+    """Past max_buffer_bytes: files created empty, then written at once (a fleet of new logs),
+    and Kafka not acknowledging. Their first records wait for a state save (one per round), and
+    while they wait they are bytes the agent holds: a pass must stop reading at the budget, not
+    read every new file's first 512 KiB into memory before the save."""
+    budget = 1024 * 1024
+    rig = rig_factory(pattern="*.log", max_buffer_bytes=budget)
+    logs = [rig.logs / f"m{i:02d}.log" for i in range(20)]
+    for path in logs:
+        path.touch()
+    rig.scan()
+    assert all(s.fp_len == 0 for s in rig.agent.ledger.last_state or [])  # saved empty
+    chunk = b"x" * 1023 + b"\n"
+    for path in logs:
+        path.write_bytes(chunk * 256)  # 256 KiB each, 5 MiB in all
+    rig.read()
+    assert rig.producer.sent  # something went out ...
+    assert rig.agent.ledger.inflight <= budget + tailer_mod.READ_CHUNK  # ... within the budget
+    saved = {s.file_id: s.fp_len for s in rig.agent.ledger.last_state or []}
+    assert all(saved[token[1].file_id] > 0 for _, token in rig.producer.sent)  # after their save
