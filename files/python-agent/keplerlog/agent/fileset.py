@@ -183,7 +183,7 @@ class FileSet:
         """
         self._match(mono)
         if self.minted:
-            self.ledger.checkpoint(self.closed)
+            self.ledger.checkpoint(self.remembered())
             self.minted = False
 
     def _match(self, mono: float) -> None:
@@ -620,7 +620,7 @@ class FileSet:
         # The new id goes to disk before its first record is sent (see `scan` for a new
         # file): a kill -9 after that record's ack would otherwise re-send the bytes under yet
         # another id on restart, duplicates the consumer cannot drop. Truncations are rare.
-        self.ledger.checkpoint(self.closed)
+        self.ledger.checkpoint(self.remembered())
         if seen > offset:
             self.counters.lost_bytes += self.book.lose(old.file_id, offset, seen, "truncated")
             log.warning(
@@ -632,6 +632,19 @@ class FileSet:
         return found is not None
 
     # -- for the watermarks ------------------------------------------------------------------
+
+    def remembered(self) -> dict[FileKey, checkpoint.FileState]:
+        """Files known but not open, for the state file: `closed`, and saved ones not matched yet.
+
+        The saved states of the previous run join the others at the first rescan that can list
+        the directories. A checkpoint before it (no descriptor to list with, or a test's order)
+        wrote the state file without them, and a kill then re-shipped every file from 0.
+        """
+        if not self.saved:
+            return self.closed
+        out = {(s.dev, s.ino): s for s in self.saved.values()}
+        out.update(self.closed)
+        return out
 
     def input_of(self, path: str) -> InputConfig | None:
         """Return the input whose globs match `path` (None: none does any more)."""

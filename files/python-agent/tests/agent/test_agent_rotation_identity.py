@@ -131,7 +131,7 @@ class Rig:
         self.agent.ledger.results()
 
     def checkpoint(self) -> None:
-        self.agent.ledger.checkpoint(self.agent.fileset.closed)
+        self.agent.ledger.checkpoint(self.agent.fileset.remembered())
 
     def _close(self) -> None:
         self.lost += self.agent.counters.lost_bytes
@@ -148,7 +148,7 @@ class Rig:
             self.ack()
         self.agent.reader.flush_all()
         self.ack()
-        self.agent.ledger.checkpoint(self.agent.fileset.closed, final=True)
+        self.agent.ledger.checkpoint(self.agent.fileset.remembered(), final=True)
         self._close()
 
     def kill(self, *, delivered: bool) -> None:
@@ -533,3 +533,19 @@ def test_first_records_held_for_the_state_save_count_against_the_memory_budget(r
     assert rig.agent.ledger.inflight <= budget + tailer_mod.READ_CHUNK  # ... within the budget
     saved = {s.file_id: s.fp_len for s in rig.agent.ledger.last_state or []}
     assert all(saved[token[1].file_id] > 0 for _, token in rig.producer.sent)  # after their save
+
+
+def test_a_checkpoint_before_the_first_rescan_keeps_the_previous_runs_states(rig_factory):
+    """The saved states join the followed files at the first rescan that can list the
+    directories; a checkpoint before it (a rescan skipped for want of descriptors) wrote the
+    state file without them, and a kill -9 then shipped every file again from 0 (new ids)."""
+    rig = rig_factory(pattern="*.log")
+    rig.write(2)
+    rig.stop()
+    rig.start()
+    rig.checkpoint()  # before any rescan
+    assert rig.agent.ledger.last_state  # the previous run's state is still written
+    rig.kill(delivered=True)
+    rig.start()
+    rig.drain()
+    rig.check()
