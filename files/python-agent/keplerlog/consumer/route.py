@@ -343,12 +343,28 @@ class Router:
                 value, end = value[: held.start - start], held.start
             else:  # the source went on elsewhere (a gap): the held line will not be completed
                 self.flush(src.key, holds, files, plan, now_ms, cut=False, marks=marks)
+        since = time.monotonic()
+        held = holds.get(src.key)
+        if held is not None and end == held.start:
+            # The bytes just before the held ones (a re-send of a record lost upstream, which the
+            # agent had sent before them): the held bytes continue this record.
+            del holds[src.key]
+            value += held.data
+            end = held.end
+            kafka_offset, since = min(kafka_offset, held.kafka_offset), held.since
         cut = value.rfind(b"\n") + 1
-        if cut < len(value) and not coverage.covered(files.get(src.key), start + cut, end):
+        entry = files.get(src.key)
+        if (
+            cut < len(value)
+            and not coverage.covered(entry, start + cut, end)
+            and not coverage.covered(entry, end, end + 1)  # its continuation is not written yet
+        ):
             if cut:  # the whole lines first, then the incomplete end (file order kept)
                 self._write(src, start, value[:cut], ts_ms, files, plan, now_ms, marks)
+            if src.key in holds:  # bytes held apart from these (a gap between): never dropped
+                self.flush(src.key, holds, files, plan, now_ms, cut=False, marks=marks)
             tail = value[cut:]
-            holds[src.key] = Held(src.rel, start + cut, tail, ts_ms, kafka_offset, time.monotonic(), src.path)
+            holds[src.key] = Held(src.rel, start + cut, tail, ts_ms, kafka_offset, since, src.path)
             if len(tail) >= self.lines.max_line_bytes:
                 self.flush(src.key, holds, files, plan, now_ms, cut=True, marks=marks)
             return
@@ -370,7 +386,7 @@ class Router:
         """
         held = holds.pop(key)
         src = _Source(key, held.rel, held.path, "", "")
-        if self._write(src, held.start, held.data, held.ts_ms, files, plan, now_ms, marks):
+        if self._write(src, held.start, held.data, held.ts_ms, files, plan, now_ms, marks, end_lines=False):
             plan.add(held.rel, MARKER if cut else b"\n")
             plan.counts["lines_cut" if cut else "newlines_added"] += 1
             plan.counts["bytes"] += len(MARKER) if cut else 1
@@ -385,8 +401,16 @@ class Router:
         plan: Plan,
         now_ms: int,
         marks: dict[str, Mark] | None = None,
+        *,
+        end_lines: bool = True,
     ) -> int:
-        """Append the parts of [start, start + len(value)) not written yet; returns their size."""
+        """Append the parts of [start, start + len(value)) not written yet; returns their size.
+
+        A part that stops mid-line where the bytes after it are already written (a gap filled
+        by a re-send, below a record that came first) ends with a newline added: its line's
+        rest was written before it, and the next line appended to the day file, maybe another
+        source's, would otherwise be glued to it (`end_lines`; flush adds its own).
+        """
         gaps_before = plan.counts["gaps"]
         old = files.get(src.key)
         decision = coverage.decide(old, start, start + len(value), now_ms, plan.counts)
@@ -404,14 +428,20 @@ class Router:
             )
         if not decision.write:
             return 0
-        if len(decision.write) == 1 and decision.write[0] == (start, start + len(value)):
-            plan.add(src.rel, value)
+        end = start + len(value)
+        if len(decision.write) == 1 and decision.write[0] == (start, end) and (old is None or end > old[-1]):
+            plan.add(src.rel, value)  # the common case: nothing written after it
             written = len(value)
         else:
             written = 0
             for part_start, part_end in decision.write:
-                plan.add(src.rel, value[part_start - start : part_end - start])
+                part = value[part_start - start : part_end - start]
+                plan.add(src.rel, part)
                 written += part_end - part_start
+                if end_lines and part[-1:] != b"\n" and coverage.covered(old, part_end, part_end + 1):
+                    plan.add(src.rel, b"\n")
+                    plan.counts["newlines_added"] += 1
+                    plan.counts["bytes"] += 1
         plan.counts["records"] += 1
         plan.counts["bytes"] += written
         plan.read_ts_ms.append(ts_ms)
