@@ -234,9 +234,14 @@ class TailedFile:
                 data = self.tail
             else:
                 data = _tail_before(self.fd, acked)
-            # shorter than asked: the file shrank under the agent (a truncation it is about to
-            # see); no mark beats a mark of the new bytes
-            whole = len(data) == min(TAIL_BYTES, acked)
+            # Shorter than asked, the file shrank under the agent; not starting with its first
+            # bytes, it was truncated and written again, past `acked` already: a truncation the
+            # reader is about to see. No mark beats a mark of the new bytes, which hid the
+            # rotated copy from the restart that finishes the old id from it (shipped again
+            # from 0 as a file of its own).
+            whole = len(data) == min(TAIL_BYTES, acked) and (
+                data is self.tail or self.stream.identity.fingerprint.matches_fd(self.fd)
+            )
             self._acked_mark = TailMark.of(data, acked) if whole else TailMark(acked)
         return self._acked_mark
 

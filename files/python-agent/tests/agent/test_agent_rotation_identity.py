@@ -549,3 +549,26 @@ def test_a_checkpoint_before_the_first_rescan_keeps_the_previous_runs_states(rig
     rig.start()
     rig.drain()
     rig.check()
+
+
+def test_a_checkpoint_between_a_copytruncate_and_its_notice_keeps_the_copy_findable(rig_factory):
+    """Records in flight when logrotate copies and truncates, the application writes past the
+    acknowledged offset again, and a checkpoint comes before the reader notices. The state's
+    mark (the bytes before the acknowledged offset, checked with the fingerprint on restart)
+    was read from the new content: after a kill -9 the copy no longer matched it, the old id
+    ended, and the copy went out again from 0 as a file of its own."""
+    rig = rig_factory(pattern="portal.log*", rotate="copytruncate\n  rotate 5")
+    rig.write(29)
+    rig.scan()
+    rig.read()
+    rig.write(5)
+    rig.ack()
+    rig.read()
+    assert rig.producer.sent  # the last 300 bytes in flight
+    rig.logrotate()
+    rig.write(31)  # past the acknowledged offset again
+    rig.checkpoint()
+    rig.kill(delivered=False)
+    rig.start()
+    rig.drain()
+    rig.check()
