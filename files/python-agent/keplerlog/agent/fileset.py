@@ -186,6 +186,19 @@ class FileSet:
             self.ledger.checkpoint(self.remembered())
             self.minted = False
 
+    def remembered(self) -> dict[FileKey, checkpoint.FileState]:
+        """Files known but not open, for the state file: `closed`, and saved ones not matched yet.
+
+        The saved states of the previous run join the others at the first rescan that can list
+        the directories. A checkpoint before it (no descriptor to list with, or a test's order)
+        wrote the state file without them, and a kill then re-shipped every file from 0.
+        """
+        if not self.saved:
+            return self.closed
+        out = {(s.dev, s.ino): s for s in self.saved.values()}
+        out.update(self.closed)
+        return out
+
     def _match(self, mono: float) -> None:
         self.next_scan = mono + RESCAN_S
         self.generation += 1
@@ -632,19 +645,6 @@ class FileSet:
         return found is not None
 
     # -- for the watermarks ------------------------------------------------------------------
-
-    def remembered(self) -> dict[FileKey, checkpoint.FileState]:
-        """Files known but not open, for the state file: `closed`, and saved ones not matched yet.
-
-        The saved states of the previous run join the others at the first rescan that can list
-        the directories. A checkpoint before it (no descriptor to list with, or a test's order)
-        wrote the state file without them, and a kill then re-shipped every file from 0.
-        """
-        if not self.saved:
-            return self.closed
-        out = {(s.dev, s.ino): s for s in self.saved.values()}
-        out.update(self.closed)
-        return out
 
     def input_of(self, path: str) -> InputConfig | None:
         """Return the input whose globs match `path` (None: none does any more)."""
