@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from kafka import KafkaConsumer
 
-from keplerlog.agent.config import load
+from keplerlog.agent.config import load, parse
 from keplerlog.agent.main import Agent
 from keplerlog.agent.sender import Outcome
 from keplerlog.record import Watermark, decode_headers, decode_watermark, is_watermark
@@ -334,3 +334,195 @@ class LiveWriter(threading.Thread):
             append(self.path, lines("live", 20, self.n, width=self.width))
             self.n += 20
             time.sleep(0.1)
+
+
+# -- rotations against the agent in process: the rig of test_agent_rotation_*.py ----------
+
+
+LOGROTATE = "/usr/sbin/logrotate"
+COPYTRUNCATE_DC = "copytruncate\n  rotate 5\n  compress\n  delaycompress"
+
+
+class Producer:
+    """The fake producer: data records wait in `sent` until `complete` (or a crash) settles them."""
+
+    connected = True
+    broken = False
+    broker_connected = True
+
+    def __init__(self, shipped: dict[str, list[tuple[int, bytes]]]) -> None:
+        self.results: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.sent: list[tuple[bytes, tuple]] = []
+        self.shipped = shipped  # what reached the topic: file id -> (offset, value)
+
+    def connect(self, bootstrap_timeout_ms: int = 5000) -> bool:
+        return True
+
+    def send(self, value: bytes, key: bytes, headers: list, token: object) -> None:
+        if type(token) is not tuple:  # a watermark: not what these tests count
+            self.results.put(Outcome(token, None))
+            return
+        self.sent.append((value, token))
+
+    def complete(self) -> None:
+        for value, token in self.sent:
+            self.shipped[token[1].file_id].append((token[2], value))
+            self.results.put(Outcome(token, None))
+        self.sent.clear()
+
+    def crash(self, *, delivered: bool) -> None:
+        """kill -9: the records in flight reach the topic (or not); no outcome comes back."""
+        if delivered:
+            for value, token in self.sent:
+                self.shipped[token[1].file_id].append((token[2], value))
+        self.sent.clear()
+
+    def poke(self) -> None:
+        pass
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+    def close(self, timeout: float = 0) -> None:
+        pass
+
+
+class Rig:
+    """One log file, its rotations, the agent in process, and the ground truth."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        pattern: str,
+        rotate: str = COPYTRUNCATE_DC,
+        close_inactive_s: float = 300,
+        **limits: int,
+    ):
+        self.tmp = tmp
+        self.logs = tmp / "logs"
+        self.logs.mkdir()
+        self.log = self.logs / "portal.log"
+        self.log.touch()
+        self.conf = tmp / "logrotate.conf"
+        self.conf.write_text(f"{self.log} {{\n  {rotate}\n  missingok\n}}\n")
+        os.chmod(self.conf, 0o644)
+        self.cfg = parse(
+            {
+                "service": "shop",
+                "kafka": {"bootstrap_servers": "127.0.0.1:1", "topic": "t", "max_record_bytes": 1024},
+                "state_file": str(tmp / "state" / "s.json"),
+                "inputs": [{"paths": [str(self.logs / pattern)]}],
+                "limits": {"close_inactive_s": close_inactive_s, "close_idle_s": 300, **limits},
+            },
+            env={},
+        )
+        self.shipped: dict[str, list[tuple[int, bytes]]] = defaultdict(list)
+        self.generations: list[bytearray] = []
+        self._generation_of: dict[int, int] = {}  # inode -> index, while not truncated
+        self.lines = 0
+        self.lost = 0
+        self.start()
+
+    # -- the agent --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.agent = Agent(self.cfg, use_inotify=False)
+        self.producer = Producer(self.shipped)
+        self.agent.sender = self.producer  # type: ignore[assignment]
+
+    def scan(self) -> None:
+        self.agent.fileset.scan(time.monotonic())
+
+    def read(self) -> None:
+        self.agent.reader.read_all(time.time(), time.monotonic())
+
+    def ack(self) -> None:
+        self.producer.complete()
+        self.agent.ledger.results()
+
+    def checkpoint(self) -> None:
+        self.agent.ledger.checkpoint(self.agent.fileset.remembered())
+
+    def _close(self) -> None:
+        self.lost += self.agent.counters.lost_bytes
+        for f in self.agent.files.values():
+            f.close()
+        self.agent.watcher.close()
+        self.agent.waker.close()
+
+    def stop(self) -> None:
+        """A graceful stop, as the agent's shutdown drains: scan, read to the end, final state."""
+        self.scan()
+        for _ in range(3):
+            self.read()
+            self.ack()
+        self.agent.reader.flush_all()
+        self.ack()
+        self.agent.ledger.checkpoint(self.agent.fileset.remembered(), final=True)
+        self._close()
+
+    def kill(self, *, delivered: bool) -> None:
+        self.producer.crash(delivered=delivered)
+        self._close()
+
+    def drain(self) -> None:
+        """Everything to its end, files closed: what a long-running agent gets to."""
+        for _ in range(4):
+            self.agent.ledger.results()
+            self.scan()
+            for _ in range(3):
+                self.read()
+                self.ack()
+            self.agent.reader.flush_timed_out(time.time() + 100, time.monotonic() + 100)
+            self.ack()
+            self.agent.fileset.finish_detached(time.monotonic() + 1000)
+        self.ack()
+
+    # -- the application and logrotate ---------------------------------------------------------
+    def write(self, n: int, path: Path | None = None) -> None:
+        """The application writes `n` lines to the log, or to `path` (a writer that kept its
+        descriptor across a rename appends to the rotated file)."""
+        data = b"".join(
+            f"L{self.lines + i:07d} ".ljust(59, "abcdefghij"[i % 10]).encode() + b"\n" for i in range(n)
+        )
+        self.lines += n
+        with (path or self.log).open("ab") as fh:
+            fh.write(data)
+            ino = os.fstat(fh.fileno()).st_ino
+        index = self._generation_of.setdefault(ino, len(self.generations))
+        if index == len(self.generations):
+            self.generations.append(bytearray())
+        self.generations[index] += data
+
+    def _truncated(self) -> None:
+        st = os.stat(self.log)
+        index = self._generation_of.get(st.st_ino)
+        if index is not None and st.st_size < len(self.generations[index]):
+            del self._generation_of[st.st_ino]  # the next write starts a new generation
+
+    def logrotate(self) -> None:
+        subprocess.run(
+            [LOGROTATE, "-f", "-s", str(self.tmp / "logrotate.state"), str(self.conf)],
+            check=True,
+            capture_output=True,
+        )
+        self._truncated()
+
+    # -- the verdict ---------------------------------------------------------------------------
+    def check(self) -> None:
+        """Each id one generation; no generation under two ids; nothing missing, nothing counted lost."""
+        written = [bytes(g) for g in self.generations if g]
+        owners: dict[int, list[str]] = defaultdict(list)
+        covered: dict[int, set[int]] = defaultdict(set)
+        for file_id, records in self.shipped.items():
+            match = [i for i, g in enumerate(written) if all(g[o : o + len(v)] == v for o, v in records)]
+            assert match, f"{file_id}: shipped bytes that were never written at those offsets"
+            owners[match[0]].append(file_id)
+            for offset, value in records:
+                covered[match[0]].update(range(offset, offset + len(value)))
+        duplicated = {i: ids for i, ids in owners.items() if len(ids) > 1}
+        missing = {i: len(g) - len(covered[i]) for i, g in enumerate(written) if len(covered[i]) < len(g)}
+        assert (duplicated, missing, self.lost + self.agent.counters.lost_bytes) == ({}, {}, 0)
+
+    def close(self) -> None:
+        self._close()

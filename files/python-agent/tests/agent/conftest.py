@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from agent_support import TopicReader
+from agent_support import Rig, TopicReader
 
 from keplerlog.kafkaauth import CLIENTS
 
@@ -26,3 +26,16 @@ def logdir(tmp_path):
     d = tmp_path / "logs"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def rig_factory(tmp_path):
+    rigs: list[Rig] = []
+
+    def make(**kw) -> Rig:
+        rigs.append(Rig(tmp_path, **kw))
+        return rigs[-1]
+
+    yield make
+    for rig in rigs:
+        rig.close()
