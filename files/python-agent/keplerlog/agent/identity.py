@@ -74,10 +74,14 @@ class Fingerprint:
         return self.length >= FINGERPRINT_BYTES
 
     @classmethod
+    def of(cls, prefix: bytes) -> Fingerprint:
+        """Fingerprint a file's first bytes, `prefix` (at most FINGERPRINT_BYTES of them)."""
+        return cls(len(prefix), fingerprint_of(prefix))
+
+    @classmethod
     def of_fd(cls, fd: int, limit: int = FINGERPRINT_BYTES) -> Fingerprint:
         """Fingerprint the first min(size, limit) bytes of an open file."""
-        data = read_prefix(fd, min(limit, FINGERPRINT_BYTES))
-        return cls(len(data), fingerprint_of(data))
+        return cls.of(read_prefix(fd, min(limit, FINGERPRINT_BYTES)))
 
     def matches_fd(self, fd: int) -> bool:
         """Tell whether the open file still starts with the bytes this fingerprint covers."""

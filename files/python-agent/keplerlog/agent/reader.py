@@ -47,8 +47,9 @@ def _first_bytes_unsaved(f: TailedFile) -> bool:
     then: none for a file created empty. Sent before a save, its first records could reach the
     topic, and after a kill -9 and a copytruncate while the agent was down, the empty
     fingerprint matched the new content: resumed under the old id at 0, the new first bytes were
-    dropped by the consumer as replays. So such an id's first records wait for one state save per
-    pass (`Reader.read_all`).
+    dropped by the consumer as replays. So such an id's first records wait for the state save at
+    the end of the read round that read them (one save per round of `Reader.read_all`'s loop over
+    the files, not one per file), or an earlier one when the round stops early.
     """
     if f.stream.acks.acked:  # the state file is written again with the acknowledged offset
         return False

@@ -28,7 +28,6 @@ from keplerlog.agent.identity import (
     FileIdentity,
     Fingerprint,
     TailMark,
-    fingerprint_of,
     new_file_id,
     read_prefix,
 )
@@ -201,10 +200,10 @@ class TailedFile:
                 new_file_id(st.st_dev, st.st_ino),
                 st.st_dev,
                 st.st_ino,
-                Fingerprint(len(prefix), fingerprint_of(prefix)),
+                Fingerprint.of(prefix),
             )
         elif len(prefix) > identity.fingerprint.length:
-            identity.fingerprint = Fingerprint(len(prefix), fingerprint_of(prefix))
+            identity.fingerprint = Fingerprint.of(prefix)
         return cls(
             path=path,
             fd=fd,
@@ -356,7 +355,7 @@ class TailedFile:
                 new_file_id(st.st_dev, st.st_ino),
                 st.st_dev,
                 st.st_ino,
-                Fingerprint(len(self.prefix), fingerprint_of(self.prefix)),
+                Fingerprint.of(self.prefix),
             ),
             AckTracker(0),
         )
@@ -384,7 +383,7 @@ class TailedFile:
         if have < FINGERPRINT_BYTES and offset <= have < offset + len(data):
             # the prefix may run ahead of the read offset (taken when the identity began)
             self.prefix += data[have - offset : FINGERPRINT_BYTES - offset]
-            self.stream.identity.fingerprint = Fingerprint(len(self.prefix), fingerprint_of(self.prefix))
+            self.stream.identity.fingerprint = Fingerprint.of(self.prefix)
         end = offset + len(data)
         if end > self.tail_end:  # offset <= tail_end: bytes before tail_end were read already
             if end - self.tail_end >= TAIL_BYTES:
