@@ -6,7 +6,12 @@ producer) and the agent does not import the consumer.
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
+
+PROBLEM_LOG_EVERY_S = 60.0  # at most one warning per kind of problem per this many seconds
 
 
 def bootstrap_list(servers: str) -> str:
@@ -44,3 +49,46 @@ def ask_cluster(client: Any, timeout_s: float) -> None:
         ask(timeout=timeout_s)
     else:
         client.list_topics(timeout=timeout_s)
+
+
+class Problems:
+    """A librdkafka client's connection problems: the one to give as the reason, and its warnings.
+
+    librdkafka calls error_cb at every reconnect of every broker, with texts that differ each
+    time (the broker's address, "N identical error(s) suppressed"): a warning per new text was one
+    every few seconds for as long as Kafka was away. Warnings are limited to one per kind of
+    problem (not reachable, login refused, certificate) per `every_s`, each saying how many more
+    came since. A refused login or certificate stays the reason over the generic disconnects
+    that follow it, which say less. `log` None keeps the reason only (the agent's producer, whose
+    outage handling logs its own summary).
+    """
+
+    def __init__(
+        self,
+        log: logging.Logger | None,
+        what: str,
+        every_s: float = PROBLEM_LOG_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.reason: str | None = None
+        self._log, self._what, self._every, self._clock = log, what, every_s, clock
+        self._next: dict[str, float] = {}  # kind -> when its next warning may be logged
+        self._unlogged: dict[str, int] = {}  # kind -> problems since its last warning
+
+    def note(self, problem: str) -> None:
+        """Keep `problem` as the reason unless it says less than the one kept; warn if due."""
+        last = self.reason
+        if last is None or is_generic(last) or not is_generic(problem):
+            self.reason = problem
+        if self._log is None:
+            return
+        explained = explain(problem)
+        kind = explained.split(" [", 1)[0]
+        now = self._clock()
+        if now < self._next.get(kind, now):
+            self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+            return
+        more = self._unlogged.pop(kind, 0)
+        suffix = f" ({more} more since the last such warning)" if more else ""
+        self._log.warning("%s: %s%s", self._what, explained, suffix)
+        self._next[kind] = now + self._every

@@ -44,7 +44,7 @@ from typing import Any
 from keplerlog.agent.config import AgentConfig
 from keplerlog.agent.sender import Outcome, batch_size
 from keplerlog.kafkaauth import watch_connection_problems
-from keplerlog.rdkit import ask_cluster, bootstrap_list, explain, is_generic
+from keplerlog.rdkit import Problems, ask_cluster, bootstrap_list, explain
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class RdSender:
         self._poller: threading.Thread | None = None
         self._stop = threading.Event()
         self._fatal: str | None = None  # why this producer will never deliver again
-        self._last_problem: str | None = None
+        self._problems = Problems(None, "Kafka producer")
         self._stats: str | None = None  # the latest statistics JSON, parsed when asked
         # the `kafka` loggers stay out of the agent's log as with kafka-python (sender.py)
         watch_connection_problems(quiet=logging.getLogger("kafka").level != logging.DEBUG)
@@ -194,10 +194,7 @@ class RdSender:
             self._wake()
             log.warning("Kafka producer: fatal error %s: %s", error.name(), error.str())
         else:
-            # a refused login is followed by generic disconnects: those never replace it
-            last = self._last_problem
-            if last is None or is_generic(last) or not is_generic(error.str()):
-                self._last_problem = error.str()
+            self._problems.note(error.str())  # the reason connect() gives; logged there
 
     def _stats_cb(self, stats: str) -> None:
         self._stats = stats
@@ -218,7 +215,7 @@ class RdSender:
         conf["logger"] = _LogBridge(self._cluster_changed)
         self._fatal = None
         self._stats = None
-        self._last_problem = None
+        self._problems.reason = None
         try:
             producer = Producer(conf)
         except KafkaException as exc:  # a setting librdkafka refuses (a bad path, ...)
@@ -228,7 +225,7 @@ class RdSender:
             ask_cluster(producer, bootstrap_timeout_ms / 1000)
         except KafkaException as exc:
             producer.poll(0)  # serve the error_cb events that say why (no poll thread yet)
-            reason = self._last_problem or str(exc)
+            reason = self._problems.reason or str(exc)
             log.warning("Kafka at %s: %s", k.bootstrap_servers, explain(reason))
             producer.purge()
             return False

@@ -47,7 +47,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from keplerlog.rdkit import ask_cluster, bootstrap_list, explain, is_generic
+from keplerlog.rdkit import Problems, ask_cluster, bootstrap_list, explain
 
 from .config import ConsumerConfig
 
@@ -143,7 +143,7 @@ class RdConsumer:
         from confluent_kafka.cimpl import Consumer, KafkaException
 
         self._exc = KafkaException
-        self._problem: str | None = None
+        self._problems = Problems(log, "Kafka")
         self._commits: deque[tuple[dict, Callable | None, _Done]] = deque()
         self._assigned: set[TopicPartition] = set()
         self._paused: set[TopicPartition] = set()
@@ -156,19 +156,12 @@ class RdConsumer:
             ask_cluster(self._c, bootstrap_timeout_s)
         except KafkaException as exc:
             self._c.close()
-            raise ConnectError(explain(self._problem or str(exc))) from exc
+            raise ConnectError(explain(self._problems.reason or str(exc))) from exc
 
     # -- callbacks (all run inside poll()/consume() on the calling thread) ---------------------
     def _on_error(self, err: Any) -> None:
-        """error_cb: say a new problem once (librdkafka repeats them while it retries)."""
-        self._note(err.str())
-
-    def _note(self, problem: str) -> None:
-        last = self._problem
-        if last is None or is_generic(last) or not is_generic(problem):  # a refused login stays the reason
-            if problem != last:
-                log.warning("Kafka: %s", explain(problem))
-            self._problem = problem
+        """error_cb: keep the reason; warn without repeating it at every retry (rdkit.Problems)."""
+        self._problems.note(err.str())
 
     def _on_commit(self, err: Any, partitions: list) -> None:
         if not self._commits:
@@ -230,7 +223,7 @@ class RdConsumer:
         recs: list[RdRecord] = []
         for m in msgs:
             if m.error() is not None:
-                self._note(str(m.error()))
+                self._problems.note(str(m.error()))
                 continue
             topic, partition = m.topic(), m.partition()
             if last is None or last.partition != partition or last.topic != topic:
