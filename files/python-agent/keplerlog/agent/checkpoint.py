@@ -6,7 +6,9 @@ file only feed the watermarks (watermarks.py) across a restart, never a read pos
 where shipping of the id began (above 0 only for `start_at: end`), and `seen`, the size last
 seen, so a file rotated away while the agent was stopped is reported with the bytes it had seen
 and not shipped. And a mark of the bytes just before the offset (`identity.TailMark`), so that a
-file rewritten while the agent was stopped is not resumed as if it had only grown. The write is atomic
+file rewritten while the agent was stopped is not resumed as if it had only grown. Beside the
+files, the copies: rotated copies whose bytes were shipped under another file's id (FileSet.copies),
+by device, inode and mtime, so that a restart does not ship them again. The write is atomic
 and durable: a temporary file in the same directory is written and fsynced, renamed over the
 old one, and the directory is fsynced so the rename itself survives a power cut.
 """
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keplerlog.agent.identity import FileIdentity, Fingerprint, TailMark
+from keplerlog.agent.identity import FileIdentity, FileKey, Fingerprint, TailMark
 from keplerlog.durable import atomic_write
 
 if TYPE_CHECKING:
@@ -160,6 +162,22 @@ def load(path: Path, *, first_unknown_at_offset: bool = False) -> dict[str, File
     return out
 
 
+def load_copies(path: Path) -> dict[FileKey, int]:
+    """Read the state file's copies: (dev, inode) -> mtime_ns. Missing or unreadable: none.
+
+    Forgetting them costs duplicates (a copy matched by a glob shipped again), never loss, so a
+    bad entry drops the list, not the state; `load` reports a file it cannot read.
+    """
+    try:
+        raw = json.loads(path.read_bytes())
+        return {(int(dev), int(ino)): int(mtime) for dev, ino, mtime in raw.get("copies", [])}
+    except FileNotFoundError:
+        return {}
+    except (OSError, AttributeError, TypeError, ValueError) as exc:
+        log.warning("state file %s: rotated copies unreadable (%s); judged again", path, exc)
+        return {}
+
+
 def _mark(item: dict[str, Any], offset: int) -> TailMark:
     """Read the saved mark before `offset` (none in a state file written before marks existed)."""
     length = int(item.get("tail_len", 0))
@@ -187,8 +205,12 @@ class StateFile:
         self._blobs: list[bytes] = []
         self._place: dict[str, int] = {}
 
-    def encode(self, files: list[FileState]) -> bytes:
-        """Return the state file's bytes for `files` (a later state of one file id wins)."""
+    def encode(self, files: list[FileState], copies: dict[FileKey, int] | None = None) -> bytes:
+        """Return the state file's bytes for `files` and `copies`.
+
+        A later state of one file id wins; `copies` ((dev, inode) -> mtime_ns) is left out when
+        there are none, and the bytes are those of the document before copies were kept.
+        """
         old, entries = self._entries, {}
         same_ids = True
         changed: list[str] = []
@@ -214,14 +236,20 @@ class StateFile:
             order = sorted(entries)
             self._place = {file_id: n for n, file_id in enumerate(order)}
             self._blobs = [entries[file_id][1] for file_id in order]
-        return b'{"files":{%s},"version":%d}' % (b",".join(self._blobs), STATE_VERSION)
+        doc = b'"files":{%s},"version":%d}' % (b",".join(self._blobs), STATE_VERSION)
+        if not copies:
+            return b"{" + doc
+        listed = json.dumps(
+            sorted([dev, ino, mtime] for (dev, ino), mtime in copies.items()), separators=(",", ":")
+        )
+        return b'{"copies":%s,%s' % (listed.encode(), doc)
 
-    def save(self, files: list[FileState]) -> None:
+    def save(self, files: list[FileState], copies: dict[FileKey, int] | None = None) -> None:
         """Atomically and durably replace the state file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, self.encode(files), mode=0o640)
+        atomic_write(self.path, self.encode(files, copies), mode=0o640)
 
 
-def save(path: Path, files: list[FileState]) -> None:
+def save(path: Path, files: list[FileState], copies: dict[FileKey, int] | None = None) -> None:
     """Atomically and durably replace the state file (one write; see `StateFile`)."""
-    StateFile(path).save(files)
+    StateFile(path).save(files, copies)

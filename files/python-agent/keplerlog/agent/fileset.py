@@ -24,6 +24,7 @@ import logging
 import os
 import resource
 import stat
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ from keplerlog.agent.tailer import (
     ROTATED_SEPARATORS,
     AssemblerSettings,
     TailedFile,
+    find_read_copy,
     find_rotated_copy,
     is_rotated_name,
 )
@@ -62,6 +64,9 @@ UNDECIDED_RESCAN_S = 0.2
 # ... for this long at most: a file that stays a prefix (an empty stray `app.log.1`) is then
 # followed as a new file, instead of a rescan of every glob five times a second for ever.
 UNDECIDED_MAX_S = 10.0
+# A copy that ends before what was read is known as one only if made this recently (ctime): it
+# was made for the truncation just noticed, not a stray file with the same first bytes.
+READ_COPY_MAX_AGE_S = 300.0
 FD_RESERVE = 64  # descriptors left to Kafka's sockets, the state file, inotify and metrics
 NO_FDS = (errno.EMFILE, errno.ENFILE)
 
@@ -152,7 +157,9 @@ class FileSet:
         # truncation was noticed): their bytes are the followed file's, shipped under its id.
         # With each one's mtime when it was judged: a changed file is judged again (logrotate
         # frees a copy's inode when it compresses it, and the next copy may get it).
-        self.copies: dict[FileKey, int] = {}
+        # Kept in the state file: after a restart the file a copy came from may be truncated and
+        # written again, and the copy would no longer be told from a new file.
+        self.copies: dict[FileKey, int] = checkpoint.load_copies(cfg.state_file)
         # Files that may be copies still being written, left for a rescan, and since when.
         self._undecided: dict[FileKey, float] = {}
         self._deferred = False  # one was left by this scan: the next one comes soon
@@ -183,8 +190,12 @@ class FileSet:
         """
         self._match(mono)
         if self.minted:
-            self.ledger.checkpoint(self.remembered())
+            self.checkpoint()
             self.minted = False
+
+    def checkpoint(self, *, final: bool = False) -> None:
+        """Write the state file: the followed files, the remembered ones and the copies."""
+        self.ledger.checkpoint(self.remembered(), final=final, copies=self.copies)
 
     def remembered(self) -> dict[FileKey, checkpoint.FileState]:
         """Files known but not open, for the state file: `closed`, and saved ones not matched yet.
@@ -626,6 +637,7 @@ class FileSet:
             )
             offset = max(offset, st.st_size)
         else:
+            self._know_read_copy(f, offset)
             # The old id ends here: its last account goes out once its held bytes come back.
             self.book.end(old.file_id, Ended(f.path, f.inp.module, old.first, max(seen, offset), 0, old))
         held = f.restart(self.settings)
@@ -633,7 +645,7 @@ class FileSet:
         # The new id goes to disk before its first record is sent (see `scan` for a new
         # file): a kill -9 after that record's ack would otherwise re-send the bytes under yet
         # another id on restart, duplicates the consumer cannot drop. Truncations are rare.
-        self.ledger.checkpoint(self.remembered())
+        self.checkpoint()
         if seen > offset:
             self.counters.lost_bytes += self.book.lose(old.file_id, offset, seen, "truncated")
             log.warning(
@@ -643,6 +655,34 @@ class FileSet:
                 self.book.note((found[2].st_dev, found[2].st_ino))  # the copy carries the old id on
         log.info("%s truncated; now %s from offset 0", f.path, f.stream.file_id)
         return found is not None
+
+    def _know_read_copy(self, f: TailedFile, offset: int) -> None:
+        """Know copytruncate's copy as the truncated file's when it ends before what was read.
+
+        Lines written between the copy and the truncate that were read from the live file put
+        the read offset past the copy's end (tailer.find_read_copy). Unknown, a glob matching
+        its name shipped it again from 0 as a new file. Only files the agent knows nothing of
+        are candidates: any other file a glob matches was opened, judged or remembered already.
+        """
+        if not f.tail or f.tail_end != offset:
+            return  # read back after a failed send: the bytes just before the offset are unknown
+        known = frozenset(self.files) | self.copies.keys() | self.closed.keys() | self._saved_ids.keys()
+        since = time.time_ns() - int(READ_COPY_MAX_AGE_S * 1e9)
+        found = find_read_copy(f.path, f.prefix, f.tail, f.tail_end, known, since)
+        if found is None:
+            return
+        path, st = found
+        key = (st.st_dev, st.st_ino)
+        self._undecided.pop(key, None)
+        self.copies[key] = st.st_mtime_ns
+        log.info(
+            "%s truncated; %s (%d bytes) holds only bytes of %s read before (to %d): not shipped again",
+            f.path,
+            path,
+            st.st_size,
+            f.stream.file_id,
+            offset,
+        )
 
     # -- for the watermarks ------------------------------------------------------------------
 

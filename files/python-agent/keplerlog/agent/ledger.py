@@ -61,6 +61,7 @@ class Ledger:
         self.inflight = 0  # bytes sent, not yet acknowledged or failed
         self.state_file = checkpoint.StateFile(cfg.state_file)  # re-encodes changed entries only
         self.last_state: list[checkpoint.FileState] | None = None
+        self.last_copies: dict[FileKey, int] = {}
         self.acked_unsaved = False  # an ack advanced since the last checkpoint
         self.next_checkpoint = 0.0
         self.send_backoff_until = 0.0  # no reading or sending before this (monotonic)
@@ -181,8 +182,16 @@ class Ledger:
             f.rewind(target)
             self.counters.rewinds += 1
 
-    def checkpoint(self, closed: dict[FileKey, checkpoint.FileState], *, final: bool = False) -> None:
-        """Write the acknowledged offsets of the followed files and of the `closed` ones.
+    def checkpoint(
+        self,
+        closed: dict[FileKey, checkpoint.FileState],
+        *,
+        final: bool = False,
+        copies: dict[FileKey, int] | None = None,
+    ) -> None:
+        """Write the acknowledged offsets of the followed and the `closed` files, and `copies`.
+
+        `copies`: rotated copies never to ship (FileSet.checkpoint passes all three).
 
         A change of `seen` alone (a file grew, nothing more acknowledged) is written with the
         next change, or at the `final` checkpoint of a shutdown: a restart must know what the
@@ -193,16 +202,18 @@ class Ledger:
         states += [s for s in closed.values() if s.file_id not in ids]
         last = self.last_state
         seen_moved = final and last is not None and [s.seen for s in states] != [s.seen for s in last]
-        if states == last and not seen_moved:
+        copies = dict(copies or {})
+        if states == last and not seen_moved and copies == self.last_copies:
             self.acked_unsaved = False
             return
         try:
-            self.state_file.save(states)
+            self.state_file.save(states, copies)
         except OSError as exc:
             self.counters.errors += 1
             log.error("cannot write state file %s: %s", self.cfg.state_file, exc)
             return
         self.last_state = states
+        self.last_copies = copies
         self.acked_unsaved = False
         self.counters.checkpoints += 1
 

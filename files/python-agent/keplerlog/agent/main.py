@@ -125,7 +125,7 @@ class Agent:
         reader.flush_timed_out(wall, mono)
         fileset.finish_detached(mono, [key for key, _ in reader.looking()])
         if mono >= ledger.next_checkpoint:
-            ledger.checkpoint(fileset.remembered())
+            fileset.checkpoint()
             ledger.next_checkpoint = mono + self.cfg.limits.checkpoint_interval_ms / 1000
         self.watermarks.step(time.monotonic())
         if self.cfg.metrics.log_interval_s and mono >= self._next_log:
@@ -203,7 +203,7 @@ class Agent:
                 self.watcher.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         ledger.results()
         self.watermarks.final(deadline)  # after the last acks; may apply late ones: checkpointed next
-        ledger.checkpoint(self.fileset.remembered(), final=True)
+        self.fileset.checkpoint(final=True)
         pending, unread = ledger.unacknowledged()
         if pending:
             log.warning(

@@ -185,7 +185,7 @@ class Reader:
 
         def send_first() -> None:
             nonlocal first_bytes
-            ledger.checkpoint(fileset.remembered())
+            fileset.checkpoint()
             for held_f, held_chunks in first:
                 send(held_f, held_f.stream, held_chunks)
             first.clear()
@@ -311,7 +311,7 @@ class Reader:
                 unread = False
             if not unread:
                 if _first_bytes_unsaved(f):  # a file's first bytes as a partial line: see there
-                    self.ledger.checkpoint(self.fileset.remembered())
+                    self.fileset.checkpoint()
                 send(f, f.stream, f.assembler.poll(wall, mono))
 
     def flush_all(self) -> None:

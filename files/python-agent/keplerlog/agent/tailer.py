@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,54 @@ def is_rotated_name(name: str, candidate: str) -> bool:
     )
 
 
+def _rotated_files(path: str, skip: frozenset[tuple[int, int]]) -> Iterator[tuple[str, int, os.stat_result]]:
+    """Open the regular, non-empty files with a rotated name of `path`, bar the `skip` keys.
+
+    Yields (path, read-only descriptor, stat); the caller closes each descriptor it does not keep.
+    """
+    directory, name = os.path.split(path)
+    try:
+        entries = sorted(e.name for e in os.scandir(directory or "."))
+    except OSError:
+        return
+    for entry in entries:
+        if not is_rotated_name(name, entry):
+            continue
+        candidate = os.path.join(directory, entry)
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0 or (st.st_dev, st.st_ino) in skip:
+            os.close(fd)
+            continue
+        yield candidate, fd, st
+
+
+def _newest(
+    found: Iterable[tuple[str, int, os.stat_result]], ok: Callable[[int, os.stat_result], bool]
+) -> tuple[str, int, os.stat_result] | None:
+    """Keep the newest (ctime) of the `found` files that are `ok`; close every other descriptor."""
+    best: tuple[str, int, os.stat_result] | None = None
+    for candidate, fd, st in found:
+        try:
+            keep = (best is None or st.st_ctime_ns > best[2].st_ctime_ns) and ok(fd, st)
+        except OSError:
+            keep = False
+        if not keep:
+            os.close(fd)
+            continue
+        if best is not None:
+            os.close(best[1])
+        best = (candidate, fd, st)
+    return best
+
+
 def find_rotated_copy(
     path: str,
     fingerprint: Fingerprint,
@@ -81,39 +130,52 @@ def find_rotated_copy(
     bytes match `fingerprint` (the truncated identity's). Of several, the newest (ctime) wins.
     Returns (path, open read-only descriptor, stat) or None.
     """
-    directory, name = os.path.split(path)
-    best: tuple[str, int, os.stat_result] | None = None
-    try:
-        entries = sorted(e.name for e in os.scandir(directory or "."))
-    except OSError:
+    return _newest(
+        _rotated_files(path, skip),
+        lambda fd, st: (
+            st.st_size >= min_size and fingerprint.matches_fd(fd) and (mark is None or mark.matches_fd(fd))
+        ),
+    )
+
+
+def find_read_copy(
+    path: str,
+    prefix: bytes,
+    tail: bytes,
+    tail_end: int,
+    skip: frozenset[tuple[int, int]],
+    newer_than_ns: int,
+) -> tuple[str, os.stat_result] | None:
+    """Find copytruncate's copy of `path` when it ends before what the agent read: (path, stat).
+
+    Lines written between the copy and the truncate and read from the live file put the read
+    offset (`tail_end`) past the copy's end, so `find_rotated_copy` (at least the read offset
+    long) misses it. Every byte of such a copy was read under the old id already: it has nothing
+    to ship, only to be known as a copy, or a glob that matches its name (`app.log*`) ships it
+    again from 0 as a new file. A candidate (as in find_rotated_copy, and not one of `skip`) is
+    shorter than `tail_end`, changed after `newer_than_ns` (ctime: it was made for this
+    truncation), starts with the live file's first bytes `prefix` as far as both go (a copy of
+    under FINGERPRINT_BYTES is compared whole), and, where it ends within `tail` (the bytes read
+    just before `tail_end`), ends with the same bytes.
+    """
+    tail_start = tail_end - len(tail)
+
+    def holds_what_was_read(fd: int, st: os.stat_result) -> bool:
+        size = st.st_size
+        if size >= tail_end or st.st_ctime_ns <= newer_than_ns:
+            return False
+        head = min(size, len(prefix))
+        if not prefix or read_prefix(fd, head) != prefix[:head]:
+            return False
+        if size > tail_start:
+            return os.pread(fd, size - tail_start, tail_start) == tail[: size - tail_start]
+        return True
+
+    found = _newest(_rotated_files(path, skip), holds_what_was_read)
+    if found is None:
         return None
-    for entry in entries:
-        if not is_rotated_name(name, entry):
-            continue
-        candidate = os.path.join(directory, entry)
-        try:
-            fd = os.open(candidate, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            st = os.fstat(fd)
-            ok = (
-                stat.S_ISREG(st.st_mode)
-                and st.st_size >= max(min_size, 1)
-                and (st.st_dev, st.st_ino) not in skip
-                and fingerprint.matches_fd(fd)
-                and (mark is None or mark.matches_fd(fd))
-                and (best is None or st.st_ctime_ns > best[2].st_ctime_ns)
-            )
-        except OSError:
-            ok = False
-        if not ok:
-            os.close(fd)
-            continue
-        if best is not None:
-            os.close(best[1])
-        best = (candidate, fd, st)
-    return best
+    os.close(found[1])
+    return found[0], found[2]
 
 
 @dataclass(slots=True)

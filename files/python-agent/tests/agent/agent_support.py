@@ -441,7 +441,7 @@ class Rig:
         self.agent.ledger.results()
 
     def checkpoint(self) -> None:
-        self.agent.ledger.checkpoint(self.agent.fileset.remembered())
+        self.agent.fileset.checkpoint()
 
     def _close(self) -> None:
         self.lost += self.agent.counters.lost_bytes
@@ -458,7 +458,7 @@ class Rig:
             self.ack()
         self.agent.reader.flush_all()
         self.ack()
-        self.agent.ledger.checkpoint(self.agent.fileset.remembered(), final=True)
+        self.agent.fileset.checkpoint(final=True)
         self._close()
 
     def kill(self, *, delivered: bool) -> None:

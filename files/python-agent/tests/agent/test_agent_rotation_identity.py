@@ -360,3 +360,66 @@ def test_a_checkpoint_between_a_copytruncate_and_its_notice_keeps_the_copy_finda
     rig.start()
     rig.drain()
     rig.check()
+
+
+@pytest.mark.parametrize("restart", [None, "stop", "kill"])
+@pytest.mark.parametrize("lines", [5, 23])  # under and past the fingerprint's 1 KiB (60 B lines)
+def test_a_copy_shorter_than_what_was_read_before_the_truncate_is_not_shipped_again(
+    rig_factory, lines, restart
+):
+    """Lines written between copytruncate's copy and its truncate, read by the agent from the
+    live file: the read offset passed the copy's end, so the copy (at least the read offset
+    long, starting with the fingerprint's bytes) was not found, the old id ended, and the next
+    rescan of `portal.log*` shipped the copy again from 0 as a new file: every line twice."""
+    rig = rig_factory(pattern="portal.log*")
+    rig.write(lines)
+    rig.scan()
+    rig.read()
+    rig.ack()
+    shutil.copyfile(rig.log, rig.logs / "portal.log.1")  # copytruncate's copy ...
+    rig.write(3)  # ... lines after it, before the truncate ...
+    rig.read()  # ... read from the live file
+    os.truncate(rig.log, 0)  # the truncate
+    rig._truncated()
+    rig.read()
+    rig.ack()
+    assert rig.agent.counters.truncations == 1  # the fault: the truncation was seen ...
+    copy = rig.logs / "portal.log.1"
+    assert copy.stat().st_size == lines * 60 < sum(len(v) for _, v in next(iter(rig.shipped.values())))
+    rig.write(4)
+    rig.scan()  # ... and the rescan that meets the copy came after it
+    rig.read()
+    rig.ack()
+    if restart == "stop":
+        rig.stop()
+        rig.start()
+    elif restart == "kill":  # the copy is in the state file the truncation's notice wrote
+        rig.kill(delivered=True)
+        rig.start()
+    rig.drain()
+    rig.check()
+
+
+@pytest.mark.parametrize("lines", [5, 23])  # compared whole; past the fingerprint, by its tail
+def test_a_rotated_file_that_differs_from_what_was_read_is_shipped(rig_factory, lines):
+    """The other side: a new `portal.log.1` shorter than what was read, starting like the
+    truncated file but with another last line, is not a copy of what was read: it is shipped."""
+    rig = rig_factory(pattern="portal.log*")
+    rig.write(lines)
+    rig.scan()
+    rig.read()
+    rig.ack()
+    other = rig.log.read_bytes()[:-60] + b"another file's line".ljust(59, b"-") + b"\n"
+    (rig.logs / "portal.log.1").write_bytes(other)
+    rig.write(3)
+    rig.read()
+    os.truncate(rig.log, 0)
+    rig._truncated()
+    rig.read()
+    rig.ack()
+    assert rig.agent.counters.truncations == 1
+    rig.scan()
+    rig.drain()
+    assert _key(rig.logs / "portal.log.1") not in rig.agent.fileset.copies
+    shipped = [b"".join(v for _, v in sorted(recs)) for recs in rig.shipped.values()]
+    assert other in shipped

@@ -434,6 +434,29 @@ def test_checkpoint_atomic_round_trip_and_corrupt_file(tmp_path):
     assert checkpoint.load(tmp_path / "none.json") == {}
 
 
+def test_state_file_keeps_the_rotated_copies_beside_the_files(tmp_path, caplog):
+    """FileSet.copies survive a restart in the state file (the bytes json.dumps writes); a state
+    file without them, or with a bad list, loads its files all the same and no copies."""
+    path = tmp_path / "s.json"
+    st = checkpoint.FileState("id1", "/l/a.log", 1, 2, 10, "abc", 1234)
+    copies = {(1, 9): 1_700_000_000_123_456_789, (1, 3): 5}
+    checkpoint.save(path, [st], copies)
+    listed = [[1, 3, 5], [1, 9, 1_700_000_000_123_456_789]]
+    doc = {"copies": listed, "files": {"id1": st.to_json()}, "version": 1}
+    assert path.read_bytes() == json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    assert checkpoint.load(path) == {"id1": st}
+    assert checkpoint.load_copies(path) == copies
+    checkpoint.save(path, [st], {})  # none: the document as before copies were kept
+    assert "copies" not in json.loads(path.read_text())
+    assert checkpoint.load_copies(path) == {}
+    assert checkpoint.load_copies(tmp_path / "none.json") == {}
+    for bad in ("[[1, 2]]", '[["x", 2, 3]]', '{"a": 1}', "7"):
+        path.write_text(f'{{"copies":{bad},"files":{{"id1":{json.dumps(st.to_json())}}},"version":1}}')
+        assert checkpoint.load(path) == {"id1": st}
+        assert checkpoint.load_copies(path) == {}
+    assert "rotated copies unreadable" in caplog.text
+
+
 def test_state_file_reencodes_only_changed_entries_and_writes_what_json_dumps_wrote(tmp_path):
     """The state file's bytes stay those of json.dumps of the whole document (sorted keys,
     compact), while a checkpoint encodes only the entries whose state changed."""
