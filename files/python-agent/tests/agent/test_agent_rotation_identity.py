@@ -423,3 +423,28 @@ def test_a_rotated_file_that_differs_from_what_was_read_is_shipped(rig_factory, 
     assert _key(rig.logs / "portal.log.1") not in rig.agent.fileset.copies
     shipped = [b"".join(v for _, v in sorted(recs)) for recs in rig.shipped.values()]
     assert other in shipped
+
+
+def test_a_shorter_copy_older_than_the_age_limit_is_shipped_as_a_file(rig_factory, monkeypatch):
+    """Past READ_COPY_MAX_AGE_S: a file made longer ago than that is not taken for the copy of
+    this truncation, however its bytes look; it is followed as a file of its own."""
+    rig = rig_factory(pattern="portal.log*")
+    rig.write(5)
+    rig.scan()
+    rig.read()
+    rig.ack()
+    shutil.copyfile(rig.log, rig.logs / "portal.log.1")
+    rig.write(3)
+    rig.read()
+    os.truncate(rig.log, 0)
+    rig._truncated()
+    later = time.time_ns() + int((fileset_mod.READ_COPY_MAX_AGE_S + 1) * 1e9)
+    monkeypatch.setattr(fileset_mod.time, "time_ns", lambda: later)
+    rig.read()
+    rig.ack()
+    assert rig.agent.counters.truncations == 1  # the fault: the truncation was seen
+    rig.scan()
+    rig.drain()
+    assert _key(rig.logs / "portal.log.1") not in rig.agent.fileset.copies
+    shipped = [b"".join(v for _, v in sorted(recs)) for recs in rig.shipped.values()]
+    assert (rig.logs / "portal.log.1").read_bytes() in shipped
