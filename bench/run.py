@@ -71,7 +71,7 @@ PARTS = [
     ),
     # where the agent's CPU goes at 2 KB lines: perf over every thread, kernel included
     Part("profile", "bench_profile.py", 1200, quick=["--seconds", "3"]),
-    Part("latency", "bench_latency.py", 2400, quick=["--duration", "5", "--rounds", "1"]),
+    Part("latency", "bench_latency.py", 2400, quick=["--duration", "5", "--rounds", "1", "--warmup-s", "3"]),
     # the same with the agent's fixed read wait (limits.read_coalesce_lines: 0, the default
     # until 2026-12-05): what the rate-paced default saves in delay and costs in CPU
     Part(
@@ -79,7 +79,7 @@ PARTS = [
         "bench_latency.py",
         2400,
         args=["--read-coalesce-lines", "0"],
-        quick=["--duration", "5", "--rounds", "1"],
+        quick=["--duration", "5", "--rounds", "1", "--warmup-s", "3"],
     ),
     # the same with the consumer's librdkafka client (consumer/rdclient.py): what it does to delay
     Part(
@@ -87,7 +87,7 @@ PARTS = [
         "bench_latency.py",
         2400,
         args=["--consumer-client", "librdkafka"],
-        quick=["--duration", "5", "--rounds", "1"],
+        quick=["--duration", "5", "--rounds", "1", "--warmup-s", "3"],
     ),
     Part("files", "bench_files.py", 1200, quick=["--sizes", "100,1000", "--seconds", "5"]),
     # TLS + SCRAM against plaintext on the same broker, alternating: the ratio is what matters
@@ -1009,6 +1009,13 @@ def latency_table(part: dict[str, Any], note: bool = True) -> list[str]:
             f" {rounds} rounds per rate (a fresh agent and consumer each, the rates' order flipped"
             " every round): p50 and p99 are the median of the rounds' figures with their min–max,"
             " the other figures medians, lines summed over the rounds."
+        )
+    if setup.get("warmup_s"):
+        warm = data.get("warmup") or {}
+        said[0] += (
+            f" Before the rounds, one unmeasured {setup['warmup_s']:.0f} s run at the highest rate"
+            " warms the freshly started brokers (its p99 here:"
+            f" {_num(warm.get('p99_ms'), 1)} ms; a service's cluster is long warm)."
         )
     said = [said[0].strip(), ""] if said[0].strip() else []
     if not note:
