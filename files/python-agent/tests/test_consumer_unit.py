@@ -300,6 +300,48 @@ def test_written_counters_past_the_label_cap_and_the_latency_samples_past_their_
     assert 0 < count[0] <= metrics_mod.LATENCY_SAMPLES_PER_BATCH and len(count) == 1
 
 
+def test_written_lines_take_a_whole_records_kl_lines_and_count_the_rest(tmp_path, monkeypatch):
+    """A record written whole is not counted again: its kl.lines is the agent's count. A value
+    the consumer changed (joined with a held line end, cut before an incomplete end), or a count
+    that cannot be true (0, or more lines than bytes), is counted."""
+    from keplerlog import newlines
+    from keplerlog.consumer import route as route_mod
+
+    counted: list[bytes] = []
+    real = newlines.count
+
+    def counting(buf, start=0, end=None):
+        counted.append(bytes(buf))
+        return real(buf, start, end)
+
+    monkeypatch.setattr(route_mod.newlines, "count", counting)
+    sink = make_sink(tmp_path)
+
+    def lines_written(recs):
+        before = sum(sink.metrics.written_lines.values())
+        counted.clear()
+        sink.write({TP: recs})
+        return sum(sink.metrics.written_lines.values()) - before
+
+    whole = b"a\nb\nc\n"
+    assert lines_written([rec(0, batch(0, whole), whole)]) == 3
+    assert counted == []  # taken from kl.lines
+    # kl.lines is trusted for a whole record: a count that differs from the bytes shows it
+    told = Batch("shop", "portal", "h1", "/app/x.log", "f1", 6, 1, DAY1)
+    assert lines_written([rec(1, told, whole)]) == 1 and counted == []
+    # impossible counts are not used
+    for n, (lines, value) in enumerate([(0, b"d\n"), (99, b"e\nf\n")]):
+        b = Batch("shop", "portal", "h1", "/app/x.log", "f1", 12 + 2 * n, lines, DAY1)
+        assert lines_written([rec(2 + n, b, value)]) == value.count(b"\n")
+        assert counted == [value]
+    # an incomplete end is held; the record that ends it is joined with it: both counted
+    head, rest = b"g\nh", b"i\nj\n"
+    assert lines_written([rec(4, batch(18, head), head)]) == 1 and counted == [b"g\n"]
+    assert lines_written([rec(5, batch(21, rest), rest)]) == 2 and counted == [b"hi\nj\n"]
+    text = (tmp_path / "shop" / "portal.20231114").read_bytes()
+    assert text == whole * 2 + b"d\ne\nf\ng\nhi\nj\n"
+
+
 def test_bounded_open_files(tmp_path):
     sink = make_sink(tmp_path, max_open=2)
     recs = [rec(i, batch(0, b"x\n", module=f"m{i}", file_id=f"f{i}"), b"x\n") for i in range(5)]
