@@ -341,6 +341,17 @@ def test_kafka_offsets_are_committed_only_after_the_batch_is_durable(tmp_path):
     assert app.metrics.lag == {P0: 0, P1: 0}  # high watermark - committed, once all is durable
 
 
+def test_the_consumer_settles_the_collector_once_subscribed(tmp_path, monkeypatch):
+    """keplerlog/gctune.py: once started (client made, subscribed), before the first batch."""
+    from keplerlog import gctune
+
+    app, fake = _app_with_fake_kafka(tmp_path)
+    seen: list[tuple[int, bool]] = []
+    monkeypatch.setattr(gctune, "settle", lambda: seen.append((len(fake.commits), app.consumer is fake)))
+    app.run(consumer=fake)
+    assert seen == [(0, True)] and fake.commits
+
+
 def test_offsets_durable_while_a_commit_is_in_flight_go_in_the_next_one(tmp_path):
     """At most one asynchronous commit in flight: the offsets of the batches durable meanwhile
     are merged into the next one; at shutdown an unanswered one is sent again, synchronously."""

@@ -28,6 +28,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
+from keplerlog import gctune
 from keplerlog.kafkaauth import watch_connection_problems
 from keplerlog.metrics_http import stop as stop_server
 from keplerlog.paths import PathGuard
@@ -229,6 +230,7 @@ class ConsumerApp:
             stop_server(server)
             return
         self.consumer.subscribe([self.config.topic], listener=_Listener(self))
+        gctune.settle()  # started: the rest is per batch (keplerlog/gctune.py)
         try:
             while not self._stop.is_set():
                 batch = self._gather()  # the writer works on the previous batch meanwhile
