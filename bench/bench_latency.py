@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         "--consumer-client",
         choices=("kafka-python", "librdkafka"),
         default="kafka-python",
-        help="the consumer's kafka.client (default: the consumer role's)",
+        help="the consumer's kafka.client (default: the package's; the consumer role deploys librdkafka)",
     )
     ap.add_argument("--passthrough-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -487,14 +487,14 @@ def consumer_checks(data: dict[str, Any]) -> list[tuple[str, bool | None]]:
     out = [
         (">= 100 MB/s", _ge(mine, 100)),
         (
-            f">= {CONSUMER_KCAT_TARGET}x kcat -C to a file",
+            f">= {CONSUMER_KCAT_TARGET}x kcat -C to a file with kafka.client kafka-python (the package's default)",
             None if ratio is None else ratio[0] >= CONSUMER_KCAT_TARGET,
         ),
     ]
     if (data.get("consumer_librdkafka") or {}).get("mb_s"):
         rd = kcat_ratio(data, "consumer_librdkafka")
         out.append((
-            f">= {CONSUMER_KCAT_TARGET}x kcat -C with kafka.client librdkafka",
+            f">= {CONSUMER_KCAT_TARGET}x kcat -C with kafka.client librdkafka (the consumer role's default)",
             None if rd is None else rd[0] >= CONSUMER_KCAT_TARGET,
         ))  # fmt: skip
     return out

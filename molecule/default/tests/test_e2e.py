@@ -546,6 +546,9 @@ def test_the_pipeline_speaks_tls_and_scram(dockerc):
         consumer = host_of(name)
         config = consumer.file("/etc/keplerlog/consumer.yml").content_string
         assert "protocol: sasl_ssl" in config
+        # the consumer role's default client, librdkafka: every fault of this scenario goes
+        # through it (the consumer scenario runs kafka-python)
+        assert "client: librdkafka" in config, name
         secret = consumer.file("/etc/keplerlog/kafka.password")
         assert secret.user == "keplerlog" and secret.mode == 0o600, name
         assert secret.content_string.strip() not in consumer.check_output("ps -eo args")
@@ -763,9 +766,10 @@ def logrotate(ctx, mode: str) -> str:
     return f"logrotate -f ({mode}) on both services ({verbose.count(word)} x {word})"
 
 
-# Longer than every timeout the agents' client (librdkafka, the role's default) and the consumers'
-# (kafka-python) apply: request 30 s, kafka-python's 120 s delivery. librdkafka's own 300 s message
-# timeout is turned off by the agent; the agent's outage test goes past it (320 s, test_agent_outage).
+# Longer than every timeout the agents' client (librdkafka, the service image's default) applies
+# and kafka-python's would: request 30 s, kafka-python's 120 s delivery. librdkafka's own 300 s
+# message timeout is turned off by the agent; the agent's outage test goes past it (320 s,
+# test_agent_outage).
 OUTAGE_S = 150
 
 
