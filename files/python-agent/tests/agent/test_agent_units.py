@@ -113,6 +113,54 @@ def test_the_read_paths_buffers_stay_below_the_mmap_threshold():
     assert memory.MMAP_THRESHOLD >= tailer.READ_CHUNK + 64 * 1024
 
 
+# In a fresh interpreter: a read-sized buffer made and freed 200 times, on the main thread and on
+# a second one (each has its own arena); prints the minor page faults per buffer of each. argv[1]
+# is the trim threshold: the agent's, or glibc's 128 KiB default that the mmap threshold alone
+# leaves in place (the settings before TRIM_THRESHOLD).
+_READ_CYCLE_FAULTS = """
+import resource, sys, threading
+from keplerlog.agent import memory, tailer
+tuned = memory.tune_malloc(trim_threshold=int(sys.argv[1]))
+def faults(who):
+    for _ in range(20):  # the heap grows to its working size first
+        buf = b"x" * tailer.READ_CHUNK
+        del buf
+    before = resource.getrusage(who).ru_minflt
+    for _ in range(200):
+        buf = b"x" * tailer.READ_CHUNK
+        del buf
+    return (resource.getrusage(who).ru_minflt - before) / 200
+out = [faults(resource.RUSAGE_SELF)]
+thread = threading.Thread(target=lambda: out.append(faults(resource.RUSAGE_THREAD)))
+thread.start()
+thread.join()
+print(tuned, *out)
+"""
+
+
+def test_a_freed_read_buffer_stays_mapped_for_the_next_read():
+    """Past glibc's default trim threshold (128 KiB), freeing a 512 KiB read at a heap's top
+    hands its pages back and the next read faults every one in again (96 faults per read with
+    the mmap threshold alone). With memory.TRIM_THRESHOLD the pages stay: the measurement
+    checks the fault first (the untuned run pays it), then that the tuned run does not."""
+    from keplerlog.agent import memory, tailer
+
+    assert memory.TRIM_THRESHOLD >= 2 * tailer.READ_CHUNK
+    pages = tailer.READ_CHUNK // 4096
+
+    def run(trim_threshold: int) -> list[float]:
+        cmd = [sys.executable, "-c", _READ_CYCLE_FAULTS, str(trim_threshold)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        tuned, *faults = out.stdout.split()
+        assert tuned == "True", "mallopt not applied"
+        return [float(f) for f in faults]
+
+    baseline = run(128 * 1024)
+    tuned = run(memory.TRIM_THRESHOLD)
+    assert all(f >= pages / 2 for f in baseline), f"no refaults to prevent: {baseline}"
+    assert all(f < 4 for f in tuned), f"faults per read with the agent's malloc settings: {tuned}"
+
+
 def test_defer_package_init_runs_init_on_first_lookup(tmp_path, monkeypatch):
     pkg = tmp_path / "klpkg"
     pkg.mkdir()
